@@ -1,0 +1,51 @@
+//! The `kvroute` command line.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod cmd_hash;
+
+/// KV-cache-aware request routing for LLM serving.
+#[derive(Parser, Debug)]
+#[command(name = "kvroute", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Hash a JSON array of token ids into chained block hashes (vLLM-exact or native).
+    Hash(cmd_hash::Args),
+}
+
+/// An error that the command line reports as one line and exit code 2.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl<E: std::fmt::Display> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Hash(args) => cmd_hash::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError(msg)) => {
+            eprintln!("kvroute: error: {}", msg.lines().next().unwrap_or(""));
+            ExitCode::from(2)
+        }
+    }
+}

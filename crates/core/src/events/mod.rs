@@ -1,0 +1,1 @@
+//! KV events (to be written: see issue 3).

@@ -1,0 +1,1 @@
+//! Chained block hashing (to be written: see issue 2).

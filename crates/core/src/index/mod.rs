@@ -1,0 +1,1 @@
+//! The prefix index (to be written: see issue 2).

@@ -1,0 +1,1 @@
+//! The vLLM block-pool cache model (to be written: see issue 4).

@@ -1,0 +1,1 @@
+//! The router facade (to be written: see issue 4).

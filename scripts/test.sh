@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's one test command: installs what it needs, then runs every test suite
+# (Rust, C, Go, Python). It is what CI runs (.ci/run) and what the README tells newcomers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ ! -d ../shared/vectors/vllm ]; then
+  echo "error: ../shared/vectors/vllm not found next to the checkout (the vLLM test vectors)" >&2
+  exit 1
+fi
+
+step "toolchain"
+command -v cargo >/dev/null || { echo "error: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+step "format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "Rust tests"
+cargo test --workspace --release
