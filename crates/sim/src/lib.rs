@@ -1,8 +1,26 @@
-//! kvroute-sim: replays LLM serving workloads against simulated vLLM workers.
+//! kvroute-sim: replays LLM serving workloads against simulated vLLM workers to compare
+//! routing policies.
 //!
-//! Each simulated worker will be a [`kvroute::model::BlockPool`] plus a time model; this
-//! first part provides the workload readers:
+//! - [`workload`]: the requests (seed experiment, shared-prefix groups, multi-turn chat,
+//!   Mooncake traces via [`trace`]).
+//! - [`engine`]: one worker = a [`kvroute::model::BlockPool`] plus a step-based time model
+//!   with continuous batching.
+//! - [`policy`]: the [`Policy`] trait and the built-in policies.
+//! - [`sim`]: the deterministic discrete-event loop, the oracle and the metrics.
+//! - [`report`]: running several policies in parallel, the table, JSON and SVG outputs.
 //!
-//! - [`trace`]: request traces in the Mooncake FAST'25 format.
+//! See `docs/simulation.md` for the model, its calibration and the comparisons with
+//! published results.
 
+pub mod engine;
+pub mod keys;
+pub mod policy;
+pub mod report;
+pub mod sim;
 pub mod trace;
+pub mod workload;
+
+pub use engine::{CacheEvent, EngineConfig};
+pub use policy::{ClusterView, Policy, Routed, WorkerView};
+pub use sim::{run, run_oracle, Prepared, RunResult, SimConfig};
+pub use workload::{SimRequest, Workload};
