@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod cmd_hash;
+mod cmd_simulate;
 
 /// KV-cache-aware request routing for LLM serving.
 #[derive(Parser, Debug)]
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Hash a JSON array of token ids into chained block hashes (vLLM-exact or native).
     Hash(cmd_hash::Args),
+    /// Compare routing policies on simulated vLLM workers (seed, shared-prefix, chat, traces).
+    Simulate(cmd_simulate::Args),
 }
 
 /// An error that the command line reports as one line and exit code 2.
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Hash(args) => cmd_hash::run(args),
+        Command::Simulate(args) => cmd_simulate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

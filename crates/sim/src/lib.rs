@@ -12,6 +12,7 @@
 //! See `docs/simulation.md` for the model, its calibration and the comparisons with
 //! published results.
 
+pub mod chart;
 pub mod engine;
 pub mod keys;
 pub mod policy;

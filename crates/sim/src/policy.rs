@@ -8,7 +8,7 @@
 //! | `prefix-approx` | its own routing history, run through a per-worker cache model | longest predicted prefix, ties to the least loaded |
 //! | `prefix-precise` | the workers' KV events (after the event delay) | longest cached prefix, ties to the least loaded |
 //! | `llm-d` | events + load | `3 x prefix share + 2 x queue score + 2 x (1 - KV usage)` (llm-d's precise-prefix-cache scorer with its queue and KV-utilization scorers) |
-//! | `cost` | events + load | Dynamo-style cost: `prefill blocks left after the cache credit + queued prefill blocks + active blocks`, argmin |
+//! | `cost` | events + load | Dynamo-style cost: `new prefill blocks after the cache credit + in-flight prefill blocks + active blocks` (as tracked from its own routing: prompts routed there and not finished), argmin |
 //! | `hybrid` | events, plus its own predictions for blocks not yet announced | as `llm-d` |
 //!
 //! Ties are broken by fewer waiting + running requests, then at random (seeded).
@@ -136,6 +136,7 @@ pub fn builtin(
                 None
             },
             active_blocks: vec![0; workers],
+            prefill_blocks: vec![0; workers],
             routed_to: HashMap::new(),
         }),
         _ => return None,
@@ -257,8 +258,12 @@ struct Precise {
     index: Vec<HashMap<u64, u32>>,
     /// Hybrid: keys predicted on a worker, with the time the prediction expires.
     predicted: Option<Vec<HashMap<u64, f64>>>,
+    /// Blocks of the prompts routed to each worker and not finished.
     active_blocks: Vec<usize>,
-    routed_to: HashMap<u64, (usize, usize)>,
+    /// Uncached prompt blocks routed to each worker whose prefill has not finished.
+    prefill_blocks: Vec<usize>,
+    /// Request id -> (worker, active blocks, pending prefill blocks).
+    routed_to: HashMap<u64, (usize, usize, usize)>,
 }
 
 /// How long a hybrid prediction stands in for events that have not arrived yet, seconds.
@@ -314,15 +319,17 @@ impl Policy for Precise {
             Scoring::Cost => (0..n)
                 .map(|w| {
                     let prefill = r.prompt_len.div_ceil(bs) - matched[w];
-                    let queued = view.workers[w].waiting_prompt_tokens.div_ceil(bs);
-                    -((prefill + queued + self.active_blocks[w]) as f64)
+                    -((prefill + self.prefill_blocks[w] + self.active_blocks[w]) as f64)
                 })
                 .collect(),
         };
         let w = pick(&scores, view, &mut self.rng);
-        let blocks = (r.prompt_len + r.req.output_len()).div_ceil(bs);
+        // Dynamo's active-sequence tracking: the prompt's blocks from routing on.
+        let blocks = r.prompt_len.div_ceil(bs);
+        let prefill = r.prompt_len.div_ceil(bs) - matched[w];
         self.active_blocks[w] += blocks;
-        self.routed_to.insert(r.req.id, (w, blocks));
+        self.prefill_blocks[w] += prefill;
+        self.routed_to.insert(r.req.id, (w, blocks, prefill));
         if let Some(pred) = &mut self.predicted {
             let p = &mut pred[w];
             if p.len() > 1 << 20 {
@@ -356,9 +363,15 @@ impl Policy for Precise {
             }
         }
     }
+    fn on_first_token(&mut self, _worker: usize, req: &SimRequest, _now_s: f64) {
+        if let Some((w, _, p)) = self.routed_to.get_mut(&req.id) {
+            self.prefill_blocks[*w] -= std::mem::take(p);
+        }
+    }
     fn on_finished(&mut self, _worker: usize, req: &SimRequest, _now_s: f64) {
-        if let Some((w, b)) = self.routed_to.remove(&req.id) {
+        if let Some((w, b, p)) = self.routed_to.remove(&req.id) {
             self.active_blocks[w] -= b;
+            self.prefill_blocks[w] -= p;
         }
     }
 }

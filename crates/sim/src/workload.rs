@@ -126,10 +126,11 @@ fn content(seed: u64, domain: u64, a: u64, b: u64) -> u64 {
 
 /// Parameters of the seed experiment (see docs/simulation.md, "The seed experiment").
 ///
-/// One client repeats a fixed set of distinct prompts at temperature 0. Its requests
-/// leave from `main_share` of the time from its main source address and otherwise from
-/// a second one (a second connection path, so kube-proxy sees a second client IP); both
-/// addresses are session keys.
+/// One client repeats a fixed set of distinct prompts at temperature 0. A share
+/// `main_share` of its requests reach the Service from its own address (the session key
+/// kube-proxy's ClientIP affinity sees); each of the others arrives from a fresh source
+/// address (a different path into the cluster, e.g. through another node or a proxy that
+/// SNATs), so affinity routes it like a new client.
 #[derive(Clone, Debug, Serialize)]
 pub struct SeedParams {
     /// Distinct prompts in the fixed set.
@@ -152,7 +153,7 @@ impl Default for SeedParams {
     fn default() -> Self {
         SeedParams {
             prompts: 20,
-            repeats: 10,
+            repeats: 15,
             prompt_tokens: 1_000,
             output_tokens: 128,
             mean_gap_s: 1.0,
@@ -163,15 +164,15 @@ impl Default for SeedParams {
 }
 
 /// The seed experiment: `prompts x repeats` requests, the prompt set cycled in a shuffled
-/// order each round, one client (two source addresses).
+/// order each round, one client.
 pub fn seed_experiment(p: &SeedParams) -> Workload {
     let mut rng = SplitMix64::new(p.seed ^ 0x5eed);
     let main: Arc<str> = Arc::from("10.1.0.7");
-    let second: Arc<str> = Arc::from("10.1.0.8");
+    let mut strays = 0u32;
     let mut t = 0.0;
     let mut reqs = Vec::with_capacity(p.prompts * p.repeats);
     let mut order: Vec<usize> = (0..p.prompts).collect();
-    for round in 0..p.repeats {
+    for _ in 0..p.repeats {
         // Fisher-Yates with our own generator, so the order is portable.
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i as u64 + 1) as usize);
@@ -181,7 +182,8 @@ pub fn seed_experiment(p: &SeedParams) -> Workload {
             let session = if rng.next_f64() < p.main_share {
                 main.clone()
             } else {
-                second.clone()
+                strays += 1;
+                Arc::from(format!("10.9.{}.{}", strays / 250, strays % 250 + 1))
             };
             let prompt = Segment {
                 seed: content(p.seed, 1, k as u64, 0),
@@ -192,7 +194,6 @@ pub fn seed_experiment(p: &SeedParams) -> Workload {
                 seed: content(p.seed, 2, k as u64, 0),
                 len: p.output_tokens,
             };
-            let _ = round;
             reqs.push(SimRequest {
                 id: 0,
                 arrival_s: t,

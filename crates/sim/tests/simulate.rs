@@ -99,19 +99,20 @@ fn same_seed_gives_identical_json() {
 fn seed_experiment_affinity_concentrates_and_random_spreads() {
     let rep = seed_run(&["session-affinity", "random", "oracle"], 0);
     let (aff, rnd, oracle) = (&rep.results[0], &rep.results[1], &rep.results[2]);
-    // Two client addresses: each sticks to one pod, so at most two pods see traffic and
-    // the main address's pod takes its share (about 80%).
-    assert!(aff.per_worker.iter().filter(|&&c| c > 0).count() <= 2);
-    assert!(aff.top_worker_share >= 0.7, "{aff:?}");
+    // The main address sticks to one pod: its 80% plus the strays that land there too.
+    assert!(aff.top_worker_share >= 0.75, "{aff:?}");
+    assert!(aff.load_imbalance >= 3.5, "{aff:?}");
     assert!(rnd.per_worker.iter().all(|&c| c > 0));
     assert!(rnd.top_worker_share < 0.35, "{rnd:?}");
-    // Repeats hit where they land: affinity re-finds its prompts, random mostly does not.
+    // Repeats hit where they land: affinity re-finds its prompts on its pod, random only
+    // once a prompt has reached every pod. The seed experiment reported 80-86%.
     assert!(
-        aff.hit_rate > rnd.hit_rate + 0.2,
+        aff.hit_rate > rnd.hit_rate + 0.08,
         "{} vs {}",
         aff.hit_rate,
         rnd.hit_rate
     );
+    assert!((0.75..0.9).contains(&aff.hit_rate), "{}", aff.hit_rate);
     assert!(aff.hit_rate <= oracle.hit_rate + 1e-12);
 }
 

@@ -1,0 +1,101 @@
+//! `kvroute simulate` as a user runs it: exit codes, messages and output files.
+
+use std::process::Command;
+
+fn kvroute() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kvroute"))
+}
+
+#[test]
+fn bad_flags_exit_2_with_a_clear_message() {
+    for args in [
+        &["simulate", "--workers", "0"][..],
+        &["simulate", "--workers", "many"],
+        &["simulate", "--no-such-flag"],
+        &["simulate", "--policies", "random,telepathy"],
+        &["simulate", "--workload", "nonsense"],
+        &["simulate", "--rate", "-1"],
+        &["simulate", "--model", "gpt-17", "--workload", "seed"],
+        &["simulate", "--workload", "trace:/nonexistent/trace.jsonl"],
+    ] {
+        let out = kvroute().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.trim().is_empty(), "{args:?}");
+    }
+    let out = kvroute()
+        .args(["simulate", "--policies", "random,telepathy"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("telepathy"));
+}
+
+#[test]
+fn malformed_trace_line_is_named_and_exits_2() {
+    let dir = std::env::temp_dir().join(format!("kvroute-sim-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.jsonl");
+    let good = r#"{"timestamp": 0, "input_length": 600, "output_length": 4, "hash_ids": [0, 1]}"#;
+    std::fs::write(
+        &path,
+        format!("{good}\n{good}\n{{\"timestamp\": 5, \"input\n{good}\n"),
+    )
+    .unwrap();
+    let out = kvroute()
+        .args([
+            "simulate",
+            "--workload",
+            &format!("trace:{}", path.display()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 3"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn json_and_svg_outputs_are_written() {
+    let dir = std::env::temp_dir().join(format!("kvroute-sim-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("r.json"), dir.join("r.svg"));
+    let out = kvroute()
+        .args([
+            "simulate",
+            "--workload",
+            "seed",
+            "--policies",
+            "random,session-affinity,oracle",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("session-affinity"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["workload"], "seed");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    for r in results {
+        let h = r["hit_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&h));
+        assert!(r["top_worker_share"].as_f64().unwrap() <= 1.0);
+        assert_eq!(r["requests"], 300);
+    }
+    assert!(results[0]["ttft_p90_s"].as_f64().is_some());
+    assert!(results[2]["ttft_p90_s"].is_null());
+    let s = std::fs::read_to_string(&svg).unwrap();
+    assert!(s.starts_with("<svg") && s.contains("session-affinity"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
