@@ -1,7 +1,7 @@
 //! The discrete-event loop, the oracle and the metrics.
 
 use crate::engine::{CacheEvent, EngineConfig, ReqState, Worker};
-use crate::keys::block_keys;
+use crate::keys::segment_keys;
 use crate::policy::{ClusterView, Policy, Routed, WorkerView};
 use crate::workload::Workload;
 use kvroute::{Error, Result};
@@ -42,10 +42,9 @@ impl Prepared {
         let keys = workload
             .requests
             .par_iter()
-            .map_init(Vec::new, |buf, r| {
-                r.all_tokens(buf);
-                let mut k = Vec::with_capacity(buf.len() / block_size);
-                block_keys(buf, block_size, &mut k);
+            .map(|r| {
+                let mut k = Vec::with_capacity((r.prompt_len() + r.output_len()) / block_size);
+                segment_keys(r.prompt.iter().chain([&r.output]), block_size, &mut k);
                 k
             })
             .collect();

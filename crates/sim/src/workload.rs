@@ -30,8 +30,13 @@ pub struct Segment {
 impl Segment {
     /// Appends this segment's tokens to `out`.
     pub fn write(&self, out: &mut Vec<u32>) {
+        self.write_range(0, self.len as usize, out);
+    }
+
+    /// Appends tokens `from..to` of this segment to `out`.
+    pub fn write_range(&self, from: usize, to: usize, out: &mut Vec<u32>) {
         let base = splitmix64(self.seed ^ 0x5345_474d_454e_5400);
-        out.extend((0..self.len as u64).map(|j| (splitmix64(base ^ j) % VOCAB) as u32));
+        out.extend((from as u64..to as u64).map(|j| (splitmix64(base ^ j) % VOCAB) as u32));
     }
 }
 
