@@ -20,6 +20,29 @@
 //!
 //! The inputs ([`RequestInfo`], [`Candidate`], [`ScoreContext`]) are plain data that the
 //! router fills from its index, its load tracking and its [`SessionTable`].
+//!
+//! ```
+//! use kvroute::rng::SplitMix64;
+//! use kvroute::score::{Candidate, ProfileConfig, RequestInfo, ScoreContext, ScoreScratch};
+//! use kvroute::score::SessionTable;
+//! use kvroute::WorkerId;
+//!
+//! let profile = ProfileConfig::preset("llm-d")?.build()?;
+//! let sessions = SessionTable::default();
+//! let mut warm = Candidate::new(WorkerId(0));
+//! warm.matched_blocks = 6; // 6 of the prompt's 8 full blocks are cached there
+//! let cold = Candidate::new(WorkerId(1));
+//! let req = RequestInfo { prompt_tokens: 130, total_blocks: 8, ..Default::default() };
+//! let mut scratch = ScoreScratch::new();
+//! let ctx = ScoreContext::new(&sessions);
+//! let d = profile.decide(&req, &[warm, cold], &ctx, &mut SplitMix64::new(7), &mut scratch)?;
+//! // prefix 3 * 6/8 + queue 2 * 1 + KV 2 * 1 = 6.25 against 0 + 2 + 2 = 4.
+//! assert_eq!(d.worker, WorkerId(0));
+//! assert_eq!(scratch.totals(), &[6.25, 4.0]);
+//! let why = profile.explain(&scratch);
+//! assert_eq!(why.rows[0], ("prefix", &[0.75, 0.0][..]));
+//! # Ok::<(), kvroute::Error>(())
+//! ```
 
 pub mod builtin;
 pub mod filters;

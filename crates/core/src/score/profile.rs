@@ -584,11 +584,12 @@ impl Profile {
     }
 
     /// Whether the profile reads prefix matches; when `false` (random, round-robin,
-    /// session-affinity) the router may skip index matching and pass zero matches.
+    /// session-affinity, a cost profile with `overlap_weight` 0) the router may skip index
+    /// matching and pass zero matches.
     pub fn needs_prefix(&self) -> bool {
         match &self.body {
             Body::Weighted { scorers, .. } => scorers.iter().any(|(s, _)| s.needs_prefix()),
-            Body::Cost(_) => true,
+            Body::Cost(p) => p.overlap_weight > 0.0,
         }
     }
 
@@ -745,6 +746,24 @@ mod tests {
                 "{name}"
             );
         }
+        let zero = r#"{"kind": "cost", "overlap_weight": 0}"#;
+        assert!(!ProfileConfig::from_json(zero)
+            .unwrap()
+            .build()
+            .unwrap()
+            .needs_prefix());
+        let lru = r#"{"scorers": [{"name": "lru", "params": {"cold_only": false}}]}"#;
+        assert!(!ProfileConfig::from_json(lru)
+            .unwrap()
+            .build()
+            .unwrap()
+            .needs_prefix());
+        let lru = r#"{"scorers": [{"name": "lru"}]}"#;
+        assert!(ProfileConfig::from_json(lru)
+            .unwrap()
+            .build()
+            .unwrap()
+            .needs_prefix());
         let e = ProfileConfig::preset("nope").unwrap_err().to_string();
         assert!(
             e.contains("`nope`") && e.contains("llm-d") && e.contains("round-robin"),
