@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod cmd_events;
 mod cmd_hash;
 
 /// KV-cache-aware request routing for LLM serving.
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Hash a JSON array of token ids into chained block hashes (vLLM-exact or native).
     Hash(cmd_hash::Args),
+    /// Decode vLLM KV event payloads.
+    Events(cmd_events::Args),
 }
 
 /// An error that the command line reports as one line and exit code 2.
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Hash(args) => cmd_hash::run(args),
+        Command::Events(args) => cmd_events::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
