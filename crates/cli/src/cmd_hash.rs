@@ -38,20 +38,17 @@ pub struct Args {
 fn parse_tokens(text: &str) -> Result<Vec<u32>, CliError> {
     let v: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| CliError(format!("tokens are not valid JSON: {e}")))?;
-    let arr = v
-        .as_array()
-        .ok_or_else(|| CliError("tokens must be a JSON array of token ids".into()))?;
+    let arr =
+        v.as_array().ok_or_else(|| CliError("tokens must be a JSON array of token ids".into()))?;
     arr.iter()
         .enumerate()
         .map(|(i, t)| {
-            t.as_u64()
-                .and_then(|x| u32::try_from(x).ok())
-                .ok_or_else(|| {
-                    CliError(format!(
-                        "token {i} is {t}: token ids must be integers from 0 to {}",
-                        u32::MAX
-                    ))
-                })
+            t.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| {
+                CliError(format!(
+                    "token {i} is {t}: token ids must be integers from 0 to {}",
+                    u32::MAX
+                ))
+            })
         })
         .collect()
 }
@@ -96,10 +93,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         ..Default::default()
     })?;
     let extras = RequestExtras {
-        lora: args.lora_name.map(|name| Lora {
-            name,
-            path: args.lora_path,
-        }),
+        lora: args.lora_name.map(|name| Lora { name, path: args.lora_path }),
         cache_salt: args.cache_salt,
         ..Default::default()
     };
@@ -108,10 +102,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         blocks: hasher
             .block_hashes(&tokens, &extras)
             .iter()
-            .map(|b| BlockOut {
-                hash: hex(&b.digest),
-                event_hash: b.event_hash,
-            })
+            .map(|b| BlockOut { hash: hex(&b.digest), event_hash: b.event_hash })
             .collect(),
     };
     let out = serde_json::to_string(&out)?;
@@ -125,10 +116,7 @@ mod tests {
 
     #[test]
     fn token_parsing_rejects_out_of_range_ids() {
-        assert_eq!(
-            parse_tokens("[0, 1, 4294967295]").unwrap(),
-            [0, 1, u32::MAX]
-        );
+        assert_eq!(parse_tokens("[0, 1, 4294967295]").unwrap(), [0, 1, u32::MAX]);
         assert!(parse_tokens("[-1]").is_err());
         assert!(parse_tokens("[4294967296]").is_err());
         assert!(parse_tokens("[1.5]").is_err());

@@ -20,12 +20,7 @@ fn run(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -39,11 +34,7 @@ fn find<'a>(doc: &'a Value, algo: &str, seed: Option<&str>, case: &str) -> &'a V
 }
 
 fn check(out: &Output, vector: &Value) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got["none_hash"], vector["none_hash_hex"]);
     let blocks = got["blocks"].as_array().unwrap();
@@ -69,17 +60,8 @@ fn hashes_plain_0_99_like_vllm() {
     let file = dir.join("tokens.json");
     std::fs::write(&file, &tokens).unwrap();
     for algo in ["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"] {
-        let out = run(
-            &[
-                "--algo",
-                algo,
-                "--hash-seed",
-                "0",
-                "--tokens",
-                file.to_str().unwrap(),
-            ],
-            "",
-        );
+        let out =
+            run(&["--algo", algo, "--hash-seed", "0", "--tokens", file.to_str().unwrap()], "");
         check(&out, find(&doc, algo, Some("0"), "plain_0_99"));
     }
     std::fs::remove_dir_all(&dir).unwrap();

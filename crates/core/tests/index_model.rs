@@ -23,34 +23,15 @@ fn key(b: usize, p: usize) -> u64 {
 }
 
 fn chain(b: usize, start: usize, len: usize) -> (Option<u64>, Vec<u64>) {
-    let parent = if start == 0 {
-        None
-    } else {
-        Some(key(b, start - 1))
-    };
+    let parent = if start == 0 { None } else { Some(key(b, start - 1)) };
     (parent, (start..start + len).map(|p| key(b, p)).collect())
 }
 
 #[derive(Clone, Debug)]
 enum Op {
-    Store {
-        w: u32,
-        t: usize,
-        b: usize,
-        start: usize,
-        len: usize,
-    },
-    Remove {
-        w: u32,
-        t: usize,
-        b: usize,
-        start: usize,
-        len: usize,
-        rev: bool,
-    },
-    Clear {
-        w: u32,
-    },
+    Store { w: u32, t: usize, b: usize, start: usize, len: usize },
+    Remove { w: u32, t: usize, b: usize, start: usize, len: usize, rev: bool },
+    Clear { w: u32 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -72,25 +53,12 @@ struct Model {
 impl Model {
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Store {
-                w,
-                t,
-                b,
-                start,
-                len,
-            } => {
+            Op::Store { w, t, b, start, len } => {
                 for k in chain(b, start, len).1 {
                     self.refs.entry((w, k)).or_default()[t] += 1;
                 }
             }
-            Op::Remove {
-                w,
-                t,
-                b,
-                start,
-                len,
-                ..
-            } => {
+            Op::Remove { w, t, b, start, len, .. } => {
                 for k in chain(b, start, len).1 {
                     if let Some(r) = self.refs.get_mut(&(w, k)) {
                         if r[t] > 0 {
@@ -137,32 +105,16 @@ fn tier(t: usize) -> Tier {
 fn index_matches(idx: &PrefixIndex, keys: &[u64]) -> Vec<(u32, u32, [u32; 3])> {
     let mut m = Matches::new();
     idx.find_matches(keys, MatchOptions::default(), &mut m);
-    m.overlaps()
-        .iter()
-        .map(|o| (o.worker.0, o.blocks, o.by_tier))
-        .collect()
+    m.overlaps().iter().map(|o| (o.worker.0, o.blocks, o.by_tier)).collect()
 }
 
 fn apply(idx: &mut PrefixIndex, op: &Op) {
     match *op {
-        Op::Store {
-            w,
-            t,
-            b,
-            start,
-            len,
-        } => {
+        Op::Store { w, t, b, start, len } => {
             let (parent, keys) = chain(b, start, len);
             idx.store(WorkerId(w), tier(t), parent, &keys).unwrap();
         }
-        Op::Remove {
-            w,
-            t,
-            b,
-            start,
-            len,
-            rev,
-        } => {
+        Op::Remove { w, t, b, start, len, rev } => {
             let (_, mut keys) = chain(b, start, len);
             if rev {
                 keys.reverse();
@@ -253,10 +205,7 @@ fn one_chain_one_worker_is_one_node() {
     let mut m = Matches::new();
     idx.find_matches(&keys, MatchOptions::default(), &mut m);
     assert_eq!(m.overlaps().len(), 2);
-    assert!(m
-        .overlaps()
-        .iter()
-        .all(|o| o.blocks == 512 && o.by_tier == [512, 0, 0]));
+    assert!(m.overlaps().iter().all(|o| o.blocks == 512 && o.by_tier == [512, 0, 0]));
 }
 
 #[test]
@@ -280,9 +229,7 @@ fn duplicate_stores_need_duplicate_removes() {
 fn orphans_are_counted_and_linked_when_the_parent_arrives() {
     let mut idx = PrefixIndex::default();
     let keys: Vec<u64> = (0..8).map(splitmix64).collect();
-    let r = idx
-        .store(WorkerId(0), Tier::Gpu, Some(keys[3]), &keys[4..])
-        .unwrap();
+    let r = idx.store(WorkerId(0), Tier::Gpu, Some(keys[3]), &keys[4..]).unwrap();
     assert!(r.orphan);
     let s = idx.stats();
     assert_eq!((s.orphan_stores, s.orphans_pending), (1, 1));
@@ -302,8 +249,7 @@ fn tiers_are_reported_by_best_copy() {
     let keys: Vec<u64> = (0..6).map(splitmix64).collect();
     idx.store(WorkerId(0), Tier::Cpu, None, &keys).unwrap();
     idx.store(WorkerId(0), Tier::Gpu, None, &keys[..2]).unwrap();
-    idx.store(WorkerId(1), Tier::Disk, None, &keys[..3])
-        .unwrap();
+    idx.store(WorkerId(1), Tier::Disk, None, &keys[..3]).unwrap();
     let mut m = Matches::new();
     idx.find_matches(&keys, MatchOptions::default(), &mut m);
     assert_eq!(m.get(WorkerId(0)).unwrap().by_tier, [2, 4, 0]);
@@ -319,11 +265,9 @@ fn early_exit_stops_when_one_worker_is_left() {
     let mut idx = PrefixIndex::default();
     let keys: Vec<u64> = (0..100).map(splitmix64).collect();
     idx.store(WorkerId(0), Tier::Gpu, None, &keys).unwrap();
-    idx.store(WorkerId(1), Tier::Gpu, None, &keys[..10])
-        .unwrap();
+    idx.store(WorkerId(1), Tier::Gpu, None, &keys[..10]).unwrap();
     // Worker 3 holds a later run without its prefix, which splits the tree at 50.
-    idx.store(WorkerId(3), Tier::Gpu, Some(keys[49]), &keys[50..])
-        .unwrap();
+    idx.store(WorkerId(3), Tier::Gpu, Some(keys[49]), &keys[50..]).unwrap();
     let mut m = Matches::new();
     idx.find_matches(&keys, MatchOptions { early_exit: true }, &mut m);
     assert!(m.truncated());
@@ -340,16 +284,9 @@ fn engine_mapping_routes_removals_and_parents() {
     let mut idx = PrefixIndex::default();
     let engine: Vec<u64> = (100..108).collect();
     let router: Vec<u64> = (0..8).map(|i| splitmix64(1000 + i)).collect();
-    idx.store_mapped(WorkerId(2), Tier::Gpu, None, &engine[..4], &router[..4])
-        .unwrap();
+    idx.store_mapped(WorkerId(2), Tier::Gpu, None, &engine[..4], &router[..4]).unwrap();
     let r = idx
-        .store_mapped(
-            WorkerId(2),
-            Tier::Gpu,
-            Some(engine[3]),
-            &engine[4..],
-            &router[4..],
-        )
+        .store_mapped(WorkerId(2), Tier::Gpu, Some(engine[3]), &engine[4..], &router[4..])
         .unwrap();
     assert!(!r.orphan);
     let mut m = Matches::new();
@@ -360,21 +297,16 @@ fn engine_mapping_routes_removals_and_parents() {
     assert_eq!(idx.engine_key(WorkerId(2), engine[7]), None);
     assert_eq!(idx.engine_key(WorkerId(2), engine[5]), Some(router[5]));
     assert_eq!(idx.stats().engine_mappings, 6);
-    assert!(idx
-        .store_mapped(WorkerId(2), Tier::Gpu, None, &engine[..2], &router[..1])
-        .is_err());
+    assert!(idx.store_mapped(WorkerId(2), Tier::Gpu, None, &engine[..2], &router[..1]).is_err());
 }
 
 #[test]
 fn cap_evicts_least_recently_used_leaves() {
-    let mut idx = PrefixIndex::new(IndexConfig {
-        max_holder_blocks: Some(1000),
-    });
+    let mut idx = PrefixIndex::new(IndexConfig { max_holder_blocks: Some(1000) });
     let mut last = Vec::new();
     for c in 0..30u64 {
         let keys: Vec<u64> = (0..100).map(|p| splitmix64((c << 32) | p)).collect();
-        idx.store(WorkerId((c % 4) as u32), Tier::Gpu, None, &keys)
-            .unwrap();
+        idx.store(WorkerId((c % 4) as u32), Tier::Gpu, None, &keys).unwrap();
         last = keys;
     }
     let s = idx.stats();
@@ -389,16 +321,13 @@ fn cap_evicts_least_recently_used_leaves() {
 #[test]
 fn bad_input_is_rejected_without_change() {
     let mut idx = PrefixIndex::default();
-    assert!(idx
-        .store(WorkerId(u32::MAX), Tier::Gpu, None, &[1, 2])
-        .is_err());
+    assert!(idx.store(WorkerId(u32::MAX), Tier::Gpu, None, &[1, 2]).is_err());
     assert_eq!(idx.stats().blocks, 0);
     let r = idx.remove(WorkerId(u32::MAX), Tier::Gpu, &[1, 2]);
     assert_eq!(r.unknown, 2);
     assert!(PrefixIndex::restore(b"garbage", IndexConfig::default()).is_err());
     // A chain that repeats a key is stored up to the repeat, never as a cycle.
-    idx.store(WorkerId(0), Tier::Gpu, None, &[5, 6, 5, 7])
-        .unwrap();
+    idx.store(WorkerId(0), Tier::Gpu, None, &[5, 6, 5, 7]).unwrap();
     let mut m = Matches::new();
     idx.find_matches(&[5, 6, 5, 7], MatchOptions::default(), &mut m);
     assert!(m.max_blocks() >= 2);
@@ -414,11 +343,9 @@ fn churn_returns_heap_to_its_starting_size() {
     idx.store(WorkerId(0), Tier::Gpu, None, &base).unwrap();
     let warm = |idx: &mut PrefixIndex, round: u64| {
         for w in 0..8u32 {
-            let own: Vec<u64> = (0..256)
-                .map(|p| splitmix64((round << 24) | ((w as u64) << 12) | p))
-                .collect();
-            idx.store(WorkerId(w), Tier::Gpu, Some(base[127]), &own)
-                .unwrap();
+            let own: Vec<u64> =
+                (0..256).map(|p| splitmix64((round << 24) | ((w as u64) << 12) | p)).collect();
+            idx.store(WorkerId(w), Tier::Gpu, Some(base[127]), &own).unwrap();
             let mut rev = own.clone();
             rev.reverse();
             for part in rev.chunks(64) {

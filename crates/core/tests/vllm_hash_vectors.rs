@@ -21,10 +21,7 @@ fn load(name: &str) -> Value {
 
 fn unhex(s: &str) -> Vec<u8> {
     assert!(s.len() % 2 == 0, "odd hex {s}");
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 fn hex(b: &[u8]) -> String {
@@ -94,18 +91,13 @@ fn extras_of(input: &Value) -> RequestExtras {
     }
     if let Some(pe) = input.get("prompt_embeds") {
         let dim = pe["dim"].as_u64().unwrap() as usize;
-        assert!(pe["dtype"]
-            .as_str()
-            .unwrap()
-            .starts_with("float32 little-endian"));
+        assert!(pe["dtype"].as_str().unwrap().starts_with("float32 little-endian"));
         let mut data = Vec::new();
         for row in pe["rows_hex"].as_array().unwrap() {
             let bytes = unhex(row.as_str().unwrap());
             assert_eq!(bytes.len(), dim * 4);
             data.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             );
         }
         ex.prompt_embeds = Some(PromptEmbeds::new(dim, data).unwrap());
@@ -134,26 +126,15 @@ fn check_file(name: &str, style: ExtraKeysStyle) -> usize {
         };
         assert_eq!(cfg.block_size, block_size);
         let h = BlockHasher::new(cfg).unwrap();
-        assert_eq!(
-            hex(h.none_hash()),
-            v["none_hash_hex"].as_str().unwrap(),
-            "{ctx}"
-        );
+        assert_eq!(hex(h.none_hash()), v["none_hash_hex"].as_str().unwrap(), "{ctx}");
 
         let input = &inputs[case];
         let tokens = tokens_of(input);
         let extras = extras_of(input);
-        assert_eq!(
-            tokens.len() as u64,
-            v["num_tokens"].as_u64().unwrap(),
-            "{ctx}"
-        );
+        assert_eq!(tokens.len() as u64, v["num_tokens"].as_u64().unwrap(), "{ctx}");
 
         let expected = v["blocks"].as_array().unwrap();
-        assert_eq!(
-            expected.len() as u64,
-            v["num_full_blocks"].as_u64().unwrap()
-        );
+        assert_eq!(expected.len() as u64, v["num_full_blocks"].as_u64().unwrap());
         let pre = h.preimages(&tokens, &extras);
         let hashes = h.block_hashes(&tokens, &extras);
         let mut keys = vec![12345];
@@ -177,31 +158,15 @@ fn check_file(name: &str, style: ExtraKeysStyle) -> usize {
                 to_keys(&b["event_extra_keys"]),
                 "{ctx} event_extra_keys"
             );
-            let parent = if i == 0 {
-                hex(h.none_hash())
-            } else {
-                hex(&hashes[i - 1].digest)
-            };
+            let parent = if i == 0 { hex(h.none_hash()) } else { hex(&hashes[i - 1].digest) };
             assert_eq!(parent, b["parent_hash_hex"].as_str().unwrap(), "{ctx}");
-            assert_eq!(
-                hex(&pre[i]),
-                b["preimage_hex"].as_str().unwrap(),
-                "{ctx} preimage"
-            );
-            assert_eq!(
-                hex(&hashes[i].digest),
-                b["hash_hex"].as_str().unwrap(),
-                "{ctx}"
-            );
+            assert_eq!(hex(&pre[i]), b["preimage_hex"].as_str().unwrap(), "{ctx} preimage");
+            assert_eq!(hex(&hashes[i].digest), b["hash_hex"].as_str().unwrap(), "{ctx}");
             // Parse as u64 from the JSON text, never through a double.
             let ev: u64 = b["event_hash_u64"].to_string().parse().unwrap();
             assert_eq!(hashes[i].event_hash, ev, "{ctx}");
             assert_eq!(keys[i], ev, "{ctx}");
-            assert_eq!(
-                format!("{ev:016x}"),
-                b["event_hash_u64_hex"].as_str().unwrap(),
-                "{ctx}"
-            );
+            assert_eq!(format!("{ev:016x}"), b["event_hash_u64_hex"].as_str().unwrap(), "{ctx}");
             blocks_checked += 1;
         }
     }
@@ -225,23 +190,11 @@ fn vllm_0_30_legacy_vectors_reproduce_exactly() {
 fn equal_identifiers_in_one_block_are_written_twice() {
     // The documented pickle caveat: distinct (non-singleton) string objects are never
     // memoized, while the tag constant is. Two items with the same identifier in block 0.
-    let h = BlockHasher::new(HashConfig {
-        algo: HashAlgo::Sha256,
-        ..Default::default()
-    })
-    .unwrap();
+    let h = BlockHasher::new(HashConfig { algo: HashAlgo::Sha256, ..Default::default() }).unwrap();
     let ex = RequestExtras {
         mm: vec![
-            MmFeature {
-                identifier: "img-same".into(),
-                offset: 1,
-                length: 2,
-            },
-            MmFeature {
-                identifier: "img-same".into(),
-                offset: 4,
-                length: 2,
-            },
+            MmFeature { identifier: "img-same".into(), offset: 1, length: 2 },
+            MmFeature { identifier: "img-same".into(), offset: 4, length: 2 },
         ],
         ..Default::default()
     };

@@ -252,11 +252,7 @@ mod tests {
     use super::*;
 
     fn mm(id: &str, offset: usize, length: usize) -> MmFeature {
-        MmFeature {
-            identifier: id.into(),
-            offset,
-            length,
-        }
+        MmFeature { identifier: id.into(), offset, length }
     }
 
     /// A naive model: an item is in a block when their token ranges overlap.
@@ -272,12 +268,7 @@ mod tests {
     #[test]
     fn mm_cursor_matches_overlap_model() {
         let ex = RequestExtras {
-            mm: vec![
-                mm("a", 3, 40),
-                mm("b", 43, 2),
-                mm("c", 45, 3),
-                mm("d", 70, 1),
-            ],
+            mm: vec![mm("a", 3, 40), mm("b", 43, 2), mm("c", 45, 3), mm("d", 70, 1)],
             ..Default::default()
         };
         for b in 0..6 {
@@ -299,10 +290,7 @@ mod tests {
 
     #[test]
     fn empty_salt_is_no_salt() {
-        let ex = RequestExtras {
-            cache_salt: Some(String::new()),
-            ..Default::default()
-        };
+        let ex = RequestExtras { cache_salt: Some(String::new()), ..Default::default() };
         assert!(ex.is_empty());
         assert_eq!(ex.hash_extra_keys(0, 16, ExtraKeysStyle::V033), None);
     }

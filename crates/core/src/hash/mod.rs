@@ -239,11 +239,7 @@ impl BlockHasher {
         } else {
             native_root.to_le_bytes().to_vec()
         };
-        Ok(BlockHasher {
-            cfg,
-            none_hash,
-            native_root,
-        })
+        Ok(BlockHasher { cfg, none_hash, native_root })
     }
 
     /// The configuration.
@@ -280,20 +276,14 @@ impl BlockHasher {
         if self.cfg.algo.is_vllm() {
             let mut v = Vec::with_capacity(tokens.len() / self.cfg.block_size);
             self.vllm_chain(tokens, extras, |_, _, d| {
-                v.push(BlockHash {
-                    digest: d.to_vec(),
-                    event_hash: event_hash_u64(d),
-                })
+                v.push(BlockHash { digest: d.to_vec(), event_hash: event_hash_u64(d) })
             });
             v
         } else {
             let mut keys = Vec::new();
             self.native_request(tokens, extras, &mut keys);
             keys.into_iter()
-                .map(|k| BlockHash {
-                    digest: k.to_be_bytes().to_vec(),
-                    event_hash: k,
-                })
+                .map(|k| BlockHash { digest: k.to_be_bytes().to_vec(), event_hash: k })
                 .collect()
         }
     }
@@ -328,12 +318,7 @@ impl BlockHasher {
             self.cfg.block_size,
             parent.unwrap_or(self.native_root),
             tokens,
-            |i| {
-                event_extra_keys
-                    .get(i)
-                    .and_then(Option::as_deref)
-                    .map(Cow::Borrowed)
-            },
+            |i| event_extra_keys.get(i).and_then(Option::as_deref).map(Cow::Borrowed),
             out,
         );
     }
@@ -390,20 +375,14 @@ impl BlockHasher {
         let bs = self.cfg.block_size;
         let algo = self.cfg.algo;
         let style = self.cfg.extra_keys_style;
-        let mut parent = Dig {
-            bytes: [0; 32],
-            len: self.none_hash.len(),
-        };
+        let mut parent = Dig { bytes: [0; 32], len: self.none_hash.len() };
         parent.bytes[..parent.len].copy_from_slice(&self.none_hash);
         let mut buf = Vec::with_capacity(64 + bs * 5);
         let mut cur = ExtraKeysCursor::default();
         let has_extras = !extras.is_empty();
         for (i, block) in tokens.chunks_exact(bs).enumerate() {
-            let ek = if has_extras {
-                cur.next_block(extras, i * bs, i * bs + bs, style)
-            } else {
-                None
-            };
+            let ek =
+                if has_extras { cur.next_block(extras, i * bs, i * bs + bs, style) } else { None };
             buf.clear();
             if algo.is_cbor() {
                 cbor::dump_block(&mut buf, parent.as_slice(), block, ek.as_deref());
@@ -440,12 +419,7 @@ mod tests {
     use super::*;
 
     fn hasher(algo: HashAlgo, seed: u64) -> BlockHasher {
-        BlockHasher::new(HashConfig {
-            algo,
-            native_seed: seed,
-            ..Default::default()
-        })
-        .unwrap()
+        BlockHasher::new(HashConfig { algo, native_seed: seed, ..Default::default() }).unwrap()
     }
 
     fn toks(n: u32) -> Vec<u32> {
@@ -469,11 +443,7 @@ mod tests {
     #[test]
     fn xxhash_family_needs_a_seed() {
         for algo in [HashAlgo::Xxhash, HashAlgo::XxhashCbor] {
-            let err = BlockHasher::new(HashConfig {
-                algo,
-                ..Default::default()
-            })
-            .unwrap_err();
+            let err = BlockHasher::new(HashConfig { algo, ..Default::default() }).unwrap_err();
             assert!(matches!(err, Error::MissingSeed(_)), "{err}");
             assert!(err.to_string().contains("PYTHONHASHSEED"));
             let ok = BlockHasher::new(HashConfig {
@@ -484,27 +454,19 @@ mod tests {
             assert!(ok.is_ok());
         }
         // The sha256 family falls back to vLLM's fixed seed.
-        assert!(BlockHasher::new(HashConfig {
-            algo: HashAlgo::Sha256,
-            ..Default::default()
-        })
-        .is_ok());
+        assert!(
+            BlockHasher::new(HashConfig { algo: HashAlgo::Sha256, ..Default::default() }).is_ok()
+        );
     }
 
     #[test]
     fn block_size_is_validated() {
         for bs in [0, MAX_BLOCK_SIZE + 1] {
-            let r = BlockHasher::new(HashConfig {
-                block_size: bs,
-                ..Default::default()
-            });
+            let r = BlockHasher::new(HashConfig { block_size: bs, ..Default::default() });
             assert!(matches!(r, Err(Error::Config(_))));
         }
-        assert!(BlockHasher::new(HashConfig {
-            block_size: MAX_BLOCK_SIZE,
-            ..Default::default()
-        })
-        .is_ok());
+        assert!(BlockHasher::new(HashConfig { block_size: MAX_BLOCK_SIZE, ..Default::default() })
+            .is_ok());
     }
 
     #[test]
@@ -554,16 +516,9 @@ mod tests {
 
     fn rich_extras() -> RequestExtras {
         RequestExtras {
-            lora: Some(Lora {
-                name: "sql".into(),
-                path: Some("/a/sql".into()),
-            }),
+            lora: Some(Lora { name: "sql".into(), path: Some("/a/sql".into()) }),
             cache_salt: Some("tenant".into()),
-            mm: vec![MmFeature {
-                identifier: "img".into(),
-                offset: 20,
-                length: 30,
-            }],
+            mm: vec![MmFeature { identifier: "img".into(), offset: 20, length: 30 }],
             prompt_embeds: None,
         }
     }
@@ -577,18 +532,12 @@ mod tests {
         h.block_keys(&t, &RequestExtras::default(), &mut plain);
         h.block_keys(&t, &rich_extras(), &mut rich);
         assert!(plain.iter().zip(&rich).all(|(x, y)| x != y));
-        let salt_only = RequestExtras {
-            cache_salt: Some("tenant".into()),
-            ..Default::default()
-        };
+        let salt_only = RequestExtras { cache_salt: Some("tenant".into()), ..Default::default() };
         let mut salted = Vec::new();
         h.block_keys(&t, &salt_only, &mut salted);
         // The salt is on block 0 only, but the chain carries it to every block.
         assert!(plain.iter().zip(&salted).all(|(x, y)| x != y));
-        let other_salt = RequestExtras {
-            cache_salt: Some("tenant2".into()),
-            ..Default::default()
-        };
+        let other_salt = RequestExtras { cache_salt: Some("tenant2".into()), ..Default::default() };
         let mut salted2 = Vec::new();
         h.block_keys(&t, &other_salt, &mut salted2);
         assert_ne!(salted[0], salted2[0]);
@@ -649,11 +598,7 @@ mod tests {
     #[test]
     fn large_block_sizes_use_the_heap_scratch() {
         let t = toks(300);
-        let h = BlockHasher::new(HashConfig {
-            block_size: 100,
-            ..Default::default()
-        })
-        .unwrap();
+        let h = BlockHasher::new(HashConfig { block_size: 100, ..Default::default() }).unwrap();
         let mut a = Vec::new();
         h.block_keys(&t, &RequestExtras::default(), &mut a);
         assert_eq!(a.len(), 3);

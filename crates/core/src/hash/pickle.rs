@@ -161,10 +161,7 @@ impl<'o, 'k> Pickler<'o, 'k> {
     }
 
     fn lookup(&self, kind: Shared, key: &[u8]) -> Option<u32> {
-        self.shared
-            .iter()
-            .find(|(k, v, _)| *k == kind && *v == key)
-            .map(|&(_, _, i)| i)
+        self.shared.iter().find(|(k, v, _)| *k == kind && *v == key).map(|&(_, _, i)| i)
     }
 
     fn bytes(&mut self, data: &'k [u8]) {
@@ -316,12 +313,7 @@ pub(crate) fn dump_block(
 ) {
     out.reserve(16 + parent.len() + tokens.len() * 5);
     out.extend_from_slice(&[PROTO, 5]);
-    let mut p = Pickler {
-        out,
-        frame_start: None,
-        memo_len: 0,
-        shared: Vec::new(),
-    };
+    let mut p = Pickler { out, frame_start: None, memo_len: 0, shared: Vec::new() };
     p.tuple_open(3);
     p.unshared_bytes(parent);
     p.tuple_open(tokens.len());
@@ -344,12 +336,7 @@ pub(crate) fn dump_block(
 /// Appends `pickle.dumps(s, protocol=5)` for a string to `out` (vLLM's none-hash input).
 pub(crate) fn dump_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&[PROTO, 5]);
-    let mut p = Pickler {
-        out,
-        frame_start: None,
-        memo_len: 0,
-        shared: Vec::new(),
-    };
+    let mut p = Pickler { out, frame_start: None, memo_len: 0, shared: Vec::new() };
     p.str(s, false);
     p.write(&[STOP]);
     p.commit_frame();
@@ -361,12 +348,8 @@ mod tests {
 
     fn ints(v: i64) -> Vec<u8> {
         let mut out = vec![0u8; FRAME_HEADER_SIZE];
-        let mut p = Pickler {
-            out: &mut out,
-            frame_start: Some(0),
-            memo_len: 0,
-            shared: Vec::new(),
-        };
+        let mut p =
+            Pickler { out: &mut out, frame_start: Some(0), memo_len: 0, shared: Vec::new() };
         p.int(v);
         out.split_off(FRAME_HEADER_SIZE)
     }
@@ -385,10 +368,7 @@ mod tests {
         assert_eq!(ints(1 << 31), [LONG1, 5, 0, 0, 0, 0x80, 0]);
         assert_eq!(ints(u32::MAX as i64), [LONG1, 5, 0xff, 0xff, 0xff, 0xff, 0]);
         // -2**31 - 1 = 0xff_7fff_ffff: 8a 05 ff ff ff 7f ff.
-        assert_eq!(
-            ints(-(1 << 31) - 1),
-            [LONG1, 5, 0xff, 0xff, 0xff, 0x7f, 0xff]
-        );
+        assert_eq!(ints(-(1 << 31) - 1), [LONG1, 5, 0xff, 0xff, 0xff, 0x7f, 0xff]);
         // -2**39 = 0x80_0000_0000 (5 bytes, the sixth would be redundant).
         assert_eq!(ints(-(1 << 39)), [LONG1, 5, 0, 0, 0, 0, 0x80]);
     }
@@ -400,23 +380,7 @@ mod tests {
         // PROTO 5, SHORT_BINUNICODE len 0, MEMOIZE, STOP: 4 bytes framed.
         assert_eq!(
             out,
-            [
-                PROTO,
-                5,
-                FRAME,
-                4,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                SHORT_BINUNICODE,
-                0,
-                MEMOIZE,
-                STOP
-            ]
+            [PROTO, 5, FRAME, 4, 0, 0, 0, 0, 0, 0, 0, SHORT_BINUNICODE, 0, MEMOIZE, STOP]
         );
     }
 }

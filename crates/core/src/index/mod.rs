@@ -122,10 +122,7 @@ impl Matches {
 
     /// The overlap of `worker`, if it holds the first block.
     pub fn get(&self, worker: WorkerId) -> Option<&Overlap> {
-        self.entries
-            .binary_search_by_key(&worker, |o| o.worker)
-            .ok()
-            .map(|i| &self.entries[i])
+        self.entries.binary_search_by_key(&worker, |o| o.worker).ok().map(|i| &self.entries[i])
     }
 
     /// The longest match of any worker, in blocks.

@@ -65,12 +65,8 @@ impl PrefixIndex {
             out.extend_from_slice(&a.to_le_bytes());
             out.extend_from_slice(&b.to_le_bytes());
         }
-        let maps: Vec<(usize, &KeyMap<u64>)> = self
-            .engine_maps
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| !m.is_empty())
-            .collect();
+        let maps: Vec<(usize, &KeyMap<u64>)> =
+            self.engine_maps.iter().enumerate().filter(|(_, m)| !m.is_empty()).collect();
         out.extend_from_slice(&(maps.len() as u32).to_le_bytes());
         for (w, m) in maps {
             out.extend_from_slice(&(w as u32).to_le_bytes());
@@ -108,11 +104,7 @@ impl PrefixIndex {
             if parent_ord > ids.len() {
                 return Err(r.err("parent ordinal refers to a later node"));
             }
-            let parent = if parent_ord == 0 {
-                ROOT
-            } else {
-                ids[parent_ord - 1]
-            };
+            let parent = if parent_ord == 0 { ROOT } else { ids[parent_ord - 1] };
             let k = r.u32()? as usize;
             if k == 0 || k > r.remaining() / 8 {
                 return Err(r.err("bad key count"));
@@ -157,13 +149,7 @@ impl PrefixIndex {
                 if idx.lookup(key).is_some() {
                     return Err(r.err(format!("duplicate key {key:#x}")));
                 }
-                idx.insert_key(
-                    key,
-                    Loc {
-                        node: id,
-                        off: off as u32,
-                    },
-                );
+                idx.insert_key(key, Loc { node: id, off: off as u32 });
             }
             idx.attach_child(parent, first, id);
             ids.push(id);
@@ -227,18 +213,12 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
 }

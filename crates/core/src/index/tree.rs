@@ -206,11 +206,7 @@ impl Default for PrefixIndex {
 impl PrefixIndex {
     /// An empty index.
     pub fn new(config: IndexConfig) -> Self {
-        let root = Node {
-            parent: NIL,
-            live: true,
-            ..Node::default()
-        };
+        let root = Node { parent: NIL, live: true, ..Node::default() };
         PrefixIndex {
             config,
             nodes: vec![root],
@@ -238,19 +234,15 @@ impl PrefixIndex {
     #[inline]
     pub(super) fn lookup(&self, key: u64) -> Option<Loc> {
         let nodes = &self.nodes;
-        self.table
-            .find(mix(key), |l| {
-                nodes[l.node as usize].keys[l.off as usize] == key
-            })
-            .copied()
+        self.table.find(mix(key), |l| nodes[l.node as usize].keys[l.off as usize] == key).copied()
     }
 
     /// Points `key` at `loc`. The key must still be readable at its old location.
     fn relocate(&mut self, key: u64, loc: Loc) {
         let nodes = &self.nodes;
-        if let Some(l) = self.table.find_mut(mix(key), |l| {
-            nodes[l.node as usize].keys[l.off as usize] == key
-        }) {
+        if let Some(l) =
+            self.table.find_mut(mix(key), |l| nodes[l.node as usize].keys[l.off as usize] == key)
+        {
             *l = loc;
         } else {
             debug_assert!(false, "relocate of a missing key");
@@ -260,17 +252,16 @@ impl PrefixIndex {
     /// Adds `key`, which must already be written at `loc`.
     pub(super) fn insert_key(&mut self, key: u64, loc: Loc) {
         let nodes = &self.nodes;
-        self.table.insert_unique(mix(key), loc, |l| {
-            mix(nodes[l.node as usize].keys[l.off as usize])
-        });
+        self.table
+            .insert_unique(mix(key), loc, |l| mix(nodes[l.node as usize].keys[l.off as usize]));
     }
 
     /// Drops `key`, which must still be readable at its location.
     fn forget_key(&mut self, key: u64) {
         let nodes = &self.nodes;
-        if let Ok(e) = self.table.find_entry(mix(key), |l| {
-            nodes[l.node as usize].keys[l.off as usize] == key
-        }) {
+        if let Ok(e) =
+            self.table.find_entry(mix(key), |l| nodes[l.node as usize].keys[l.off as usize] == key)
+        {
             e.remove();
         }
     }
@@ -310,7 +301,10 @@ impl PrefixIndex {
     #[inline]
     fn touch(&self, id: u32) {
         let t = self.tick.load(Ordering::Relaxed);
-        self.nodes[id as usize].touched.store(t, Ordering::Relaxed);
+        let touched = &self.nodes[id as usize].touched;
+        if touched.load(Ordering::Relaxed) != t {
+            touched.store(t, Ordering::Relaxed);
+        }
     }
 
     fn bump_tick(&self) {
@@ -335,13 +329,7 @@ impl PrefixIndex {
         }
         for i in 0..self.nodes[m as usize].keys.len() {
             let k = self.nodes[m as usize].keys[i];
-            self.relocate(
-                k,
-                Loc {
-                    node: m,
-                    off: i as u32,
-                },
-            );
+            self.relocate(k, Loc { node: m, off: i as u32 });
         }
         for c in self.nodes[m as usize].children.nodes() {
             self.nodes[c as usize].parent = m;
@@ -364,13 +352,7 @@ impl PrefixIndex {
         self.nodes[c as usize].keys = ckeys;
         for i in 0..self.nodes[c as usize].keys.len() {
             let k = self.nodes[c as usize].keys[i];
-            self.relocate(
-                k,
-                Loc {
-                    node: n,
-                    off: (off + i) as u32,
-                },
-            );
+            self.relocate(k, Loc { node: n, off: (off + i) as u32 });
         }
         let children = std::mem::take(&mut self.nodes[c as usize].children);
         for g in children.nodes() {
@@ -492,10 +474,7 @@ impl PrefixIndex {
         let t = tier.index();
         self.ensure_worker(w);
         self.bump_tick();
-        let mut report = StoreReport {
-            blocks: keys.len() as u32,
-            ..StoreReport::default()
-        };
+        let mut report = StoreReport { blocks: keys.len() as u32, ..StoreReport::default() };
         if keys.is_empty() {
             return Ok(report);
         }
@@ -538,9 +517,7 @@ impl PrefixIndex {
                 report.new_blocks += run_len as u32;
                 if check_orphans {
                     created_first.extend(
-                        run.iter()
-                            .copied()
-                            .filter(|k| self.orphans_by_parent.contains_key(k)),
+                        run.iter().copied().filter(|k| self.orphans_by_parent.contains_key(k)),
                     );
                 }
                 cursor = Some(keys[i - 1]);
@@ -607,10 +584,7 @@ impl PrefixIndex {
         };
         let mut got = 0;
         for (j, &k) in run.iter().enumerate() {
-            let loc = Loc {
-                node: target,
-                off: (base + j) as u32,
-            };
+            let loc = Loc { node: target, off: (base + j) as u32 };
             let nodes = &self.nodes;
             let entry = self.table.entry(
                 mix(k),
@@ -708,11 +682,7 @@ impl PrefixIndex {
                     }
                 }
             }
-            let (a, b) = if desc {
-                (off + 1 - len, off + 1)
-            } else {
-                (off, off + len)
-            };
+            let (a, b) = if desc { (off + 1 - len, off + 1) } else { (off, off + len) };
             i += len;
             let holders = &self.nodes[loc.node as usize].holders;
             let held = holders
@@ -726,9 +696,7 @@ impl PrefixIndex {
             let n = self.isolate(loc.node, a, b);
             report.removed += len as u32;
             let holders = &mut self.nodes[n as usize].holders;
-            let hi = holders
-                .binary_search_by_key(&w, |h| h.worker)
-                .expect("holder checked above");
+            let hi = holders.binary_search_by_key(&w, |h| h.worker).expect("holder checked above");
             holders[hi].refs[t] -= 1;
             if holders[hi].is_empty() {
                 holders.remove(hi);
@@ -798,10 +766,7 @@ impl PrefixIndex {
             )));
         }
         if worker.0 > MAX_WORKER {
-            return Err(Error::invalid(format!(
-                "worker id {} out of range",
-                worker.0
-            )));
+            return Err(Error::invalid(format!("worker id {} out of range", worker.0)));
         }
         let n = engine.len();
         let w = worker.index();
@@ -860,9 +825,7 @@ impl PrefixIndex {
     pub fn holds(&self, worker: WorkerId, key: BlockKey) -> Option<[u16; 3]> {
         let loc = self.lookup(key)?;
         let h = &self.nodes[loc.node as usize].holders;
-        h.binary_search_by_key(&worker.0, |h| h.worker)
-            .ok()
-            .map(|i| h[i].refs)
+        h.binary_search_by_key(&worker.0, |h| h.worker).ok().map(|i| h[i].refs)
     }
 
     /// True when `key` is in the index for any worker.
@@ -882,7 +845,7 @@ impl PrefixIndex {
         if keys.is_empty() {
             return;
         }
-        self.bump_tick();
+        // (no tick bump: reads share the tick of the last mutation)
         let mut node = ROOT;
         let mut pos = 0usize;
         let mut first = true;
@@ -900,31 +863,32 @@ impl PrefixIndex {
                 for (i, h) in cn.holders.iter().enumerate() {
                     let mut by_tier = [0u32; 3];
                     by_tier[h.best_tier()] = n32;
-                    out.entries.push(Overlap {
-                        worker: WorkerId(h.worker),
-                        blocks: n32,
-                        by_tier,
-                    });
+                    out.entries.push(Overlap { worker: WorkerId(h.worker), blocks: n32, by_tier });
                     out.alive.push(i as u32);
                 }
             } else {
                 // Keep the workers that also hold this run (both lists sorted by worker).
-                let hs = &cn.holders;
-                let mut j = 0;
-                let entries = &mut out.entries;
-                out.alive.retain(|&ei| {
+                // A plain two-pointer loop over locals: `retain` with a closure that
+                // captures `j` and `entries` keeps them in memory on every step.
+                let hs = &cn.holders[..];
+                let entries = &mut out.entries[..];
+                let alive = &mut out.alive;
+                let (mut j, mut k) = (0usize, 0usize);
+                for r in 0..alive.len() {
+                    let ei = alive[r];
                     let e = &mut entries[ei as usize];
-                    while j < hs.len() && hs[j].worker < e.worker.0 {
+                    let w = e.worker.0;
+                    while j < hs.len() && hs[j].worker < w {
                         j += 1;
                     }
-                    if j < hs.len() && hs[j].worker == e.worker.0 {
+                    if j < hs.len() && hs[j].worker == w {
                         e.blocks += n32;
                         e.by_tier[hs[j].best_tier()] += n32;
-                        true
-                    } else {
-                        false
+                        alive[k] = ei;
+                        k += 1;
                     }
-                });
+                }
+                alive.truncate(k);
             }
             pos += n;
             if out.alive.is_empty() || n < cn.keys.len() {
@@ -975,11 +939,50 @@ impl PrefixIndex {
         }
     }
 
+    /// Renames worker ids: holder `w` becomes `map[w]`. Used when a snapshot taken by one
+    /// router is restored into another whose registry numbered the workers differently.
+    /// Every id held must be mapped, and no two ids may map to the same one.
+    pub fn remap_workers(&mut self, map: &HashMap<u32, u32>) -> Result<()> {
+        let mut seen = hashbrown::HashSet::new();
+        for (&from, &to) in map {
+            if to > MAX_WORKER || !seen.insert(to) {
+                return Err(Error::invalid(format!("bad worker remap {from} -> {to}")));
+            }
+        }
+        for n in self.nodes.iter().filter(|n| n.live) {
+            if let Some(h) = n.holders.iter().find(|h| !map.contains_key(&h.worker)) {
+                return Err(Error::invalid(format!("worker id {} is not mapped", h.worker)));
+            }
+        }
+        let mut blocks = vec![0u64; map.values().max().map_or(0, |&m| m as usize + 1)];
+        for n in self.nodes.iter_mut().filter(|n| n.live) {
+            for h in &mut n.holders {
+                h.worker = map[&h.worker];
+                blocks[h.worker as usize] += n.keys.len() as u64;
+            }
+            n.holders.sort_unstable_by_key(|h| h.worker);
+        }
+        self.worker_blocks = blocks;
+        let old = std::mem::take(&mut self.engine_maps);
+        for (w, m) in old.into_iter().enumerate() {
+            if m.is_empty() {
+                continue;
+            }
+            let Some(&to) = map.get(&(w as u32)) else {
+                continue;
+            };
+            if self.engine_maps.len() <= to as usize {
+                self.engine_maps.resize_with(to as usize + 1, KeyMap::default);
+            }
+            self.engine_maps[to as usize] = m;
+        }
+        Ok(())
+    }
+
     /// Releases spare capacity of the key table (for example after a large drain).
     pub fn shrink_to_fit(&mut self) {
         let nodes = &self.nodes;
-        self.table
-            .shrink_to_fit(|l| mix(nodes[l.node as usize].keys[l.off as usize]));
+        self.table.shrink_to_fit(|l| mix(nodes[l.node as usize].keys[l.off as usize]));
         // Trailing free nodes can be dropped; interior ones stay for reuse.
         while self.nodes.len() > 1 && !self.nodes.last().is_some_and(|n| n.live) {
             let id = (self.nodes.len() - 1) as u32;
@@ -1046,9 +1049,14 @@ fn common_prefix(a: &[u64], b: &[u64]) -> usize {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut i = 0;
-    // Compare in chunks of 8 so the compiler can vectorize the loop.
-    while i + 8 <= n {
-        if a[i..i + 8] != b[i..i + 8] {
+    // Compare in chunks of 8 with an OR of XORs: branch-free inside a chunk and inlined
+    // as vector code (a slice `!=` becomes a libc memcmp call per 64 bytes).
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        let mut acc = 0u64;
+        for j in 0..8 {
+            acc |= ca[j] ^ cb[j];
+        }
+        if acc != 0 {
             break;
         }
         i += 8;
@@ -1069,10 +1077,7 @@ impl PrefixIndex {
 
     pub(super) fn add_orphan(&mut self, first: u64, parent: u64) {
         self.orphan_parent.insert(first, parent);
-        self.orphans_by_parent
-            .entry(parent)
-            .or_default()
-            .push(first);
+        self.orphans_by_parent.entry(parent).or_default().push(first);
     }
 
     pub(super) fn attach_child(&mut self, parent: u32, first: u64, child: u32) {

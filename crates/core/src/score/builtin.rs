@@ -23,11 +23,7 @@ pub struct TierWeights {
 
 impl Default for TierWeights {
     fn default() -> Self {
-        TierWeights {
-            gpu: 1.0,
-            cpu: 0.8,
-            disk: 0.5,
-        }
+        TierWeights { gpu: 1.0, cpu: 0.8, disk: 0.5 }
     }
 }
 
@@ -80,11 +76,7 @@ pub struct PrefixScorer {
 
 impl Default for PrefixScorer {
     fn default() -> Self {
-        PrefixScorer {
-            tiers: TierWeights::default(),
-            length_weight: 0.0,
-            length_norm_blocks: 64.0,
-        }
+        PrefixScorer { tiers: TierWeights::default(), length_weight: 0.0, length_norm_blocks: 64.0 }
     }
 }
 
@@ -129,11 +121,8 @@ impl PrefixScorer {
     #[inline]
     pub fn score_one(&self, req: &RequestInfo, cand: &Candidate) -> f64 {
         let credit = self.tiers.credit(cand);
-        let share = if req.total_blocks == 0 {
-            0.0
-        } else {
-            (credit / req.total_blocks as f64).min(1.0)
-        };
+        let share =
+            if req.total_blocks == 0 { 0.0 } else { (credit / req.total_blocks as f64).min(1.0) };
         let length = (credit / self.length_norm_blocks).min(1.0);
         (1.0 - self.length_weight) * share + self.length_weight * length
     }
@@ -174,9 +163,7 @@ impl LoadNorm {
             LoadNorm::MinMax => {
                 let (lo, hi) = xs
                     .clone()
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), x| {
-                        (l.min(x), h.max(x))
-                    });
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), x| (l.min(x), h.max(x)));
                 for (o, x) in out.iter_mut().zip(xs) {
                     *o = if hi > lo { (hi - x) / (hi - lo) } else { 1.0 };
                 }
@@ -228,12 +215,12 @@ impl LoadParams {
             (Some(LoadNormName::Scale), Some(s)) if s.is_finite() && s > 0.0 => {
                 Ok(LoadNorm::Scale(s))
             }
-            (Some(LoadNormName::Scale), Some(s)) => Err(Error::config(format!(
-                "{scorer}: scale must be positive, got {s}"
-            ))),
-            (Some(LoadNormName::Scale), None) => Err(Error::config(format!(
-                "{scorer}: norm `scale` needs a `scale` parameter"
-            ))),
+            (Some(LoadNormName::Scale), Some(s)) => {
+                Err(Error::config(format!("{scorer}: scale must be positive, got {s}")))
+            }
+            (Some(LoadNormName::Scale), None) => {
+                Err(Error::config(format!("{scorer}: norm `scale` needs a `scale` parameter")))
+            }
             (_, Some(_)) => Err(Error::config(format!(
                 "{scorer}: parameter `scale` applies only to norm `scale`"
             ))),
@@ -311,11 +298,7 @@ impl Scorer for KvUtilizationScorer {
     fn score(&self, _: &RequestInfo, cands: &[Candidate], _: &ScoreContext, out: &mut [f64]) {
         for (o, c) in out.iter_mut().zip(cands) {
             let u = c.load.kv_usage;
-            *o = if u.is_nan() {
-                0.0
-            } else {
-                1.0 - u.clamp(0.0, 1.0)
-            };
+            *o = if u.is_nan() { 0.0 } else { 1.0 - u.clamp(0.0, 1.0) };
         }
     }
 }
@@ -360,11 +343,7 @@ impl Scorer for LoraScorer {
         let Some(name) = req.lora else { return };
         let key = super::lora_key(name);
         for (o, c) in out.iter_mut().zip(cands) {
-            *o = if c.loaded_loras.contains_key(key) {
-                1.0
-            } else {
-                0.0
-            };
+            *o = if c.loaded_loras.contains_key(key) { 1.0 } else { 0.0 };
         }
     }
 }
@@ -417,16 +396,9 @@ impl Scorer for LruScorer {
             return;
         }
         let now = req.now_ms;
-        let max_age = cands
-            .iter()
-            .map(|c| Self::age(now, c))
-            .fold(0.0f64, f64::max);
+        let max_age = cands.iter().map(|c| Self::age(now, c)).fold(0.0f64, f64::max);
         for (o, c) in out.iter_mut().zip(cands) {
-            *o = if max_age > 0.0 {
-                Self::age(now, c) / max_age
-            } else {
-                1.0
-            };
+            *o = if max_age > 0.0 { Self::age(now, c) / max_age } else { 1.0 };
         }
     }
     fn needs_prefix(&self) -> bool {
@@ -484,11 +456,7 @@ pub struct CostPolicy {
 
 impl Default for CostPolicy {
     fn default() -> Self {
-        CostPolicy {
-            overlap_weight: 1.0,
-            temperature: 0.0,
-            tiers: TierWeights::default(),
-        }
+        CostPolicy { overlap_weight: 1.0, temperature: 0.0, tiers: TierWeights::default() }
     }
 }
 
@@ -542,11 +510,7 @@ impl CostPolicy {
             hi = hi.max(x);
         }
         for (t, &x) in totals.iter_mut().zip(cost.iter()) {
-            *t = if hi > lo {
-                1.0 - (x - lo) / (hi - lo)
-            } else {
-                1.0
-            };
+            *t = if hi > lo { 1.0 - (x - lo) / (hi - lo) } else { 1.0 };
         }
     }
 }
@@ -562,11 +526,7 @@ mod tests {
     }
 
     fn req(total_blocks: u32) -> RequestInfo<'static> {
-        RequestInfo {
-            prompt_tokens: total_blocks * 16 + 5,
-            total_blocks,
-            ..Default::default()
-        }
+        RequestInfo { prompt_tokens: total_blocks * 16 + 5, total_blocks, ..Default::default() }
     }
 
     fn run(
@@ -600,12 +560,7 @@ mod tests {
         c.matched_by_tier = [20, 0, 0]; // capped at the prompt
         let s = PrefixScorer::default();
         close(
-            &run(
-                &s,
-                &req(20),
-                &[a.clone(), b.clone(), c.clone(), cand(3)],
-                &t,
-            ),
+            &run(&s, &req(20), &[a.clone(), b.clone(), c.clone(), cand(3)], &t),
             &[0.43, 0.25, 1.0, 0.0],
         );
         // No full block in the prompt: share is 0 for everyone.
@@ -636,11 +591,7 @@ mod tests {
         })
         .is_err());
         assert!(PrefixScorer::from_params(PrefixParams {
-            tier_weights: Some(TierWeights {
-                gpu: 1.0,
-                cpu: 2.0,
-                disk: 0.5
-            }),
+            tier_weights: Some(TierWeights { gpu: 1.0, cpu: 2.0, disk: 0.5 }),
             ..Default::default()
         })
         .is_err());
@@ -661,16 +612,10 @@ mod tests {
             .map(|(i, &q)| with_load(i as u32, |l| l.waiting = q))
             .collect();
         // (8 - q) / (8 - 0)
-        close(
-            &run(&QueueScorer::default(), &req(1), &cs, &t),
-            &[1.0, 0.5, 0.0, 0.75],
-        );
+        close(&run(&QueueScorer::default(), &req(1), &cs, &t), &[1.0, 0.5, 0.0, 0.75]);
         // All equal: neutral 1.
         let eq: Vec<_> = (0..3).map(|i| with_load(i, |l| l.waiting = 5)).collect();
-        close(
-            &run(&QueueScorer::default(), &req(1), &eq, &t),
-            &[1.0, 1.0, 1.0],
-        );
+        close(&run(&QueueScorer::default(), &req(1), &eq, &t), &[1.0, 1.0, 1.0]);
     }
 
     #[test]
@@ -682,32 +627,12 @@ mod tests {
             .map(|(i, &r)| with_load(i as u32, |l| l.running = r))
             .collect();
         // min-max: (10 - r) / 8
-        close(
-            &run(&RunningScorer::default(), &req(1), &cs, &t),
-            &[1.0, 0.5, 0.0],
-        );
+        close(&run(&RunningScorer::default(), &req(1), &cs, &t), &[1.0, 0.5, 0.0]);
         // max: 1 - r/10
-        close(
-            &run(
-                &RunningScorer {
-                    norm: LoadNorm::Max,
-                },
-                &req(1),
-                &cs,
-                &t,
-            ),
-            &[0.8, 0.4, 0.0],
-        );
+        close(&run(&RunningScorer { norm: LoadNorm::Max }, &req(1), &cs, &t), &[0.8, 0.4, 0.0]);
         // scale 2: 1/(1 + r/2)
         close(
-            &run(
-                &RunningScorer {
-                    norm: LoadNorm::Scale(2.0),
-                },
-                &req(1),
-                &cs,
-                &t,
-            ),
+            &run(&RunningScorer { norm: LoadNorm::Scale(2.0) }, &req(1), &cs, &t),
             &[0.5, 0.25, 1.0 / 6.0],
         );
         let ps: Vec<_> = [0u64, 1000, 4000]
@@ -716,46 +641,23 @@ mod tests {
             .map(|(i, &p)| with_load(i as u32, |l| l.inflight_prefill_tokens = p))
             .collect();
         // Default for prefill is max: 1 - p/4000.
-        close(
-            &run(&PrefillScorer::default(), &req(1), &ps, &t),
-            &[1.0, 0.75, 0.0],
-        );
+        close(&run(&PrefillScorer::default(), &req(1), &ps, &t), &[1.0, 0.75, 0.0]);
         let idle: Vec<_> = (0..2).map(cand).collect();
-        close(
-            &run(&PrefillScorer::default(), &req(1), &idle, &t),
-            &[1.0, 1.0],
-        );
+        close(&run(&PrefillScorer::default(), &req(1), &idle, &t), &[1.0, 1.0]);
     }
 
     #[test]
     fn load_params_validation() {
-        let p = LoadParams {
-            norm: Some(LoadNormName::Scale),
-            scale: Some(4.0),
-        };
-        assert_eq!(
-            p.to_norm("queue", LoadNorm::MinMax).unwrap(),
-            LoadNorm::Scale(4.0)
-        );
-        let e = LoadParams {
-            norm: Some(LoadNormName::Scale),
-            scale: None,
-        }
-        .to_norm("queue", LoadNorm::MinMax)
-        .unwrap_err();
+        let p = LoadParams { norm: Some(LoadNormName::Scale), scale: Some(4.0) };
+        assert_eq!(p.to_norm("queue", LoadNorm::MinMax).unwrap(), LoadNorm::Scale(4.0));
+        let e = LoadParams { norm: Some(LoadNormName::Scale), scale: None }
+            .to_norm("queue", LoadNorm::MinMax)
+            .unwrap_err();
         assert!(e.to_string().contains("scale"), "{e}");
-        assert!(LoadParams {
-            norm: None,
-            scale: Some(1.0)
-        }
-        .to_norm("q", LoadNorm::Max)
-        .is_err());
-        assert!(LoadParams {
-            norm: Some(LoadNormName::Scale),
-            scale: Some(0.0)
-        }
-        .to_norm("q", LoadNorm::Max)
-        .is_err());
+        assert!(LoadParams { norm: None, scale: Some(1.0) }.to_norm("q", LoadNorm::Max).is_err());
+        assert!(LoadParams { norm: Some(LoadNormName::Scale), scale: Some(0.0) }
+            .to_norm("q", LoadNorm::Max)
+            .is_err());
     }
 
     #[test]
@@ -766,10 +668,7 @@ mod tests {
             .enumerate()
             .map(|(i, &u)| with_load(i as u32, |l| l.kv_usage = u))
             .collect();
-        close(
-            &run(&KvUtilizationScorer, &req(1), &cs, &t),
-            &[1.0, 0.75, 0.0, 0.0, 0.0],
-        );
+        close(&run(&KvUtilizationScorer, &req(1), &cs, &t), &[1.0, 0.75, 0.0, 0.0, 0.0]);
     }
 
     #[test]
@@ -821,17 +720,11 @@ mod tests {
             &[100.0 / 1001.0, 400.0 / 1001.0, 0.0, 1.0],
         );
         cs[3].last_routed_ms = Some(0); // age 1000: now the oldest routed
-        close(
-            &run(&LruScorer::default(), &r, &cs, &t),
-            &[0.1, 0.4, 0.0, 1.0],
-        );
+        close(&run(&LruScorer::default(), &r, &cs, &t), &[0.1, 0.4, 0.0, 1.0]);
         // Warm request: silent unless cold_only is off.
         cs[2].matched_blocks = 1;
         close(&run(&LruScorer::default(), &r, &cs, &t), &[0.0; 4]);
-        close(
-            &run(&LruScorer { cold_only: false }, &r, &cs, &t),
-            &[0.1, 0.4, 0.0, 1.0],
-        );
+        close(&run(&LruScorer { cold_only: false }, &r, &cs, &t), &[0.1, 0.4, 0.0, 1.0]);
         // Everyone routed just now: all 1.
         for c in cs.iter_mut() {
             c.last_routed_ms = Some(1000);
@@ -861,10 +754,7 @@ mod tests {
 
     #[test]
     fn cost_policy_formula() {
-        let p = CostPolicy {
-            overlap_weight: 2.0,
-            ..Default::default()
-        };
+        let p = CostPolicy { overlap_weight: 2.0, ..Default::default() };
         let r = req(10);
         let mut a = cand(0);
         a.matched_blocks = 10;
@@ -887,17 +777,7 @@ mod tests {
         // Equal costs: all 1.
         p.evaluate(&r, &[cand(0), cand(1)], &mut rows[..6], &mut totals[..2]);
         close(&totals[..2], &[1.0, 1.0]);
-        assert!(CostPolicy {
-            temperature: -1.0,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
-        assert!(CostPolicy {
-            overlap_weight: f64::NAN,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
+        assert!(CostPolicy { temperature: -1.0, ..Default::default() }.validate().is_err());
+        assert!(CostPolicy { overlap_weight: f64::NAN, ..Default::default() }.validate().is_err());
     }
 }

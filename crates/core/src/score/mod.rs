@@ -127,10 +127,7 @@ impl LoraSet {
 
     /// An empty set.
     pub const fn new() -> Self {
-        LoraSet {
-            keys: [0; LoraSet::CAPACITY],
-            len: 0,
-        }
+        LoraSet { keys: [0; LoraSet::CAPACITY], len: 0 }
     }
 
     /// A set holding the given adapter names.
@@ -215,9 +212,7 @@ impl LoraSet {
 
 impl std::fmt::Debug for LoraSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set()
-            .entries(self.keys().iter().map(|k| format!("{k:016x}")))
-            .finish()
+        f.debug_set().entries(self.keys().iter().map(|k| format!("{k:016x}"))).finish()
     }
 }
 

@@ -19,11 +19,7 @@ pub fn pick_max(totals: &[f64], rng: &mut SplitMix64) -> usize {
     if n <= 1 {
         return 0;
     }
-    let max = totals
-        .iter()
-        .copied()
-        .filter(|x| !x.is_nan())
-        .fold(f64::NEG_INFINITY, f64::max);
+    let max = totals.iter().copied().filter(|x| !x.is_nan()).fold(f64::NEG_INFINITY, f64::max);
     if max == f64::NEG_INFINITY {
         return uniform(n, rng);
     }
@@ -33,13 +29,7 @@ pub fn pick_max(totals: &[f64], rng: &mut SplitMix64) -> usize {
         return totals.iter().position(|&x| tied(x)).unwrap_or(0);
     }
     let k = uniform(ties, rng);
-    totals
-        .iter()
-        .enumerate()
-        .filter(|(_, &x)| tied(x))
-        .nth(k)
-        .map(|(i, _)| i)
-        .unwrap_or(0)
+    totals.iter().enumerate().filter(|(_, &x)| tied(x)).nth(k).map(|(i, _)| i).unwrap_or(0)
 }
 
 /// Samples `i` with probability proportional to `weight(i)` (non-negative, finite); uniform
@@ -76,11 +66,7 @@ pub fn pick_softmax(totals: &[f64], temperature: f64, rng: &mut SplitMix64) -> u
     if temperature.is_nan() || temperature <= 0.0 {
         return pick_max(totals, rng);
     }
-    let max = totals
-        .iter()
-        .copied()
-        .filter(|x| !x.is_nan())
-        .fold(f64::NEG_INFINITY, f64::max);
+    let max = totals.iter().copied().filter(|x| !x.is_nan()).fold(f64::NEG_INFINITY, f64::max);
     if max == f64::NEG_INFINITY {
         return uniform(n, rng);
     }
@@ -250,9 +236,7 @@ mod tests {
         let totals = [0.0, 3f64.ln()];
         let mut rng = SplitMix64::new(5);
         let n = 40_000;
-        let ones = (0..n)
-            .filter(|_| pick_softmax(&totals, 1.0, &mut rng) == 1)
-            .count();
+        let ones = (0..n).filter(|_| pick_softmax(&totals, 1.0, &mut rng) == 1).count();
         let p = ones as f64 / n as f64;
         // Standard error sqrt(0.75*0.25/40000) ~ 0.0022; allow 5 sigma.
         assert!((p - 0.75).abs() < 0.011, "p = {p}");

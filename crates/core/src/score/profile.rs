@@ -34,36 +34,18 @@ use serde_json::Value;
 use std::fmt;
 
 /// Names of the built-in scorers.
-pub const SCORER_NAMES: [&str; 9] = [
-    "prefix",
-    "queue",
-    "running",
-    "prefill",
-    "kv-utilization",
-    "session",
-    "lora",
-    "lru",
-    "random",
-];
+pub const SCORER_NAMES: [&str; 9] =
+    ["prefix", "queue", "running", "prefill", "kv-utilization", "session", "lora", "lru", "random"];
 /// Names of the built-in filters.
 pub const FILTER_NAMES: [&str; 3] = ["healthy", "lora-loaded", "max-queue"];
 /// Names of the built-in pickers.
 pub const PICKER_NAMES: [&str; 4] = ["max", "softmax", "weighted-random", "round-robin"];
 /// Names of the presets ([`ProfileConfig::preset`]).
-pub const PRESET_NAMES: [&str; 6] = [
-    "session-affinity",
-    "prefix",
-    "llm-d",
-    "cost",
-    "random",
-    "round-robin",
-];
+pub const PRESET_NAMES: [&str; 6] =
+    ["session-affinity", "prefix", "llm-d", "cost", "random", "round-robin"];
 
 fn unknown(what: &str, name: &str, valid: &[&str]) -> Error {
-    Error::config(format!(
-        "unknown {what} `{name}`; valid {what}s: {}",
-        valid.join(", ")
-    ))
+    Error::config(format!("unknown {what} `{name}`; valid {what}s: {}", valid.join(", ")))
 }
 
 /// The two kinds of profile.
@@ -98,11 +80,7 @@ pub struct ScorerConfig {
 impl ScorerConfig {
     /// A scorer `name` with `weight` and default parameters.
     pub fn new(name: &str, weight: f64) -> Self {
-        ScorerConfig {
-            name: name.to_owned(),
-            weight,
-            params: None,
-        }
+        ScorerConfig { name: name.to_owned(), weight, params: None }
     }
 }
 
@@ -119,10 +97,7 @@ pub struct FilterConfig {
 impl FilterConfig {
     /// A filter `name` without parameters.
     pub fn new(name: &str) -> Self {
-        FilterConfig {
-            name: name.to_owned(),
-            params: None,
-        }
+        FilterConfig { name: name.to_owned(), params: None }
     }
 }
 
@@ -150,10 +125,7 @@ impl<'de> Deserialize<'de> for FilterConfig {
                 m: A,
             ) -> std::result::Result<FilterConfig, A::Error> {
                 let full = FilterConfigFull::deserialize(de::value::MapAccessDeserializer::new(m))?;
-                Ok(FilterConfig {
-                    name: full.name,
-                    params: full.params,
-                })
+                Ok(FilterConfig { name: full.name, params: full.params })
             }
         }
         d.deserialize_any(V)
@@ -188,10 +160,7 @@ pub struct PickerConfig {
 impl PickerConfig {
     /// A picker `name` with default parameters.
     pub fn new(name: &str) -> Self {
-        PickerConfig {
-            name: name.to_owned(),
-            temperature: None,
-        }
+        PickerConfig { name: name.to_owned(), temperature: None }
     }
 }
 
@@ -245,11 +214,7 @@ impl Default for ProfileConfig {
 impl ProfileConfig {
     /// A weighted profile with these scorers, the `healthy` filter and `picker`.
     pub fn weighted(scorers: Vec<ScorerConfig>, picker: &str) -> Self {
-        ProfileConfig {
-            scorers,
-            picker: Some(PickerConfig::new(picker)),
-            ..Self::default()
-        }
+        ProfileConfig { scorers, picker: Some(PickerConfig::new(picker)), ..Self::default() }
     }
 
     /// The preset `name` (one of [`PRESET_NAMES`]):
@@ -302,11 +267,7 @@ impl ProfileConfig {
 
     /// Builds the profile, checking every name, weight and parameter.
     pub fn build(&self) -> Result<Profile> {
-        let filters = self
-            .filters
-            .iter()
-            .map(build_filter)
-            .collect::<Result<Vec<_>>>()?;
+        let filters = self.filters.iter().map(build_filter).collect::<Result<Vec<_>>>()?;
         match self.kind {
             ProfileKind::Weighted => {
                 for (field, set) in [
@@ -384,9 +345,7 @@ fn build_scorer(c: &ScorerConfig) -> Result<Box<dyn Scorer>> {
     let what = format!("scorer `{}`", c.name);
     let p = &c.params;
     let s: Box<dyn Scorer> = match c.name.as_str() {
-        "prefix" => Box::new(PrefixScorer::from_params(parse_params::<PrefixParams>(
-            &what, p,
-        )?)?),
+        "prefix" => Box::new(PrefixScorer::from_params(parse_params::<PrefixParams>(&what, p)?)?),
         "queue" => Box::new(QueueScorer {
             norm: parse_params::<LoadParams>(&what, p)?
                 .to_norm("queue", QueueScorer::DEFAULT_NORM)?,
@@ -412,9 +371,7 @@ fn build_scorer(c: &ScorerConfig) -> Result<Box<dyn Scorer>> {
             Box::new(LoraScorer)
         }
         "lru" => Box::new(LruScorer {
-            cold_only: parse_params::<LruParams>(&what, p)?
-                .cold_only
-                .unwrap_or(true),
+            cold_only: parse_params::<LruParams>(&what, p)?.cold_only.unwrap_or(true),
         }),
         "random" => {
             parse_params::<NoParams>(&what, p)?;
@@ -438,15 +395,11 @@ fn build_filter(c: &FilterConfig) -> Result<Box<dyn Filter>> {
         }
         "max-queue" => {
             let Some(v) = &c.params else {
-                return Err(Error::config(format!(
-                    "{what} needs params {{\"max_waiting\": N}}"
-                )));
+                return Err(Error::config(format!("{what} needs params {{\"max_waiting\": N}}")));
             };
             let p: MaxQueueParams = serde_json::from_value(v.clone())
                 .map_err(|e| Error::config(format!("{what} params: {e}")))?;
-            Box::new(MaxQueueFilter {
-                max_waiting: p.max_waiting,
-            })
+            Box::new(MaxQueueFilter { max_waiting: p.max_waiting })
         }
         other => return Err(unknown("filter", other, &FILTER_NAMES)),
     };
@@ -478,10 +431,7 @@ fn build_picker(c: &PickerConfig) -> Result<Box<dyn Picker>> {
 }
 
 enum Body {
-    Weighted {
-        scorers: Vec<(Box<dyn Scorer>, f64)>,
-        picker: Box<dyn Picker>,
-    },
+    Weighted { scorers: Vec<(Box<dyn Scorer>, f64)>, picker: Box<dyn Picker> },
     Cost(CostPolicy),
 }
 
@@ -504,11 +454,9 @@ impl fmt::Debug for Profile {
                     .field("picker", &picker.name())
                     .finish()
             }
-            Body::Cost(p) => f
-                .debug_struct("Profile")
-                .field("filters", &filters)
-                .field("cost", p)
-                .finish(),
+            Body::Cost(p) => {
+                f.debug_struct("Profile").field("filters", &filters).field("cost", p).finish()
+            }
         }
     }
 }
@@ -555,19 +503,13 @@ impl Profile {
                 )));
             }
         }
-        Ok(Profile {
-            filters,
-            body: Body::Weighted { scorers, picker },
-        })
+        Ok(Profile { filters, body: Body::Weighted { scorers, picker } })
     }
 
     /// A cost profile from parts.
     pub fn cost(filters: Vec<Box<dyn Filter>>, policy: CostPolicy) -> Result<Profile> {
         policy.validate()?;
-        Ok(Profile {
-            filters,
-            body: Body::Cost(policy),
-        })
+        Ok(Profile { filters, body: Body::Cost(policy) })
     }
 
     /// The preset `name`, built ([`ProfileConfig::preset`]).
@@ -632,13 +574,7 @@ impl Profile {
         rng: &mut SplitMix64,
         scratch: &mut ScoreScratch,
     ) -> Result<Decision> {
-        let ScoreScratch {
-            kept,
-            filtered,
-            rows,
-            n_rows,
-            totals,
-        } = scratch;
+        let ScoreScratch { kept, filtered, rows, n_rows, totals } = scratch;
         kept.clear();
         rows.clear();
         totals.clear();
@@ -672,10 +608,7 @@ impl Profile {
             Body::Weighted { scorers, picker } => {
                 *n_rows = scorers.len();
                 rows.resize(scorers.len() * n, 0.0);
-                let ctx = ScoreContext {
-                    seed: rng.next_u64(),
-                    ..*ctx
-                };
+                let ctx = ScoreContext { seed: rng.next_u64(), ..*ctx };
                 for (j, (s, w)) in scorers.iter().enumerate() {
                     let row = &mut rows[j * n..(j + 1) * n];
                     s.score(req, view, &ctx, row);
@@ -691,9 +624,7 @@ impl Profile {
             }
         };
         if pos >= n {
-            return Err(Error::Internal(format!(
-                "picker returned index {pos} of {n} candidates"
-            )));
+            return Err(Error::Internal(format!("picker returned index {pos} of {n} candidates")));
         }
         Ok(Decision {
             index: kept[pos],
@@ -711,11 +642,7 @@ impl Profile {
             .enumerate()
             .map(|(j, name)| (name, scratch.row(j)))
             .collect();
-        Explanation {
-            kept: scratch.kept(),
-            totals: scratch.totals(),
-            rows,
-        }
+        Explanation { kept: scratch.kept(), totals: scratch.totals(), rows }
     }
 }
 
@@ -740,49 +667,23 @@ mod tests {
             assert_eq!(p.uses_sessions(), name == "session-affinity", "{name}");
             // Presets survive a JSON round trip.
             let cfg = ProfileConfig::preset(name).unwrap();
-            assert_eq!(
-                ProfileConfig::from_json(&cfg.to_json()).unwrap(),
-                cfg,
-                "{name}"
-            );
+            assert_eq!(ProfileConfig::from_json(&cfg.to_json()).unwrap(), cfg, "{name}");
         }
         let zero = r#"{"kind": "cost", "overlap_weight": 0}"#;
-        assert!(!ProfileConfig::from_json(zero)
-            .unwrap()
-            .build()
-            .unwrap()
-            .needs_prefix());
+        assert!(!ProfileConfig::from_json(zero).unwrap().build().unwrap().needs_prefix());
         let lru = r#"{"scorers": [{"name": "lru", "params": {"cold_only": false}}]}"#;
-        assert!(!ProfileConfig::from_json(lru)
-            .unwrap()
-            .build()
-            .unwrap()
-            .needs_prefix());
+        assert!(!ProfileConfig::from_json(lru).unwrap().build().unwrap().needs_prefix());
         let lru = r#"{"scorers": [{"name": "lru"}]}"#;
-        assert!(ProfileConfig::from_json(lru)
-            .unwrap()
-            .build()
-            .unwrap()
-            .needs_prefix());
+        assert!(ProfileConfig::from_json(lru).unwrap().build().unwrap().needs_prefix());
         let e = ProfileConfig::preset("nope").unwrap_err().to_string();
-        assert!(
-            e.contains("`nope`") && e.contains("llm-d") && e.contains("round-robin"),
-            "{e}"
-        );
+        assert!(e.contains("`nope`") && e.contains("llm-d") && e.contains("round-robin"), "{e}");
     }
 
     #[test]
     fn llm_d_weights() {
         let cfg = ProfileConfig::preset("llm-d").unwrap();
-        let w: Vec<(&str, f64)> = cfg
-            .scorers
-            .iter()
-            .map(|s| (s.name.as_str(), s.weight))
-            .collect();
-        assert_eq!(
-            w,
-            vec![("prefix", 3.0), ("queue", 2.0), ("kv-utilization", 2.0)]
-        );
+        let w: Vec<(&str, f64)> = cfg.scorers.iter().map(|s| (s.name.as_str(), s.weight)).collect();
+        assert_eq!(w, vec![("prefix", 3.0), ("queue", 2.0), ("kv-utilization", 2.0)]);
         assert_eq!(cfg.picker, Some(PickerConfig::new("max")));
         let p = cfg.build().unwrap();
         assert_eq!(p.max_total(), 7.0);
@@ -817,15 +718,9 @@ mod tests {
         let m = err(r#"{"scorers": [{"name": "prefix", "wieght": 3}]}"#);
         assert!(m.contains("`wieght`"), "{m}");
         let m = err(r#"{"scorers": [{"name": "prefx"}]}"#);
-        assert!(
-            m.contains("`prefx`") && m.contains("kv-utilization") && m.contains("lru"),
-            "{m}"
-        );
+        assert!(m.contains("`prefx`") && m.contains("kv-utilization") && m.contains("lru"), "{m}");
         let m = err(r#"{"scorers": [{"name": "prefix", "params": {"length_wieght": 1}}]}"#);
-        assert!(
-            m.contains("scorer `prefix`") && m.contains("`length_wieght`"),
-            "{m}"
-        );
+        assert!(m.contains("scorer `prefix`") && m.contains("`length_wieght`"), "{m}");
         let m = err(r#"{"scorers": [{"name": "queue", "params": {"norm": "log"}}]}"#);
         assert!(m.contains("`log`"), "{m}");
         let m = err(r#"{"scorers": [{"name": "session", "params": {"ttl": 5}}]}"#);
@@ -839,10 +734,7 @@ mod tests {
         let m = err(r#"{"filters": [{"name": "max-queue", "params": {"max_wait": 3}}]}"#);
         assert!(m.contains("`max_wait`"), "{m}");
         let m = err(r#"{"picker": {"name": "argmax"}}"#);
-        assert!(
-            m.contains("`argmax`") && m.contains("weighted-random"),
-            "{m}"
-        );
+        assert!(m.contains("`argmax`") && m.contains("weighted-random"), "{m}");
         let m = err(r#"{"picker": {"name": "max", "temperature": 1}}"#);
         assert!(m.contains("`temperature`"), "{m}");
         let m = err(r#"{"kind": "costly"}"#);
@@ -868,40 +760,21 @@ mod tests {
             let mut c = Candidate::new(WorkerId(w));
             c.matched_blocks = matched;
             c.matched_by_tier = [matched, 0, 0];
-            c.load = Load {
-                waiting,
-                kv_usage: kv,
-                ..Load::default()
-            };
+            c.load = Load { waiting, kv_usage: kv, ..Load::default() };
             c
         };
-        vec![
-            mk(0, 8, 4, 0.5),
-            mk(1, 2, 0, 0.1),
-            mk(2, 10, 8, 0.9),
-            mk(3, 0, 2, 0.0),
-        ]
+        vec![mk(0, 8, 4, 0.5), mk(1, 2, 0, 0.1), mk(2, 10, 8, 0.9), mk(3, 0, 2, 0.0)]
     }
 
     #[test]
     fn llm_d_decision_by_hand() {
         let p = Profile::preset("llm-d").unwrap();
         let t = SessionTable::default();
-        let req = RequestInfo {
-            prompt_tokens: 170,
-            total_blocks: 10,
-            ..Default::default()
-        };
+        let req = RequestInfo { prompt_tokens: 170, total_blocks: 10, ..Default::default() };
         let cands = cands_llmd();
         let mut s = ScoreScratch::new();
         let d = p
-            .decide(
-                &req,
-                &cands,
-                &ScoreContext::new(&t),
-                &mut SplitMix64::new(1),
-                &mut s,
-            )
+            .decide(&req, &cands, &ScoreContext::new(&t), &mut SplitMix64::new(1), &mut s)
             .unwrap();
         // prefix share: .8 .2 1 0 ; queue (8-q)/8: .5 1 0 .75 ; kv 1-u: .5 .9 .1 1
         // totals: 3*.8+2*.5+2*.5 = 4.4 ; .6+2+1.8 = 4.4 ; 3+0+.2 = 3.2 ; 0+1.5+2 = 3.5
@@ -918,13 +791,7 @@ mod tests {
         let mut seen = [false; 2];
         for seed in 0..64 {
             let d = p
-                .decide(
-                    &req,
-                    &cands,
-                    &ScoreContext::new(&t),
-                    &mut SplitMix64::new(seed),
-                    &mut s,
-                )
+                .decide(&req, &cands, &ScoreContext::new(&t), &mut SplitMix64::new(seed), &mut s)
                 .unwrap();
             assert_eq!(d.worker, WorkerId(d.index as u32));
             seen[d.index] = true;
@@ -936,23 +803,13 @@ mod tests {
     fn filtered_candidates_are_never_chosen() {
         let p = Profile::preset("llm-d").unwrap();
         let t = SessionTable::default();
-        let req = RequestInfo {
-            prompt_tokens: 170,
-            total_blocks: 10,
-            ..Default::default()
-        };
+        let req = RequestInfo { prompt_tokens: 170, total_blocks: 10, ..Default::default() };
         let mut cands = cands_llmd();
         cands[0].healthy = false;
         cands[1].healthy = false;
         let mut s = ScoreScratch::new();
         let d = p
-            .decide(
-                &req,
-                &cands,
-                &ScoreContext::new(&t),
-                &mut SplitMix64::new(1),
-                &mut s,
-            )
+            .decide(&req, &cands, &ScoreContext::new(&t), &mut SplitMix64::new(1), &mut s)
             .unwrap();
         // Among 2 and 3: queue (8-q)/6 -> 0, 1 ; totals 3+0+.2 = 3.2 vs 0+2+2 = 4.
         assert_eq!(s.kept(), &[2, 3]);
@@ -962,24 +819,9 @@ mod tests {
         for c in cands.iter_mut() {
             c.healthy = false;
         }
-        let e = p.decide(
-            &req,
-            &cands,
-            &ScoreContext::new(&t),
-            &mut SplitMix64::new(1),
-            &mut s,
-        );
-        assert!(
-            matches!(&e, Err(Error::NoWorkers(m)) if m.contains("healthy")),
-            "{e:?}"
-        );
-        let e = p.decide(
-            &req,
-            &[],
-            &ScoreContext::new(&t),
-            &mut SplitMix64::new(1),
-            &mut s,
-        );
+        let e = p.decide(&req, &cands, &ScoreContext::new(&t), &mut SplitMix64::new(1), &mut s);
+        assert!(matches!(&e, Err(Error::NoWorkers(m)) if m.contains("healthy")), "{e:?}");
+        let e = p.decide(&req, &[], &ScoreContext::new(&t), &mut SplitMix64::new(1), &mut s);
         assert!(matches!(e, Err(Error::NoWorkers(_))));
     }
 
@@ -994,14 +836,8 @@ mod tests {
         let mut counts = [0u32; 4];
         for i in 0..4000 {
             let key = format!("10.0.{}.{}", i / 256, i % 256);
-            let req = RequestInfo {
-                session: Some(&key),
-                now_ms: 1,
-                ..Default::default()
-            };
-            let d = p
-                .decide(&req, &cands, &ScoreContext::new(&t), &mut rng, &mut s)
-                .unwrap();
+            let req = RequestInfo { session: Some(&key), now_ms: 1, ..Default::default() };
+            let d = p.decide(&req, &cands, &ScoreContext::new(&t), &mut rng, &mut s).unwrap();
             counts[d.index] += 1;
             t.record(&key, d.worker, 1);
         }
@@ -1012,14 +848,8 @@ mod tests {
         for i in 0..200 {
             let key = format!("10.0.{}.{}", i / 256, i % 256);
             let want = t.get(&key, 2).unwrap();
-            let req = RequestInfo {
-                session: Some(&key),
-                now_ms: 2,
-                ..Default::default()
-            };
-            let d = p
-                .decide(&req, &cands, &ScoreContext::new(&t), &mut rng, &mut s)
-                .unwrap();
+            let req = RequestInfo { session: Some(&key), now_ms: 2, ..Default::default() };
+            let d = p.decide(&req, &cands, &ScoreContext::new(&t), &mut rng, &mut s).unwrap();
             assert_eq!(d.worker, want);
         }
         // The sticky worker turns unhealthy: the request goes elsewhere.
@@ -1027,25 +857,15 @@ mod tests {
         let sticky = t.get(key, 2).unwrap();
         let mut sick = cands.clone();
         sick[sticky.index()].healthy = false;
-        let req = RequestInfo {
-            session: Some(key),
-            now_ms: 2,
-            ..Default::default()
-        };
-        let d = p
-            .decide(&req, &sick, &ScoreContext::new(&t), &mut rng, &mut s)
-            .unwrap();
+        let req = RequestInfo { session: Some(key), now_ms: 2, ..Default::default() };
+        let d = p.decide(&req, &sick, &ScoreContext::new(&t), &mut rng, &mut s).unwrap();
         assert_ne!(d.worker, sticky);
     }
 
     #[test]
     fn cost_profile_argmin_and_softmax() {
         let t = SessionTable::default();
-        let req = RequestInfo {
-            prompt_tokens: 160,
-            total_blocks: 10,
-            ..Default::default()
-        };
+        let req = RequestInfo { prompt_tokens: 160, total_blocks: 10, ..Default::default() };
         let mk = |w: u32, matched: u32, decode: u64| {
             let mut c = Candidate::new(WorkerId(w));
             c.matched_blocks = matched;
@@ -1058,13 +878,7 @@ mod tests {
         let mut s = ScoreScratch::new();
         for seed in 0..50 {
             let d = p
-                .decide(
-                    &req,
-                    &cands,
-                    &ScoreContext::new(&t),
-                    &mut SplitMix64::new(seed),
-                    &mut s,
-                )
+                .decide(&req, &cands, &ScoreContext::new(&t), &mut SplitMix64::new(seed), &mut s)
                 .unwrap();
             assert_eq!(d.index, 0);
         }
@@ -1105,15 +919,9 @@ mod tests {
         let mut rng = SplitMix64::new(0);
         let got: Vec<usize> = (0..4)
             .map(|_| {
-                p.decide(
-                    &RequestInfo::default(),
-                    &cands,
-                    &ScoreContext::new(&t),
-                    &mut rng,
-                    &mut s,
-                )
-                .unwrap()
-                .index
+                p.decide(&RequestInfo::default(), &cands, &ScoreContext::new(&t), &mut rng, &mut s)
+                    .unwrap()
+                    .index
             })
             .collect();
         assert_eq!(got, vec![0, 2, 0, 2]);
@@ -1231,23 +1039,14 @@ mod tests {
                     if picker == "softmax" {
                         pc.temperature = Some(temp);
                     }
-                    ProfileConfig {
-                        scorers,
-                        filters,
-                        picker: Some(pc),
-                        ..ProfileConfig::default()
-                    }
+                    ProfileConfig { scorers, filters, picker: Some(pc), ..ProfileConfig::default() }
                 });
             let cost = (0.0f64..3.0, 0.0f64..2.0, any::<bool>()).prop_map(|(ow, t, healthy)| {
                 ProfileConfig {
                     kind: ProfileKind::Cost,
                     overlap_weight: Some(ow),
                     temperature: Some(t),
-                    filters: if healthy {
-                        default_filters()
-                    } else {
-                        Vec::new()
-                    },
+                    filters: if healthy { default_filters() } else { Vec::new() },
                     ..ProfileConfig::default()
                 }
             });

@@ -136,13 +136,7 @@ impl SessionTable {
             self.remove_slot(victim);
             self.evictions += 1;
         }
-        let node = Node {
-            key,
-            worker,
-            last_ms: now_ms,
-            prev: NIL,
-            next: NIL,
-        };
+        let node = Node { key, worker, last_ms: now_ms, prev: NIL, next: NIL };
         let slot = match self.free.pop() {
             Some(s) => {
                 self.nodes[s as usize] = node;
@@ -397,11 +391,8 @@ mod tests {
                     model.push((h, w, now));
                 }
                 _ => {
-                    let expect = model
-                        .iter()
-                        .find(|e| e.0 == h)
-                        .filter(|e| now - e.2 < 50)
-                        .map(|e| e.1);
+                    let expect =
+                        model.iter().find(|e| e.0 == h).filter(|e| now - e.2 < 50).map(|e| e.1);
                     assert_eq!(t.get(&key, now), expect);
                 }
             }
