@@ -680,6 +680,13 @@ mod tests {
     }
 
     #[test]
+    fn profile_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Profile>();
+        assert_send_sync::<SessionTable>();
+    }
+
+    #[test]
     fn llm_d_weights() {
         let cfg = ProfileConfig::preset("llm-d").unwrap();
         let w: Vec<(&str, f64)> = cfg.scorers.iter().map(|s| (s.name.as_str(), s.weight)).collect();

@@ -13,9 +13,9 @@ use crate::types::WorkerId;
 use crate::{Error, Result};
 use hashbrown::HashMap;
 
-/// The default time to live of an entry: 2 hours, like Kubernetes
-/// `sessionAffinityConfig.clientIP.timeoutSeconds` (10800 s there is 3 hours; the design
-/// fixes 2 hours).
+/// The default time to live of an entry: 2 hours, as the design fixes it. (Kubernetes'
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` defaults to 10800 s, 3 hours; pass that to
+/// [`SessionTable::new`] for the same behaviour.)
 pub const DEFAULT_TTL_MS: u64 = 2 * 60 * 60 * 1000;
 
 /// The default bound on entries (about 5 MB at capacity).
