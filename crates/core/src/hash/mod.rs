@@ -512,6 +512,14 @@ mod tests {
         let rep: Vec<u32> = t[..16].iter().chain(&t[..16]).copied().collect();
         hasher(HashAlgo::Xxh3, 0).block_keys(&rep, &RequestExtras::default(), &mut b);
         assert_ne!(b[0], b[1]);
+        // Swapping two blocks changes the key of the pair (the combine is not linear).
+        let ab: Vec<u32> = t[..32].to_vec();
+        let ba: Vec<u32> = t[16..32].iter().chain(&t[..16]).copied().collect();
+        let mut kab = Vec::new();
+        let mut kba = Vec::new();
+        hasher(HashAlgo::Xxh3, 0).block_keys(&ab, &RequestExtras::default(), &mut kab);
+        hasher(HashAlgo::Xxh3, 0).block_keys(&ba, &RequestExtras::default(), &mut kba);
+        assert_ne!(kab[1], kba[1]);
     }
 
     fn rich_extras() -> RequestExtras {

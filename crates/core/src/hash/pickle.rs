@@ -160,6 +160,43 @@ impl<'o, 'k> Pickler<'o, 'k> {
         self.boundary();
     }
 
+    /// The token ints: one tight loop when no frame boundary can fall among them (the
+    /// common case), `int` per token otherwise. Same bytes either way.
+    fn token_ints(&mut self, tokens: &[u32]) {
+        const MAX_INT: usize = 7; // LONG1, length, five bytes
+        let room = match self.frame_start {
+            Some(s) => self.out.len() - s - FRAME_HEADER_SIZE + tokens.len() * MAX_INT,
+            None => usize::MAX,
+        };
+        if room >= FRAME_SIZE_TARGET {
+            for &t in tokens {
+                self.int(i64::from(t));
+            }
+            return;
+        }
+        // Branch-free for ids below 2**31 (one 8-byte store: opcode, then the id
+        // little-endian; the cursor moves by the opcode's length), LONG1 above.
+        const OPS: [u8; 3] = [BININT1, BININT2, BININT];
+        const LEN: [usize; 3] = [2, 3, 5];
+        let start = self.out.len();
+        self.out.resize(start + tokens.len() * MAX_INT + 8, 0);
+        let buf = &mut self.out[start..];
+        let mut n = 0;
+        for &t in tokens {
+            if t < 0x8000_0000 {
+                let k = usize::from(t > 0xff) + usize::from(t > 0xffff);
+                let word = u64::from(OPS[k]) | (u64::from(t) << 8);
+                buf[n..n + 8].copy_from_slice(&word.to_le_bytes());
+                n += LEN[k];
+            } else {
+                let b = t.to_le_bytes();
+                buf[n..n + 7].copy_from_slice(&[LONG1, 5, b[0], b[1], b[2], b[3], 0]);
+                n += 7;
+            }
+        }
+        self.out.truncate(start + n);
+    }
+
     fn lookup(&self, kind: Shared, key: &[u8]) -> Option<u32> {
         self.shared.iter().find(|(k, v, _)| *k == kind && *v == key).map(|&(_, _, i)| i)
     }
@@ -317,9 +354,7 @@ pub(crate) fn dump_block(
     p.tuple_open(3);
     p.unshared_bytes(parent);
     p.tuple_open(tokens.len());
-    for &t in tokens {
-        p.int(i64::from(t));
-    }
+    p.token_ints(tokens);
     p.tuple_close(tokens.len());
     match extra_keys {
         None => {
@@ -371,6 +406,40 @@ mod tests {
         assert_eq!(ints(-(1 << 31) - 1), [LONG1, 5, 0xff, 0xff, 0xff, 0x7f, 0xff]);
         // -2**39 = 0x80_0000_0000 (5 bytes, the sixth would be redundant).
         assert_eq!(ints(-(1 << 39)), [LONG1, 5, 0, 0, 0, 0, 0x80]);
+    }
+
+    #[test]
+    fn token_loop_matches_int() {
+        let mut toks: Vec<u32> = vec![
+            0,
+            0xff,
+            0x100,
+            0xffff,
+            0x1_0000,
+            0x7fff_ffff,
+            0x8000_0000,
+            u32::MAX,
+        ];
+        let mut r = crate::rng::SplitMix64::new(3);
+        toks.extend((0..3000).map(|i| (r.next_u64() >> (i % 33)) as u32));
+        let run = |fast: bool| {
+            let mut out = vec![0u8; FRAME_HEADER_SIZE];
+            let mut p = Pickler {
+                out: &mut out,
+                frame_start: Some(0),
+                memo_len: 0,
+                shared: Vec::new(),
+            };
+            if fast {
+                p.token_ints(&toks);
+            } else {
+                for &t in &toks {
+                    p.int(i64::from(t));
+                }
+            }
+            out
+        };
+        assert_eq!(run(true), run(false));
     }
 
     #[test]
