@@ -663,12 +663,12 @@ impl<'a> Reader<'a> {
                 | Marker::Bin16
                 | Marker::Bin32 => self.len_body(m, field)?,
                 Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
-                    pending += self.len_body(m, field)?;
+                    pending = pending.saturating_add(self.len_body(m, field)?);
                     self.check_fits(pending, at, field)?;
                     0
                 }
                 Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
-                    pending += 2 * self.len_body(m, field)?;
+                    pending = pending.saturating_add(self.len_body(m, field)?.saturating_mul(2));
                     self.check_fits(pending, at, field)?;
                     0
                 }
@@ -688,7 +688,7 @@ impl<'a> Reader<'a> {
         match m {
             Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
                 let n = self.len_body(m, "event")?;
-                self.check_fits(n * 2, at, "event")?;
+                self.check_fits(n.saturating_mul(2), at, "event")?;
                 self.read_map_event(start, n, out, skips)
             }
             Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
