@@ -27,12 +27,8 @@ fn tokens() -> Vec<u32> {
 }
 
 fn hasher(algo: HashAlgo) -> BlockHasher {
-    BlockHasher::new(HashConfig {
-        algo,
-        hash_seed: Some("0".into()),
-        ..Default::default()
-    })
-    .expect("valid config")
+    BlockHasher::new(HashConfig { algo, hash_seed: Some("0".into()), ..Default::default() })
+        .expect("valid config")
 }
 
 fn bench_hash(c: &mut Criterion) {

@@ -54,10 +54,8 @@ fn populate() -> PrefixIndex {
     let mut index = PrefixIndex::new(IndexConfig::default());
     for c in 0..CONVERSATIONS {
         for w in 0..WORKERS {
-            let keys = chain_keys(&[
-                system(w),
-                (0x10000 + u64::from(w) * 1024 + u64::from(c), OWN),
-            ]);
+            let keys =
+                chain_keys(&[system(w), (0x10000 + u64::from(w) * 1024 + u64::from(c), OWN)]);
             if c == 0 {
                 store_events(&mut index, w, None, &keys);
             } else {
@@ -74,11 +72,7 @@ fn populate() -> PrefixIndex {
 fn check(index: &PrefixIndex, keys: &[BlockKey], want: &[(u32, u32)], what: &str) {
     let mut out = Matches::new();
     index.find_matches(keys, MatchOptions::default(), &mut out);
-    let got: Vec<(u32, u32)> = out
-        .overlaps()
-        .iter()
-        .map(|o| (o.worker.0, o.blocks))
-        .collect();
+    let got: Vec<(u32, u32)> = out.overlaps().iter().map(|o| (o.worker.0, o.blocks)).collect();
     assert_eq!(got, want, "{what}: wrong match result");
 }
 
@@ -120,24 +114,14 @@ fn bench_index(c: &mut Criterion) {
     let conv = chain_keys(&[system(5), (0x10000 + 5 * 1024 + 7, OWN)]);
 
     let group_of = |g: u32, depth: u32| -> Vec<(u32, u32)> {
-        (0..WORKERS)
-            .filter(|w| w % GROUPS == g)
-            .map(|w| (w, depth))
-            .collect()
+        (0..WORKERS).filter(|w| w % GROUPS == g).map(|w| (w, depth)).collect()
     };
     check(&index, &single, &[(0, 512)], "single");
-    check(
-        &index,
-        &all,
-        &(0..WORKERS).map(|w| (w, 512)).collect::<Vec<_>>(),
-        "all",
-    );
+    check(&index, &all, &(0..WORKERS).map(|w| (w, 512)).collect::<Vec<_>>(), "all");
     check(&index, &miss, &[], "miss");
     check(&index, &partial, &group_of(3, 256), "partial");
-    let conv_want: Vec<(u32, u32)> = group_of(5, 256)
-        .into_iter()
-        .map(|(w, d)| (w, if w == 5 { 512 } else { d }))
-        .collect();
+    let conv_want: Vec<(u32, u32)> =
+        group_of(5, 256).into_iter().map(|(w, d)| (w, if w == 5 { 512 } else { d })).collect();
     check(&index, &conv, &conv_want, "stored conversation");
 
     {

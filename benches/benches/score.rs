@@ -34,11 +34,7 @@ fn bench_decide(c: &mut Criterion) {
     let cands = candidates(64);
     let mut sessions = SessionTable::default();
     for i in 0..10_000u32 {
-        sessions.record(
-            &format!("10.0.{}.{}", i / 256, i % 256),
-            WorkerId(i % 64),
-            0,
-        );
+        sessions.record(&format!("10.0.{}.{}", i / 256, i % 256), WorkerId(i % 64), 0);
     }
     let four = r#"{"scorers": [{"name": "prefix", "weight": 3}, {"name": "queue", "weight": 2},
         {"name": "kv-utilization", "weight": 2}, {"name": "prefill", "weight": 1}]}"#;
@@ -46,10 +42,7 @@ fn bench_decide(c: &mut Criterion) {
         ("llm-d", ProfileConfig::preset("llm-d").unwrap()),
         ("four-scorers", ProfileConfig::from_json(four).unwrap()),
         ("cost", ProfileConfig::preset("cost").unwrap()),
-        (
-            "session-affinity",
-            ProfileConfig::preset("session-affinity").unwrap(),
-        ),
+        ("session-affinity", ProfileConfig::preset("session-affinity").unwrap()),
     ];
     let req = RequestInfo {
         prompt_tokens: 8192,
@@ -67,13 +60,7 @@ fn bench_decide(c: &mut Criterion) {
             b.iter(|| {
                 let ctx = ScoreContext::new(&sessions);
                 profile
-                    .decide(
-                        black_box(&req),
-                        black_box(&cands),
-                        &ctx,
-                        &mut rng,
-                        &mut scratch,
-                    )
+                    .decide(black_box(&req), black_box(&cands), &ctx, &mut rng, &mut scratch)
                     .unwrap()
             })
         });

@@ -43,10 +43,7 @@ fn group(h: u32) -> u32 {
 
 /// The parts of holder `h`'s chain `c`: the group prefix, then its own segment.
 fn chain_parts(h: u32, c: u32) -> [(u64, usize); 2] {
-    [
-        (1 + u64::from(group(h)), PREFIX),
-        (0x10000 + u64::from(h) * 1024 + u64::from(c), OWN),
-    ]
+    [(1 + u64::from(group(h)), PREFIX), (0x10000 + u64::from(h) * 1024 + u64::from(c), OWN)]
 }
 
 /// The key buffers and timing accumulators of the event-shaped writers.
@@ -122,9 +119,7 @@ fn rate_line(what: &str, per_s: f64, peer: Option<f64>, unit: &str) -> Line {
     Line {
         what: what.to_string(),
         ours: format!("{}{unit}", fmt_rate(per_s)),
-        peer: peer
-            .map(|p| format!("{}{unit}", fmt_rate(p)))
-            .unwrap_or_else(|| "-".into()),
+        peer: peer.map(|p| format!("{}{unit}", fmt_rate(p))).unwrap_or_else(|| "-".into()),
         ratio: peer.map(|p| per_s / p),
     }
 }
@@ -151,11 +146,7 @@ fn warm_probe(index: &PrefixIndex, keys: &[u64], check: impl Fn(&Matches)) -> (u
 
 /// Checks that `out` holds exactly `want` (worker, blocks) pairs.
 fn expect(out: &Matches, want: &[(u32, u32)], what: &str) {
-    let got: Vec<(u32, u32)> = out
-        .overlaps()
-        .iter()
-        .map(|o| (o.worker.0, o.blocks))
-        .collect();
+    let got: Vec<(u32, u32)> = out.overlaps().iter().map(|o| (o.worker.0, o.blocks)).collect();
     assert_eq!(got, want, "{what}: wrong match result");
     assert!(!out.truncated(), "{what}: truncated without early exit");
 }
@@ -274,20 +265,11 @@ fn main() {
     let overhead = instant_overhead();
     println!("Instant::now + elapsed overhead (included in every per-call figure): {overhead} ns");
 
-    let peer_p50 = [
-        (1u32, 390.0),
-        (16, f64::NAN),
-        (64, 3_100.0),
-        (256, 11_800.0),
-    ];
+    let peer_p50 = [(1u32, 390.0), (16, f64::NAN), (64, 3_100.0), (256, 11_800.0)];
     for (k, pk) in &pk_keys {
         let want: Vec<(u32, u32)> = (0..*k).map(|h| (h, CHAIN as u32)).collect();
         let (p50, p99) = warm_probe(&index, pk, |m| expect(m, &want, &format!("P{k}")));
-        let peer = peer_p50
-            .iter()
-            .find(|(pk, _)| pk == k)
-            .map(|&(_, p)| p)
-            .filter(|p| !p.is_nan());
+        let peer = peer_p50.iter().find(|(pk, _)| pk == k).map(|&(_, p)| p).filter(|p| !p.is_nan());
         lines.push(time_line(&format!("P{k} p50"), p50 as f64, peer));
         lines.push(time_line(&format!("P{k} p99"), p99 as f64, None));
     }
@@ -305,10 +287,8 @@ fn main() {
     }
     {
         let pm = chain_keys(&[(1 + 3, PREFIX), (PROBE + 3000, OWN)]);
-        let want: Vec<(u32, u32)> = (0..HOLDERS)
-            .filter(|&h| group(h) == 3)
-            .map(|h| (h, PREFIX as u32))
-            .collect();
+        let want: Vec<(u32, u32)> =
+            (0..HOLDERS).filter(|&h| group(h) == 3).map(|h| (h, PREFIX as u32)).collect();
         let (p50, p99) = warm_probe(&index, &pm, |m| expect(m, &want, "prefix then miss"));
         lines.push(time_line("prefix-then-miss p50", p50 as f64, None));
         lines.push(time_line("prefix-then-miss p99", p99 as f64, None));
@@ -378,12 +358,7 @@ fn main() {
         let start = spans.iter().map(|s| s.0).min().unwrap();
         let end = spans.iter().map(|s| s.1).max().unwrap();
         let qps = (2 * CYCLED_TIMED) as f64 / (end - start).as_secs_f64();
-        lines.push(rate_line(
-            "two-thread reads",
-            qps,
-            Some(158_000.0),
-            " queries/s",
-        ));
+        lines.push(rate_line("two-thread reads", qps, Some(158_000.0), " queries/s"));
     }
 
     // The bench's own query data goes before churn and drain, so that the allocator's live
@@ -403,24 +378,9 @@ fn main() {
         }
     }
     assert_eq!(index.stats().holder_blocks, POPULATION + probe_hb);
-    lines.push(rate_line(
-        "stores (churn)",
-        churn.store_rate(),
-        Some(1.5e6),
-        " blocks/s",
-    ));
-    lines.push(rate_line(
-        "stores (fill)",
-        fill_rate,
-        Some(0.88e6),
-        " blocks/s",
-    ));
-    lines.push(rate_line(
-        "removes (churn)",
-        churn.remove_rate(),
-        Some(0.96e6),
-        " blocks/s",
-    ));
+    lines.push(rate_line("stores (churn)", churn.store_rate(), Some(1.5e6), " blocks/s"));
+    lines.push(rate_line("stores (fill)", fill_rate, Some(0.88e6), " blocks/s"));
+    lines.push(rate_line("removes (churn)", churn.remove_rate(), Some(0.96e6), " blocks/s"));
 
     // ----- drain ----------------------------------------------------------------------------------
     let mut drain = Writer::default();
@@ -436,12 +396,7 @@ fn main() {
         + probe_hb;
     let st = index.stats();
     assert_eq!(st.holder_blocks, left, "holder-blocks after drain");
-    lines.push(rate_line(
-        "removes (drain)",
-        drain.remove_rate(),
-        Some(0.96e6),
-        " blocks/s",
-    ));
+    lines.push(rate_line("removes (drain)", drain.remove_rate(), Some(0.96e6), " blocks/s"));
     println!(
         "after drain: {} holder-blocks left, {} nodes; allocator growth since start {:.1} MiB, stats().heap_bytes {:.1} MiB, RSS growth {:.1} MiB",
         st.holder_blocks,
@@ -459,19 +414,13 @@ fn main() {
 
     // ----- table -------------------------------------------------------------------------------
     println!();
-    println!(
-        "{:<40} {:>22} {:>22} {:>8}  2x?",
-        "W1 line", "kvroute", "peer", "x peer"
-    );
+    println!("{:<40} {:>22} {:>22} {:>8}  2x?", "W1 line", "kvroute", "peer", "x peer");
     for l in &lines {
         let (ratio, ok) = match l.ratio {
             Some(r) => (format!("{r:.2}"), if r >= 2.0 { "yes" } else { "NO" }),
             None => ("-".into(), ""),
         };
-        println!(
-            "{:<40} {:>22} {:>22} {:>8}  {ok}",
-            l.what, l.ours, l.peer, ratio
-        );
+        println!("{:<40} {:>22} {:>22} {:>8}  {ok}", l.what, l.ours, l.peer, ratio);
     }
     println!(
         "\n(x peer: peer/ours for times and bytes, ours/peer for rates; total run {:.1} s)",

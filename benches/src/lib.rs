@@ -56,9 +56,7 @@ pub fn store_events(
 ) {
     let mut parent = parent;
     for ev in keys.chunks(EVENT_BLOCKS) {
-        index
-            .store(WorkerId(worker), Tier::Gpu, parent, ev)
-            .expect("store of a valid event");
+        index.store(WorkerId(worker), Tier::Gpu, parent, ev).expect("store of a valid event");
         parent = ev.last().copied();
     }
 }
@@ -153,11 +151,7 @@ pub fn rss_bytes() -> u64 {
     let Ok(s) = std::fs::read_to_string("/proc/self/statm") else {
         return 0;
     };
-    let pages: u64 = s
-        .split_whitespace()
-        .nth(1)
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(0);
+    let pages: u64 = s.split_whitespace().nth(1).and_then(|f| f.parse().ok()).unwrap_or(0);
     pages * 4096
 }
 
@@ -204,11 +198,7 @@ mod tests {
             z ^ (z >> 31)
         }
         let keys = chain_keys(&[(4, 2), (0x10000, 1)]);
-        let c = [
-            sm_ref(4 << 24),
-            sm_ref((4 << 24) | 1),
-            sm_ref(0x10000 << 24),
-        ];
+        let c = [sm_ref(4 << 24), sm_ref((4 << 24) | 1), sm_ref(0x10000 << 24)];
         let q0 = sm_ref(c[0]);
         let q1 = sm_ref(q0 ^ c[1]);
         let q2 = sm_ref(q1 ^ c[2]);

@@ -104,11 +104,7 @@ fn main() {
         segment += 1;
         keys_after(parent, segment, own, &mut keys);
         store_events(&mut index, w, Some(parent), &keys);
-        convs[w as usize].push(Conv {
-            parent,
-            segment,
-            len: own,
-        });
+        convs[w as usize].push(Conv { parent, segment, len: own });
     }
     assert!(
         convs.iter().all(|c| c.capacity() == 4096),
@@ -136,17 +132,11 @@ fn main() {
         stats / hb,
         stats / 1048576.0
     );
-    println!(
-        "RSS growth / holder-block:           {:.2}  ({:.1} MiB)",
-        rss / hb,
-        rss / 1048576.0
-    );
+    println!("RSS growth / holder-block:           {:.2}  ({:.1} MiB)", rss / hb, rss / 1048576.0);
     println!("DESIGN.md target: <= 24 bytes per holder-block");
 }
 
 /// Holder-blocks summed over workers, without `stats()` (which walks every node).
 fn holder_blocks(index: &PrefixIndex) -> u64 {
-    (0..WORKERS)
-        .map(|w| index.worker_blocks(kvroute::WorkerId(w)))
-        .sum()
+    (0..WORKERS).map(|w| index.worker_blocks(kvroute::WorkerId(w))).sum()
 }

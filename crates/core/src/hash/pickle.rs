@@ -410,26 +410,14 @@ mod tests {
 
     #[test]
     fn token_loop_matches_int() {
-        let mut toks: Vec<u32> = vec![
-            0,
-            0xff,
-            0x100,
-            0xffff,
-            0x1_0000,
-            0x7fff_ffff,
-            0x8000_0000,
-            u32::MAX,
-        ];
+        let mut toks: Vec<u32> =
+            vec![0, 0xff, 0x100, 0xffff, 0x1_0000, 0x7fff_ffff, 0x8000_0000, u32::MAX];
         let mut r = crate::rng::SplitMix64::new(3);
         toks.extend((0..3000).map(|i| (r.next_u64() >> (i % 33)) as u32));
         let run = |fast: bool| {
             let mut out = vec![0u8; FRAME_HEADER_SIZE];
-            let mut p = Pickler {
-                out: &mut out,
-                frame_start: Some(0),
-                memo_len: 0,
-                shared: Vec::new(),
-            };
+            let mut p =
+                Pickler { out: &mut out, frame_start: Some(0), memo_len: 0, shared: Vec::new() };
             if fast {
                 p.token_ints(&toks);
             } else {

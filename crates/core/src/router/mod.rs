@@ -510,11 +510,7 @@ impl Router {
                     matched_blocks: m.map_or(0, |o| o.blocks),
                     matched_by_tier: m.map_or([0; 3], |o| o.by_tier),
                     load: w.load(usage),
-                    loaded_loras: if req.lora.is_some() {
-                        *w.loras.read()
-                    } else {
-                        LoraSet::new()
-                    },
+                    loaded_loras: if req.lora.is_some() { *w.loras.read() } else { LoraSet::new() },
                     last_routed_ms: (last != u64::MAX).then_some(last),
                     healthy: w.healthy.load(Ordering::Relaxed)
                         && !w.draining.load(Ordering::Relaxed),
