@@ -305,7 +305,7 @@ impl Worker {
                     if !matches!(cause, GapCause::NoReplayEndpoint) {
                         self.stats.lock().replays_failed += 1;
                     }
-                    self.give_up(expected, got, cause, pending);
+                    self.give_up(expected, got, cause, pending, Vec::new());
                     continue;
                 }
                 ReplayOutcome::Done(r) => r,
@@ -316,18 +316,16 @@ impl Worker {
                         // Same seq, different batch: a new engine process.
                         self.stats.lock().replays_ok += 1;
                         let got = replayed.first().map_or(got, |(s, _)| *s);
+                        // The replayed batches belong to the new stream; the next round
+                        // asks for its beginning (seq 0) if they do not start there.
                         self.restart(expected, got);
+                        self.replayed.extend(replayed.iter().cloned());
                         pending.extend(replayed);
-                        let first = pending.first_key_value().map_or(0, |(s, _)| *s);
-                        if first > 0 {
-                            // The new stream's start is gone too; nothing to reset again.
-                            self.expected = Some(first);
-                        }
                         continue;
                     }
                 } else if self.after_reconnect {
                     self.stats.lock().replays_failed += 1;
-                    self.give_up(expected, got, GapCause::Unverified, pending);
+                    self.give_up(expected, got, GapCause::Unverified, pending, replayed);
                     continue;
                 }
             }
@@ -335,7 +333,7 @@ impl Worker {
             if first_new != Some(expected) {
                 self.stats.lock().replays_failed += 1;
                 let cause = GapCause::NotBuffered { first: first_new };
-                self.give_up(expected, got, cause, pending);
+                self.give_up(expected, got, cause, pending, replayed);
                 continue;
             }
             self.stats.lock().replays_ok += 1;
@@ -350,13 +348,16 @@ impl Worker {
     }
 
     /// A hole that cannot be filled: reset if the sink holds state, then continue with the
-    /// earliest pending batch.
+    /// current stream. What the replay did return is the publisher's latest history, so it
+    /// is kept, and live batches older than it are dropped: a hole that no replay can fill
+    /// would follow them, costing a second reset.
     fn give_up(
         &mut self,
         expected: u64,
         got: u64,
         cause: GapCause,
-        pending: &BTreeMap<u64, Vec<u8>>,
+        pending: &mut BTreeMap<u64, Vec<u8>>,
+        replayed: Vec<(u64, Vec<u8>)>,
     ) {
         if self.holds_state {
             self.reset(ResetReason::Gap {
@@ -366,6 +367,19 @@ impl Worker {
             });
         }
         self.after_reconnect = false;
+        let first_replayed = replayed
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|&s| s >= expected)
+            .min();
+        if let Some(first) = first_replayed {
+            pending.retain(|&s, _| s >= first);
+            for (s, p) in replayed.into_iter().filter(|(s, _)| *s >= first) {
+                // They may still arrive live: remember them to drop the duplicates.
+                self.replayed.insert(s, p.clone());
+                pending.insert(s, p);
+            }
+        }
         self.expected = pending.first_key_value().map(|(s, _)| *s);
     }
 
