@@ -251,20 +251,21 @@ impl Worker {
     }
 
     fn apply(&mut self, seq: u64, payload: Vec<u8>) {
+        // Counted first, so the stats already include a batch once the sink has seen it.
+        {
+            let mut st = self.stats.lock();
+            st.batches += 1;
+            st.last_seq = Some(seq);
+            st.last_batch_at = Some(SystemTime::now());
+        }
         let sink = &self.sink;
         let info = &self.info;
         let ok = matches!(
             catch_unwind(AssertUnwindSafe(|| sink.on_batch(info, seq, &payload))),
             Ok(Ok(()))
         );
-        {
-            let mut st = self.stats.lock();
-            st.batches += 1;
-            st.last_seq = Some(seq);
-            st.last_batch_at = Some(SystemTime::now());
-            if !ok {
-                st.sink_errors += 1;
-            }
+        if !ok {
+            self.stats.lock().sink_errors += 1;
         }
         self.expected = seq.checked_add(1);
         self.holds_state = true;

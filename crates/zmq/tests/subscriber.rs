@@ -512,3 +512,45 @@ fn several_publishers_are_tracked_independently() {
     assert_eq!((st[0].gaps, st[1].gaps, st[1].replays_ok), (0, 1, 1));
     sub.shutdown();
 }
+
+/// A sink that fails on seq 1 and panics on seq 2, recording everything else.
+struct Faulty(Recorder);
+
+impl kvroute_zmq::EventSink for Faulty {
+    fn on_batch(
+        &self,
+        p: &kvroute_zmq::PublisherInfo,
+        seq: u64,
+        payload: &[u8],
+    ) -> kvroute::Result<()> {
+        match seq {
+            1 => Err(kvroute::Error::decode("bad payload")),
+            2 => panic!("sink bug"),
+            _ => self.0.on_batch(p, seq, payload),
+        }
+    }
+    fn on_reset(&self, p: &kvroute_zmq::PublisherInfo, reason: ResetReason) {
+        self.0.on_reset(p, reason)
+    }
+}
+
+#[test]
+fn sink_errors_and_panics_are_counted_and_the_stream_goes_on() {
+    let mut peer = Peer::spawn(&[]);
+    let sink = Arc::new(Faulty(Recorder::default()));
+    let cfg = SubscriberConfig {
+        publishers: vec![PublisherConfig::new(peer.pub_ep.clone()).with_worker(WORKER)],
+        ..Default::default()
+    };
+    let sub = Subscriber::start(cfg, sink.clone()).expect("start");
+    peer.cmd("waitsub");
+    peer.cmd("pub 5");
+    let seen = sink.0.wait_seq(4);
+    assert_eq!(seqs(&seen), vec![0, 3, 4]);
+    let st = sub.stats().remove(0);
+    assert_eq!(
+        (st.batches, st.sink_errors, st.gaps, st.resets),
+        (5, 2, 0, 0)
+    );
+    sub.shutdown();
+}

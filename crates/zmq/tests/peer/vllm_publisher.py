@@ -78,6 +78,8 @@ class Publisher:
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        # Deliver every subscription, also one equal to a subscription already seen.
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.pub.setsockopt(zmq.SNDHWM, args.sndhwm)
         if args.sndbuf > 0:
             self.pub.setsockopt(zmq.SNDBUF, args.sndbuf)
