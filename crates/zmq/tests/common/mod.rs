@@ -5,7 +5,7 @@
 
 use kvroute_zmq::{EventSink, PublisherInfo, ResetReason, Subscriber};
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Condvar, Mutex};
@@ -305,9 +305,4 @@ pub fn wait_stats(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Asserts that the path exists (readable error when the vectors are missing).
-pub fn require(path: &Path) {
-    assert!(path.exists(), "missing test vectors at {}", path.display());
 }
