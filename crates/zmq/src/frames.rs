@@ -51,19 +51,14 @@ impl std::fmt::Display for FrameError {
 }
 
 fn seq_of(frame: &[u8]) -> Result<u64, FrameError> {
-    let bytes: [u8; 8] = frame
-        .try_into()
-        .map_err(|_| FrameError::SeqLength(frame.len()))?;
+    let bytes: [u8; 8] = frame.try_into().map_err(|_| FrameError::SeqLength(frame.len()))?;
     Ok(u64::from_be_bytes(bytes))
 }
 
 /// Parses a live PUB message `[topic, seq, payload]`.
 pub fn parse_live(mut frames: Vec<Vec<u8>>) -> Result<Batch, FrameError> {
     if frames.len() != 3 {
-        return Err(FrameError::FrameCount {
-            expected: 3,
-            got: frames.len(),
-        });
+        return Err(FrameError::FrameCount { expected: 3, got: frames.len() });
     }
     let payload = frames.pop().unwrap_or_default();
     let seq = seq_of(&frames[1])?;
@@ -71,11 +66,7 @@ pub fn parse_live(mut frames: Vec<Vec<u8>>) -> Result<Batch, FrameError> {
         return Err(FrameError::ReservedSeq);
     }
     let topic = frames.swap_remove(0);
-    Ok(Batch {
-        topic,
-        seq,
-        payload,
-    })
+    Ok(Batch { topic, seq, payload })
 }
 
 /// One reply to a replay request.
@@ -91,10 +82,7 @@ pub enum ReplayReply {
 /// marker `["", "", END_SEQ, ""]`.
 pub fn parse_replay(mut frames: Vec<Vec<u8>>) -> Result<ReplayReply, FrameError> {
     if frames.len() != 4 {
-        return Err(FrameError::FrameCount {
-            expected: 4,
-            got: frames.len(),
-        });
+        return Err(FrameError::FrameCount { expected: 4, got: frames.len() });
     }
     if !frames[0].is_empty() {
         return Err(FrameError::MissingDelimiter);
@@ -105,11 +93,7 @@ pub fn parse_replay(mut frames: Vec<Vec<u8>>) -> Result<ReplayReply, FrameError>
     }
     let payload = frames.pop().unwrap_or_default();
     let topic = frames.swap_remove(1);
-    Ok(ReplayReply::Batch(Batch {
-        topic,
-        seq,
-        payload,
-    }))
+    Ok(ReplayReply::Batch(Batch { topic, seq, payload }))
 }
 
 /// The frames of a replay request sent from a DEALER: `["", start_seq (8 bytes BE)]`.
@@ -122,27 +106,18 @@ mod tests {
     use super::*;
 
     fn vectors() -> serde_json::Value {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/vectors/vllm/zmq_wire.json"
-        );
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/vectors/vllm/zmq_wire.json");
         let text = std::fs::read_to_string(path).expect("zmq_wire.json");
         serde_json::from_str(&text).expect("json")
     }
 
     fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     fn frames(v: &serde_json::Value) -> Vec<Vec<u8>> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|f| unhex(f.as_str().unwrap()))
-            .collect()
+        v.as_array().unwrap().iter().map(|f| unhex(f.as_str().unwrap())).collect()
     }
 
     #[test]
@@ -165,12 +140,7 @@ mod tests {
         let sent = frames(&r["sent_frames_hex"]);
         let start = u64::from_be_bytes(sent[1].clone().try_into().unwrap());
         assert_eq!(replay_request(start).to_vec(), sent);
-        let received: Vec<_> = r["received"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(frames)
-            .collect();
+        let received: Vec<_> = r["received"].as_array().unwrap().iter().map(frames).collect();
         let (last, batches) = received.split_last().unwrap();
         assert_eq!(parse_replay(last.clone()).unwrap(), ReplayReply::End);
         let live = v["live_pub_messages"].as_array().unwrap();
@@ -189,10 +159,7 @@ mod tests {
     fn malformed_messages_are_rejected() {
         assert_eq!(
             parse_live(vec![b"t".to_vec(), vec![0; 8]]),
-            Err(FrameError::FrameCount {
-                expected: 3,
-                got: 2
-            })
+            Err(FrameError::FrameCount { expected: 3, got: 2 })
         );
         assert_eq!(
             parse_live(vec![b"t".to_vec(), vec![0; 4], vec![1]]),
@@ -202,13 +169,7 @@ mod tests {
             parse_live(vec![b"t".to_vec(), vec![0xff; 8], vec![1]]),
             Err(FrameError::ReservedSeq)
         );
-        assert_eq!(
-            parse_live(Vec::new()),
-            Err(FrameError::FrameCount {
-                expected: 3,
-                got: 0
-            })
-        );
+        assert_eq!(parse_live(Vec::new()), Err(FrameError::FrameCount { expected: 3, got: 0 }));
         assert_eq!(
             parse_replay(vec![b"x".to_vec(), b"t".to_vec(), vec![0; 8], vec![]]),
             Err(FrameError::MissingDelimiter)
@@ -219,10 +180,7 @@ mod tests {
         );
         assert_eq!(
             parse_replay(vec![vec![], b"t".to_vec(), vec![0; 8]]),
-            Err(FrameError::FrameCount {
-                expected: 4,
-                got: 3
-            })
+            Err(FrameError::FrameCount { expected: 4, got: 3 })
         );
     }
 }

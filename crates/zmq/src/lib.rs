@@ -110,20 +110,10 @@ impl fmt::Display for ResetReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ResetReason::Restart { expected, got } => {
-                write!(
-                    f,
-                    "publisher restarted (expected seq {expected}, got {got})"
-                )
+                write!(f, "publisher restarted (expected seq {expected}, got {got})")
             }
-            ResetReason::Gap {
-                expected,
-                got,
-                cause,
-            } => {
-                write!(
-                    f,
-                    "unfillable gap (expected seq {expected}, got {got}): {cause:?}"
-                )
+            ResetReason::Gap { expected, got, cause } => {
+                write!(f, "unfillable gap (expected seq {expected}, got {got}): {cause:?}")
             }
         }
     }
@@ -259,9 +249,7 @@ pub struct Subscriber {
 
 impl fmt::Debug for Subscriber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Subscriber")
-            .field("publishers", &self.stats.len())
-            .finish()
+        f.debug_struct("Subscriber").field("publishers", &self.stats.len()).finish()
     }
 }
 
@@ -287,11 +275,8 @@ impl Subscriber {
         let mut workers = Vec::with_capacity(cfg.publishers.len());
         let mut stats = Vec::with_capacity(cfg.publishers.len());
         for (index, p) in cfg.publishers.iter().enumerate() {
-            let info = PublisherInfo {
-                index,
-                worker: p.worker_name(),
-                endpoint: p.endpoint.clone(),
-            };
+            let info =
+                PublisherInfo { index, worker: p.worker_name(), endpoint: p.endpoint.clone() };
             let st = Arc::new(Mutex::new(PublisherStats {
                 worker: info.worker.clone(),
                 endpoint: info.endpoint.clone(),
@@ -312,9 +297,7 @@ impl Subscriber {
         let mut threads = Vec::with_capacity(workers.len());
         for w in workers {
             let name = format!("kvroute-zmq-{}", w.index());
-            let spawned = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || w.run());
+            let spawned = std::thread::Builder::new().name(name).spawn(move || w.run());
             match spawned {
                 Ok(h) => threads.push(h),
                 Err(e) => {
@@ -322,17 +305,11 @@ impl Subscriber {
                     for h in threads {
                         let _ = h.join();
                     }
-                    return Err(kvroute::Error::Io(format!(
-                        "spawning subscriber thread: {e}"
-                    )));
+                    return Err(kvroute::Error::Io(format!("spawning subscriber thread: {e}")));
                 }
             }
         }
-        Ok(Subscriber {
-            stop,
-            threads,
-            stats,
-        })
+        Ok(Subscriber { stop, threads, stats })
     }
 
     /// A snapshot of every publisher's counters, in configuration order.
@@ -366,22 +343,15 @@ fn validate(cfg: &SubscriberConfig) -> kvroute::Result<()> {
         return Err(kvroute::Error::config("no publishers configured"));
     }
     if cfg.replay_timeout.is_zero() || cfg.poll_interval.is_zero() {
-        return Err(kvroute::Error::config(
-            "replay_timeout and poll_interval must be > 0",
-        ));
+        return Err(kvroute::Error::config("replay_timeout and poll_interval must be > 0"));
     }
     if cfg.rcvhwm < 0 {
-        return Err(kvroute::Error::config(format!(
-            "rcvhwm must be >= 0, got {}",
-            cfg.rcvhwm
-        )));
+        return Err(kvroute::Error::config(format!("rcvhwm must be >= 0, got {}", cfg.rcvhwm)));
     }
     let mut names = std::collections::HashSet::new();
     for p in &cfg.publishers {
         for ep in std::iter::once(&p.endpoint).chain(p.replay_endpoint.as_ref()) {
-            let ok = ["tcp://", "ipc://"]
-                .iter()
-                .any(|s| ep.starts_with(s) && ep.len() > s.len());
+            let ok = ["tcp://", "ipc://"].iter().any(|s| ep.starts_with(s) && ep.len() > s.len());
             if !ok {
                 return Err(kvroute::Error::config(format!(
                     "endpoint {ep:?} must be tcp://host:port or ipc://path"
@@ -412,25 +382,14 @@ mod tests {
 
     #[test]
     fn worker_name_defaults_to_host_port() {
-        assert_eq!(
-            PublisherConfig::new("tcp://10.0.0.7:5557").worker_name(),
-            "10.0.0.7:5557"
-        );
-        assert_eq!(
-            PublisherConfig::new("tcp://h:1")
-                .with_worker("w")
-                .worker_name(),
-            "w"
-        );
+        assert_eq!(PublisherConfig::new("tcp://10.0.0.7:5557").worker_name(), "10.0.0.7:5557");
+        assert_eq!(PublisherConfig::new("tcp://h:1").with_worker("w").worker_name(), "w");
     }
 
     #[test]
     fn bad_configs_are_rejected() {
         let start = |publishers: Vec<PublisherConfig>| {
-            let cfg = SubscriberConfig {
-                publishers,
-                ..SubscriberConfig::default()
-            };
+            let cfg = SubscriberConfig { publishers, ..SubscriberConfig::default() };
             Subscriber::start(cfg, Arc::new(Nop)).map(|_| ())
         };
         assert!(matches!(start(vec![]), Err(kvroute::Error::Config(_))));
@@ -443,10 +402,7 @@ mod tests {
             Err(kvroute::Error::Config(_))
         ));
         assert!(matches!(
-            start(vec![
-                PublisherConfig::new("tcp://h:1"),
-                PublisherConfig::new("tcp://h:1")
-            ]),
+            start(vec![PublisherConfig::new("tcp://h:1"), PublisherConfig::new("tcp://h:1")]),
             Err(kvroute::Error::Config(_))
         ));
         // ZeroMQ itself rejects a malformed tcp address: a typed error, no panic.

@@ -63,17 +63,12 @@ impl Worker {
         stats: Arc<Mutex<PublisherStats>>,
         stop: Arc<AtomicBool>,
     ) -> kvroute::Result<Worker> {
-        let sub = ctx
-            .socket(zmq::SUB)
-            .map_err(|e| io_err("creating SUB socket", e))?;
+        let sub = ctx.socket(zmq::SUB).map_err(|e| io_err("creating SUB socket", e))?;
         sub.set_linger(0).map_err(|e| io_err("setting linger", e))?;
-        sub.set_rcvhwm(cfg.rcvhwm)
-            .map_err(|e| io_err("setting rcvhwm", e))?;
+        sub.set_rcvhwm(cfg.rcvhwm).map_err(|e| io_err("setting rcvhwm", e))?;
         let reconnect = i32::try_from(ms(cfg.reconnect_interval)).unwrap_or(i32::MAX);
-        sub.set_reconnect_ivl(reconnect)
-            .map_err(|e| io_err("setting reconnect interval", e))?;
-        sub.set_subscribe(p.topic.as_bytes())
-            .map_err(|e| io_err("subscribing", e))?;
+        sub.set_reconnect_ivl(reconnect).map_err(|e| io_err("setting reconnect interval", e))?;
+        sub.set_subscribe(p.topic.as_bytes()).map_err(|e| io_err("subscribing", e))?;
         // The monitor must be connected before the SUB connects, or early events are lost.
         let mon_ep = format!(
             "inproc://kvroute-zmq-monitor-{}-{}",
@@ -83,14 +78,10 @@ impl Worker {
         let events = zmq::SocketEvent::CONNECTED as i32
             | zmq::SocketEvent::DISCONNECTED as i32
             | zmq::SocketEvent::HANDSHAKE_SUCCEEDED as i32;
-        sub.monitor(&mon_ep, events)
-            .map_err(|e| io_err("monitoring SUB socket", e))?;
-        let mon = ctx
-            .socket(zmq::PAIR)
-            .map_err(|e| io_err("creating monitor socket", e))?;
+        sub.monitor(&mon_ep, events).map_err(|e| io_err("monitoring SUB socket", e))?;
+        let mon = ctx.socket(zmq::PAIR).map_err(|e| io_err("creating monitor socket", e))?;
         mon.set_linger(0).map_err(|e| io_err("setting linger", e))?;
-        mon.connect(&mon_ep)
-            .map_err(|e| io_err("connecting monitor", e))?;
+        mon.connect(&mon_ep).map_err(|e| io_err("connecting monitor", e))?;
         sub.connect(&p.endpoint)
             .map_err(|e| io_err(&format!("connecting to {}", p.endpoint), e))?;
         Ok(Worker {
@@ -125,10 +116,8 @@ impl Worker {
     pub(crate) fn run(mut self) {
         while !self.stopped() {
             let (sub_ready, mon_ready) = {
-                let mut items = [
-                    self.sub.as_poll_item(zmq::POLLIN),
-                    self.mon.as_poll_item(zmq::POLLIN),
-                ];
+                let mut items =
+                    [self.sub.as_poll_item(zmq::POLLIN), self.mon.as_poll_item(zmq::POLLIN)];
                 if zmq::poll(&mut items, self.poll_ms).is_err() {
                     // EINTR and friends: try again (the stop flag is checked first).
                     continue;
@@ -201,11 +190,7 @@ impl Worker {
     }
 
     fn on_live(&mut self, seq: u64, payload: Vec<u8>) {
-        if self
-            .replayed
-            .last_key_value()
-            .is_some_and(|(&hi, _)| seq > hi)
-        {
+        if self.replayed.last_key_value().is_some_and(|(&hi, _)| seq > hi) {
             self.replayed.clear();
         }
         let Some(expected) = self.expected else {
@@ -291,10 +276,7 @@ impl Worker {
             let expected = self.expected.unwrap_or(0);
             self.stats.lock().gaps += 1;
             // Re-request the last applied batch too, to check the stream is the same one.
-            let verify = self
-                .last
-                .as_ref()
-                .filter(|(s, _)| s.checked_add(1) == Some(expected));
+            let verify = self.last.as_ref().filter(|(s, _)| s.checked_add(1) == Some(expected));
             let start = verify.map_or(expected, |(s, _)| *s);
             let outcome = match self.replay_endpoint.clone() {
                 None => ReplayOutcome::Failed(GapCause::NoReplayEndpoint),
@@ -361,18 +343,10 @@ impl Worker {
         replayed: Vec<(u64, Vec<u8>)>,
     ) {
         if self.holds_state {
-            self.reset(ResetReason::Gap {
-                expected,
-                got,
-                cause,
-            });
+            self.reset(ResetReason::Gap { expected, got, cause });
         }
         self.after_reconnect = false;
-        let first_replayed = replayed
-            .iter()
-            .map(|(s, _)| *s)
-            .filter(|&s| s >= expected)
-            .min();
+        let first_replayed = replayed.iter().map(|(s, _)| *s).filter(|&s| s >= expected).min();
         if let Some(first) = first_replayed {
             pending.retain(|&s, _| s >= first);
             for (s, p) in replayed.into_iter().filter(|(s, _)| *s >= first) {
@@ -420,10 +394,8 @@ impl Worker {
             }
             let wait = ms(deadline - now).min(self.poll_ms);
             let (dealer_ready, sub_ready) = {
-                let mut items = [
-                    dealer.as_poll_item(zmq::POLLIN),
-                    self.sub.as_poll_item(zmq::POLLIN),
-                ];
+                let mut items =
+                    [dealer.as_poll_item(zmq::POLLIN), self.sub.as_poll_item(zmq::POLLIN)];
                 if zmq::poll(&mut items, wait).is_err() {
                     continue;
                 }

@@ -21,10 +21,7 @@ fn subscribe(
     let mut p = PublisherConfig::new(peer.pub_ep.clone())
         .with_replay(peer.replay_ep.clone())
         .with_worker(WORKER);
-    let mut cfg = SubscriberConfig {
-        replay_timeout: Duration::from_secs(3),
-        ..Default::default()
-    };
+    let mut cfg = SubscriberConfig { replay_timeout: Duration::from_secs(3), ..Default::default() };
     tweak(&mut p, &mut cfg);
     cfg.publishers = vec![p];
     let sub = Subscriber::start(cfg, sink).expect("start subscriber");
@@ -40,11 +37,7 @@ fn assert_payloads(seen: &[Seen], epochs: &[u32]) {
     for e in seen {
         match e {
             Seen::Reset(..) => resets += 1,
-            Seen::Batch {
-                worker,
-                seq,
-                payload,
-            } => {
+            Seen::Batch { worker, seq, payload } => {
                 assert_eq!(worker, WORKER);
                 let epoch = epochs[resets];
                 assert_eq!(
@@ -68,10 +61,7 @@ fn live_batches_arrive_in_order_with_exact_payloads() {
     // The first ten are byte-identical to vLLM's own payloads (kv_events.json).
     assert_payloads(&seen, &[0]);
     let st = sub.stats().remove(0);
-    assert_eq!(
-        (st.batches, st.last_seq, st.gaps, st.resets),
-        (25, Some(24), 0, 0)
-    );
+    assert_eq!((st.batches, st.last_seq, st.gaps, st.resets), (25, Some(24), 0, 0));
     assert!(st.connected && st.last_batch_at.is_some());
     assert_eq!(st.worker, WORKER);
     sub.shutdown();
@@ -89,18 +79,10 @@ fn gap_filled_by_replay_delivers_every_seq_once_in_order() {
     // Wait until any late duplicates would have arrived, then check nothing was repeated.
     peer.cmd("pub 1");
     let seen_all = rec.wait_seq(15);
-    assert_eq!(
-        seqs(&seen_all),
-        (0..16).collect::<Vec<_>>(),
-        "{:?}",
-        summary(&seen)
-    );
+    assert_eq!(seqs(&seen_all), (0..16).collect::<Vec<_>>(), "{:?}", summary(&seen));
     assert_payloads(&seen_all, &[0]);
     let st = sub.stats().remove(0);
-    assert_eq!(
-        (st.gaps, st.replays_ok, st.replays_failed, st.resets),
-        (1, 1, 0, 0)
-    );
+    assert_eq!((st.gaps, st.replays_ok, st.replays_failed, st.resets), (1, 1, 0, 0));
     sub.shutdown();
 }
 
@@ -113,26 +95,16 @@ fn gap_the_replay_cannot_fill_resets_the_worker() {
     peer.cmd("lose 3"); // 5..7 never buffered
     peer.cmd("pub 4"); // 8..11
     let seen = rec.wait_seq(11);
-    let expected_reset = ResetReason::Gap {
-        expected: 5,
-        got: 8,
-        cause: GapCause::NotBuffered { first: Some(8) },
-    };
-    let want: Vec<Seen> = seen
-        .iter()
-        .filter(|e| matches!(e, Seen::Reset(..)))
-        .cloned()
-        .collect();
+    let expected_reset =
+        ResetReason::Gap { expected: 5, got: 8, cause: GapCause::NotBuffered { first: Some(8) } };
+    let want: Vec<Seen> = seen.iter().filter(|e| matches!(e, Seen::Reset(..))).cloned().collect();
     assert_eq!(want, vec![Seen::Reset(WORKER.into(), expected_reset)]);
     assert_eq!(summary(&seen)[..5], ["0", "1", "2", "3", "4"]);
     assert!(matches!(seen[5], Seen::Reset(..)), "{:?}", summary(&seen));
     assert_eq!(seqs(&seen[6..]), vec![8, 9, 10, 11]);
     assert_payloads(&seen, &[0, 0]);
     let st = sub.stats().remove(0);
-    assert_eq!(
-        (st.gaps, st.replays_ok, st.replays_failed, st.resets),
-        (1, 0, 1, 1)
-    );
+    assert_eq!((st.gaps, st.replays_ok, st.replays_failed, st.resets), (1, 0, 1, 1));
     sub.shutdown();
 }
 
@@ -146,15 +118,8 @@ fn gap_without_replay_endpoint_or_with_a_silent_one_resets() {
     peer.cmd("drop 2");
     peer.cmd("pub 2");
     let seen = rec.wait_seq(6);
-    let reset = ResetReason::Gap {
-        expected: 3,
-        got: 5,
-        cause: GapCause::NoReplayEndpoint,
-    };
-    assert_eq!(
-        summary(&seen),
-        ["0", "1", "2", &format!("RESET({reset})"), "5", "6"]
-    );
+    let reset = ResetReason::Gap { expected: 3, got: 5, cause: GapCause::NoReplayEndpoint };
+    assert_eq!(summary(&seen), ["0", "1", "2", &format!("RESET({reset})"), "5", "6"]);
     let st = sub.stats().remove(0);
     assert_eq!((st.gaps, st.replays_failed, st.resets), (1, 0, 1));
     sub.shutdown();
@@ -162,23 +127,15 @@ fn gap_without_replay_endpoint_or_with_a_silent_one_resets() {
     // A replay endpoint that never answers: the replay times out.
     let mut peer = Peer::spawn(&[]);
     let rec = Arc::new(Recorder::default());
-    let sub = subscribe(&mut peer, rec.clone(), |_, c| {
-        c.replay_timeout = Duration::from_millis(300)
-    });
+    let sub =
+        subscribe(&mut peer, rec.clone(), |_, c| c.replay_timeout = Duration::from_millis(300));
     peer.cmd("replay off");
     peer.cmd("pub 3");
     peer.cmd("drop 2");
     peer.cmd("pub 2");
     let seen = rec.wait_seq(6);
-    let reset = ResetReason::Gap {
-        expected: 3,
-        got: 5,
-        cause: GapCause::Timeout,
-    };
-    assert_eq!(
-        summary(&seen),
-        ["0", "1", "2", &format!("RESET({reset})"), "5", "6"]
-    );
+    let reset = ResetReason::Gap { expected: 3, got: 5, cause: GapCause::Timeout };
+    assert_eq!(summary(&seen), ["0", "1", "2", &format!("RESET({reset})"), "5", "6"]);
     let st = sub.stats().remove(0);
     assert_eq!((st.gaps, st.replays_failed, st.resets), (1, 1, 1));
     sub.shutdown();
@@ -194,31 +151,14 @@ fn in_process_restart_is_detected_and_the_new_stream_applied() {
     peer.cmd("restart");
     peer.cmd("pub 3");
     let seen = rec.wait_for("3 batches after the restart", |s| s.len() >= 10);
-    let reset = ResetReason::Restart {
-        expected: 6,
-        got: 0,
-    };
+    let reset = ResetReason::Restart { expected: 6, got: 0 };
     assert_eq!(
         summary(&seen),
-        [
-            "0",
-            "1",
-            "2",
-            "3",
-            "4",
-            "5",
-            &format!("RESET({reset})"),
-            "0",
-            "1",
-            "2"
-        ]
+        ["0", "1", "2", "3", "4", "5", &format!("RESET({reset})"), "0", "1", "2"]
     );
     assert_payloads(&seen, &[0, 1]);
     let st = sub.stats().remove(0);
-    assert_eq!(
-        (st.restarts, st.resets, st.gaps, st.last_seq),
-        (1, 1, 0, Some(2))
-    );
+    assert_eq!((st.restarts, st.resets, st.gaps, st.last_seq), (1, 1, 0, Some(2)));
     sub.shutdown();
 }
 
@@ -233,34 +173,15 @@ fn publisher_process_restart_reconnects_and_resets() {
     peer.kill();
     wait_stats(&sub, "disconnect", |st| !st.connected);
     // The engine comes back on the same ports; its seq starts again at 0.
-    let mut peer = Peer::spawn(&[
-        "--pub-port",
-        &pub_port,
-        "--replay-port",
-        &replay_port,
-        "--epoch",
-        "1",
-    ]);
+    let mut peer =
+        Peer::spawn(&["--pub-port", &pub_port, "--replay-port", &replay_port, "--epoch", "1"]);
     peer.cmd("waitsub");
     peer.cmd("pub 3");
     let seen = rec.wait_for("3 batches of the new engine", |s| s.len() >= 9);
-    let reset = ResetReason::Restart {
-        expected: 5,
-        got: 0,
-    };
+    let reset = ResetReason::Restart { expected: 5, got: 0 };
     assert_eq!(
         summary(&seen),
-        [
-            "0",
-            "1",
-            "2",
-            "3",
-            "4",
-            &format!("RESET({reset})"),
-            "0",
-            "1",
-            "2"
-        ]
+        ["0", "1", "2", "3", "4", &format!("RESET({reset})"), "0", "1", "2"]
     );
     assert_payloads(&seen, &[0, 1]);
     let st = sub.stats().remove(0);
@@ -282,22 +203,13 @@ fn restarted_publisher_that_ran_past_the_old_seq_is_caught_by_replay_check() {
     rec.wait_seq(4);
     peer.kill();
     wait_stats(&sub, "disconnect", |st| !st.connected);
-    let mut peer = Peer::spawn(&[
-        "--pub-port",
-        &pub_port,
-        "--replay-port",
-        &replay_port,
-        "--epoch",
-        "1",
-    ]);
+    let mut peer =
+        Peer::spawn(&["--pub-port", &pub_port, "--replay-port", &replay_port, "--epoch", "1"]);
     peer.cmd("drop 8");
     peer.cmd("waitsub");
     peer.cmd("pub 2");
     let seen = rec.wait_seq(9);
-    let reset = ResetReason::Restart {
-        expected: 5,
-        got: 4,
-    };
+    let reset = ResetReason::Restart { expected: 5, got: 4 };
     let mut want: Vec<String> = (0..5).map(|s: u64| s.to_string()).collect();
     want.push(format!("RESET({reset})"));
     want.extend((0..10).map(|s: u64| s.to_string()));
@@ -305,10 +217,7 @@ fn restarted_publisher_that_ran_past_the_old_seq_is_caught_by_replay_check() {
     assert_payloads(&seen, &[0, 1]);
     let st = sub.stats().remove(0);
     // Two replays: the one that revealed the restart, then the new stream from seq 0.
-    assert_eq!(
-        (st.restarts, st.resets, st.reconnects, st.replays_ok),
-        (1, 1, 1, 2)
-    );
+    assert_eq!((st.restarts, st.resets, st.reconnects, st.replays_ok), (1, 1, 1, 2));
     sub.shutdown();
 }
 
@@ -345,10 +254,7 @@ fn malformed_and_foreign_messages_are_counted_and_skipped() {
     assert_eq!(seqs(&seen), vec![0, 1, 2, 3]);
     assert_payloads(&seen, &[0]);
     let st = sub.stats().remove(0);
-    assert_eq!(
-        (st.frame_errors, st.foreign_topic, st.gaps, st.resets),
-        (4, 1, 0, 0)
-    );
+    assert_eq!((st.frame_errors, st.foreign_topic, st.gaps, st.resets), (4, 1, 0, 0));
     sub.shutdown();
 }
 
@@ -389,10 +295,7 @@ fn slow_consumer_with_small_hwm_recovers_every_batch_by_replay() {
     eprintln!("slow consumer, full replay buffer: {st:?}");
     // ~1 MB burst against 2-message HWMs and a 2 KB send buffer, consumed at most ~3300
     // batches/s: the publisher must have dropped some, or the scenario was not exercised.
-    assert!(
-        st.gaps >= 1,
-        "no gap: the burst did not overflow the queues"
-    );
+    assert!(st.gaps >= 1, "no gap: the burst did not overflow the queues");
     assert_eq!(st.resets, 0);
     assert_eq!(st.gaps, st.replays_ok);
     sub.shutdown();
@@ -413,10 +316,7 @@ fn slow_consumer_with_short_replay_buffer_resets_but_stays_consistent() {
     let st = sub.stats().remove(0);
     eprintln!("slow consumer, 4-batch replay buffer: {st:?}");
     let resets = seen.iter().filter(|e| matches!(e, Seen::Reset(..))).count() as u64;
-    assert!(
-        st.gaps >= 1,
-        "no gap: the burst did not overflow the queues"
-    );
+    assert!(st.gaps >= 1, "no gap: the burst did not overflow the queues");
     assert_eq!(st.resets, resets);
     assert_eq!(st.gaps, st.replays_ok + st.replays_failed);
     assert_eq!(st.batches, seqs(&seen).len() as u64);
@@ -428,9 +328,7 @@ fn shutdown_joins_promptly_even_during_a_replay() {
     let mut peer = Peer::spawn(&[]);
     let rec = Arc::new(Recorder::default());
     // A replay that would wait a minute for an answer that never comes.
-    let sub = subscribe(&mut peer, rec.clone(), |_, c| {
-        c.replay_timeout = Duration::from_secs(60)
-    });
+    let sub = subscribe(&mut peer, rec.clone(), |_, c| c.replay_timeout = Duration::from_secs(60));
     peer.cmd("replay off");
     peer.cmd("pub 2");
     peer.cmd("drop 2");
@@ -442,8 +340,7 @@ fn shutdown_joins_promptly_even_during_a_replay() {
         sub.shutdown();
         let _ = tx.send(());
     });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("shutdown did not return within 5 s");
+    rx.recv_timeout(Duration::from_secs(5)).expect("shutdown did not return within 5 s");
     // Dropping a subscriber (instead of shutdown) stops it too.
     let rec2 = Arc::new(Recorder::default());
     let sub2 = subscribe(&mut peer, rec2, |_, _| {});
@@ -452,8 +349,7 @@ fn shutdown_joins_promptly_even_during_a_replay() {
         drop(sub2);
         let _ = tx.send(());
     });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("drop did not return within 5 s");
+    rx.recv_timeout(Duration::from_secs(5)).expect("drop did not return within 5 s");
     // Nothing reached the sink from the gap onwards: the replay never completed.
     assert_eq!(seqs(&rec.seen()), vec![0, 1]);
 }
@@ -485,24 +381,11 @@ fn several_publishers_are_tracked_independently() {
             .iter()
             .filter(|e| matches!(e, Seen::Batch { worker, .. } if worker.ends_with(name.as_str())))
             .collect();
-        let got: Vec<u64> = mine
-            .iter()
-            .map(|e| {
-                if let Seen::Batch { seq, .. } = e {
-                    *seq
-                } else {
-                    0
-                }
-            })
-            .collect();
+        let got: Vec<u64> =
+            mine.iter().map(|e| if let Seen::Batch { seq, .. } = e { *seq } else { 0 }).collect();
         assert_eq!(got, want);
         for e in mine {
-            if let Seen::Batch {
-                seq,
-                payload,
-                worker,
-            } = e
-            {
+            if let Seen::Batch { seq, payload, worker } = e {
                 assert_eq!(*worker, format!("127.0.0.1:{name}"));
                 assert_eq!(*payload, expected_payload(&payloads, *seq, epoch));
             }
@@ -548,9 +431,6 @@ fn sink_errors_and_panics_are_counted_and_the_stream_goes_on() {
     let seen = sink.0.wait_seq(4);
     assert_eq!(seqs(&seen), vec![0, 3, 4]);
     let st = sub.stats().remove(0);
-    assert_eq!(
-        (st.batches, st.sink_errors, st.gaps, st.resets),
-        (5, 2, 0, 0)
-    );
+    assert_eq!((st.batches, st.sink_errors, st.gaps, st.resets), (5, 2, 0, 0));
     sub.shutdown();
 }

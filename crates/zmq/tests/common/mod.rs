@@ -37,9 +37,7 @@ pub fn python() -> PathBuf {
             }
         }
     };
-    let out = Command::new(&py)
-        .args(["-c", "import zmq, msgpack"])
-        .output();
+    let out = Command::new(&py).args(["-c", "import zmq, msgpack"]).output();
     match out {
         Ok(o) if o.status.success() => py,
         Ok(o) => panic!(
@@ -72,10 +70,7 @@ pub fn vllm_payloads() -> Vec<Vec<u8>> {
 }
 
 pub fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
 }
 
 /// The payload the peer sends for `seq` in `epoch`, derived independently from the
@@ -125,13 +120,8 @@ impl Peer {
                 }
             }
         });
-        let mut peer = Peer {
-            child,
-            stdin,
-            lines,
-            pub_ep: String::new(),
-            replay_ep: String::new(),
-        };
+        let mut peer =
+            Peer { child, stdin, lines, pub_ep: String::new(), replay_ep: String::new() };
         loop {
             let line = peer.line();
             if let Some(ep) = line.strip_prefix("PUB ") {
@@ -148,9 +138,7 @@ impl Peer {
     }
 
     fn line(&mut self) -> String {
-        self.lines
-            .recv_timeout(WAIT)
-            .expect("publisher peer did not answer in time (or died)")
+        self.lines.recv_timeout(WAIT).expect("publisher peer did not answer in time (or died)")
     }
 
     /// Runs one command; returns the peer's next seq.
@@ -210,10 +198,7 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn slow(delay: Duration) -> Recorder {
-        Recorder {
-            delay,
-            ..Recorder::default()
-        }
+        Recorder { delay, ..Recorder::default() }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -226,11 +211,7 @@ impl Recorder {
         let mut g = self.seen.lock().unwrap();
         while !pred(&g) {
             let now = Instant::now();
-            assert!(
-                now < deadline,
-                "timed out waiting for {what}; seen so far: {:?}",
-                summary(&g)
-            );
+            assert!(now < deadline, "timed out waiting for {what}; seen so far: {:?}", summary(&g));
             g = self.cv.wait_timeout(g, deadline - now).unwrap().0;
         }
         g.clone()
@@ -239,8 +220,7 @@ impl Recorder {
     /// Waits until a batch with `seq` was seen (from any worker).
     pub fn wait_seq(&self, seq: u64) -> Vec<Seen> {
         self.wait_for(&format!("seq {seq}"), |s| {
-            s.iter()
-                .any(|e| matches!(e, Seen::Batch { seq: x, .. } if *x == seq))
+            s.iter().any(|e| matches!(e, Seen::Batch { seq: x, .. } if *x == seq))
         })
     }
 }
@@ -251,11 +231,7 @@ impl EventSink for Recorder {
             std::thread::sleep(self.delay);
         }
         let mut g = self.seen.lock().unwrap();
-        g.push(Seen::Batch {
-            worker: p.worker.clone(),
-            seq,
-            payload: payload.to_vec(),
-        });
+        g.push(Seen::Batch { worker: p.worker.clone(), seq, payload: payload.to_vec() });
         self.cv.notify_all();
         Ok(())
     }
@@ -299,10 +275,7 @@ pub fn wait_stats(
         if pred(&st) {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; stats: {st:?}"
-        );
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; stats: {st:?}");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
