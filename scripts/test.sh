@@ -32,3 +32,8 @@ export KVROUTE_PYTHON="$ROOT/.venv/bin/python"
 
 step "Rust tests"
 cargo test --workspace --release
+
+step "fuzz targets build"
+# cargo-fuzz targets are plain binaries linked with libFuzzer; CI only builds them
+# (running them needs cargo-fuzz and RUSTC_BOOTSTRAP=1, see fuzz/README.md).
+cargo build --manifest-path fuzz/Cargo.toml --quiet
