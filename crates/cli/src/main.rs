@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod cmd_events;
 mod cmd_hash;
 mod cmd_simulate;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Hash a JSON array of token ids into chained block hashes (vLLM-exact or native).
     Hash(cmd_hash::Args),
+    /// Decode vLLM KV event payloads.
+    Events(cmd_events::Args),
     /// Compare routing policies on simulated vLLM workers (seed, shared-prefix, chat, traces).
     Simulate(cmd_simulate::Args),
 }
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Hash(args) => cmd_hash::run(args),
+        Command::Events(args) => cmd_events::run(args),
         Command::Simulate(args) => cmd_simulate::run(args),
     };
     match result {

@@ -34,20 +34,11 @@ fn vector_keys(hashes: &Value, case: &str) -> Vec<BlockKey> {
         .iter()
         .find(|v| v["algo"] == "sha256" && v["PYTHONHASHSEED"].is_null() && v["case"] == case)
         .unwrap_or_else(|| panic!("no sha256 vector for {case}"));
-    v["blocks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["event_hash_u64"].as_u64().unwrap())
-        .collect()
+    v["blocks"].as_array().unwrap().iter().map(|b| b["event_hash_u64"].as_u64().unwrap()).collect()
 }
 
 fn u64s(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().expect("int hash"))
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().expect("int hash")).collect()
 }
 
 /// The events of a recorded step, in the pool's terms (`[]` when the batch is null).
@@ -63,9 +54,7 @@ fn recorded_events(step: &Value) -> Vec<PoolEvent> {
                 keys: u64s(&e["block_hashes"]),
                 parent: e["parent_block_hash"].as_u64(),
             },
-            "BlockRemoved" => PoolEvent::Removed {
-                keys: u64s(&e["block_hashes"]),
-            },
+            "BlockRemoved" => PoolEvent::Removed { keys: u64s(&e["block_hashes"]) },
             "AllBlocksCleared" => PoolEvent::Cleared,
             other => panic!("unexpected event type {other}"),
         })
@@ -76,22 +65,13 @@ fn recorded_queue(step: &Value) -> Option<Vec<(u32, bool)>> {
     let q = step.get("free_queue")?.as_array()?;
     Some(
         q.iter()
-            .map(|e| {
-                (
-                    e["block_id"].as_u64().unwrap() as u32,
-                    e["cached"].as_bool().unwrap(),
-                )
-            })
+            .map(|e| (e["block_id"].as_u64().unwrap() as u32, e["cached"].as_bool().unwrap()))
             .collect(),
     )
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 #[test]
@@ -122,19 +102,13 @@ fn replays_vllm_block_pool_scenario() {
                 let a = pool.allocate(1, &r1, 100).unwrap().unwrap();
                 assert_eq!((a.hit_blocks, a.new_blocks), (0, 7));
                 pool.cache_blocks(1, &r1, 6).unwrap();
-                assert_eq!(
-                    pool.request_blocks(1).unwrap(),
-                    ids(&step["block_ids"]).as_slice()
-                );
+                assert_eq!(pool.request_blocks(1).unwrap(), ids(&step["block_ids"]).as_slice());
             }
             "free r1 (reversed)" => assert!(pool.free(1)),
             "r2 allocate 3 blocks (evicts LRU cached blocks), cache 3" => {
                 pool.allocate(2, &r2, 48).unwrap().unwrap();
                 pool.cache_blocks(2, &r2, 3).unwrap();
-                assert_eq!(
-                    pool.request_blocks(2).unwrap(),
-                    ids(&step["block_ids"]).as_slice()
-                );
+                assert_eq!(pool.request_blocks(2).unwrap(), ids(&step["block_ids"]).as_slice());
             }
             "r3 (same tokens as r1) prefix lookup + touch" => {
                 // Only the lookup and touch: a token budget of 0 new tokens.
@@ -142,10 +116,7 @@ fn replays_vllm_block_pool_scenario() {
                 let a = pool.allocate_chunk(3, &r1, 100, 0).unwrap().unwrap();
                 assert_eq!(a.hit_tokens as u64, step["hit_tokens"].as_u64().unwrap());
                 assert_eq!(a.new_blocks, 0);
-                assert_eq!(
-                    pool.request_blocks(3).unwrap(),
-                    ids(&step["hit_block_ids"]).as_slice()
-                );
+                assert_eq!(pool.request_blocks(3).unwrap(), ids(&step["hit_block_ids"]).as_slice());
             }
             "free r3 and r2" => {
                 assert!(pool.free(3));
@@ -184,23 +155,12 @@ fn replays_vllm_block_pool_scenario() {
             other => panic!("step not mapped to pool calls: {other:?}"),
         }
         replayed += 1;
-        assert_eq!(
-            pool.drain_events(),
-            recorded_events(step),
-            "events of step {name:?}"
-        );
+        assert_eq!(pool.drain_events(), recorded_events(step), "events of step {name:?}");
         if let Some(q) = recorded_queue(step) {
-            assert_eq!(
-                pool.free_queue_snapshot(),
-                q,
-                "free queue after step {name:?}"
-            );
+            assert_eq!(pool.free_queue_snapshot(), q, "free queue after step {name:?}");
         }
     }
-    assert_eq!(
-        replayed, 11,
-        "every pool step of the recording was replayed"
-    );
+    assert_eq!(replayed, 11, "every pool step of the recording was replayed");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -229,10 +189,7 @@ impl Naive {
         }
     }
     fn get(&self, k: u64) -> Option<u32> {
-        self.map
-            .iter()
-            .find(|(key, v)| *key == k && !v.is_empty())
-            .map(|(_, v)| v[0])
+        self.map.iter().find(|(key, v)| *key == k && !v.is_empty()).map(|(_, v)| v[0])
     }
     fn pop_new(&mut self, n: usize) -> Vec<u32> {
         let mut out = Vec::new();
@@ -267,10 +224,7 @@ impl Naive {
         let hit_tokens = hits.len() * self.bs;
         let need = (hit_tokens + budget.min(n_tok - hit_tokens)).div_ceil(self.bs);
         let new = need - hits.len();
-        let evictable = hits
-            .iter()
-            .filter(|&&b| self.ref_cnt[b as usize] == 0)
-            .count();
+        let evictable = hits.iter().filter(|&&b| self.ref_cnt[b as usize] == 0).count();
         if new + evictable > self.free.len() {
             return None;
         }
@@ -312,15 +266,8 @@ impl Naive {
                 None => self.map.push((keys[i], vec![b])),
             }
         }
-        let parent = if from == 0 {
-            None
-        } else {
-            Some(keys[from - 1])
-        };
-        self.events.push(PoolEvent::Stored {
-            keys: keys[from..upto].to_vec(),
-            parent,
-        });
+        let parent = if from == 0 { None } else { Some(keys[from - 1]) };
+        self.events.push(PoolEvent::Stored { keys: keys[from..upto].to_vec(), parent });
     }
     fn free(&mut self, req: u64) {
         let Some((blocks, _)) = self.reqs.remove(&req) else {
@@ -352,10 +299,7 @@ impl Naive {
         true
     }
     fn queue(&self) -> Vec<(u32, bool)> {
-        self.free
-            .iter()
-            .map(|&b| (b, self.hash[b as usize].is_some()))
-            .collect()
+        self.free.iter().map(|&b| (b, self.hash[b as usize].is_some())).collect()
     }
 }
 

@@ -105,9 +105,6 @@ mod tests {
                 other => panic!("{bad}: {other:?}"),
             }
         }
-        assert!(matches!(
-            read_mooncake("/nonexistent/trace.jsonl"),
-            Err(Error::Io(_))
-        ));
+        assert!(matches!(read_mooncake("/nonexistent/trace.jsonl"), Err(Error::Io(_))));
     }
 }

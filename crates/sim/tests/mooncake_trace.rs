@@ -13,9 +13,7 @@ fn unbounded_cache_in_arrival_order_hits_the_readme_ceiling() {
     // README: 12,031 requests, every one starting with id 0, 288,500 blocks, 182,790 distinct.
     assert_eq!(reqs.len(), 12_031);
     assert!(reqs.iter().all(|r| r.hash_ids.first() == Some(&0)));
-    assert!(reqs
-        .windows(2)
-        .all(|w| w[0].timestamp_ms <= w[1].timestamp_ms));
+    assert!(reqs.windows(2).all(|w| w[0].timestamp_ms <= w[1].timestamp_ms));
     let total: usize = reqs.iter().map(|r| r.hash_ids.len()).sum();
     assert_eq!(total, 288_500);
     assert!(reqs
@@ -27,11 +25,7 @@ fn unbounded_cache_in_arrival_order_hits_the_readme_ceiling() {
     let mut cache: HashSet<u64> = HashSet::new();
     let mut hits = 0usize;
     for r in &reqs {
-        hits += r
-            .hash_ids
-            .iter()
-            .take_while(|id| cache.contains(id))
-            .count();
+        hits += r.hash_ids.iter().take_while(|id| cache.contains(id)).count();
         cache.extend(r.hash_ids.iter().copied());
     }
     assert_eq!(cache.len(), 182_790);

@@ -109,10 +109,7 @@ pub fn model_presets() -> Vec<ModelShape> {
 
 /// All GPU presets: total memory as CUDA reports it (the "total capacity" PyTorch prints).
 pub fn gpu_presets() -> Vec<GpuSpec> {
-    let g = |name: &str, memory_gib: f64| GpuSpec {
-        name: name.to_string(),
-        memory_gib,
-    };
+    let g = |name: &str, memory_gib: f64| GpuSpec { name: name.to_string(), memory_gib };
     vec![
         g("a100-40gb", 39.59),
         g("a100-80gb", 79.15),
@@ -245,9 +242,7 @@ impl CapacitySpec {
         }
         let shape = match (&self.shape, &self.model) {
             (Some(_), Some(_)) => {
-                return Err(Error::config(
-                    "capacity: give either model or shape, not both",
-                ))
+                return Err(Error::config("capacity: give either model or shape, not both"))
             }
             (Some(s), None) => s.clone(),
             (None, Some(m)) => model_preset(m)
@@ -260,9 +255,7 @@ impl CapacitySpec {
         };
         let mem_gib = match (self.gpu_memory_gib, &self.gpu) {
             (Some(_), Some(_)) => {
-                return Err(Error::config(
-                    "capacity: give either gpu or gpu_memory_gib, not both",
-                ))
+                return Err(Error::config("capacity: give either gpu or gpu_memory_gib, not both"))
             }
             (Some(g), None) => g,
             (None, Some(name)) => {
@@ -329,9 +322,7 @@ mod tests {
         // 32 layers x 8 KV heads x 128 head dim x 2 (K, V) x 2 bytes x 16 tokens = 2 MiB.
         assert_eq!(m.block_bytes(16, 1), 32 * 8 * 128 * 2 * 2 * 16);
         assert_eq!(m.block_bytes(16, 1), 2 * 1024 * 1024);
-        let n = CapacitySpec::preset("llama-3-8b", "h100-80gb", 1)
-            .num_gpu_blocks(16)
-            .unwrap();
+        let n = CapacitySpec::preset("llama-3-8b", "h100-80gb", 1).num_gpu_blocks(16).unwrap();
         // By hand: 79.18 GiB x 0.9 = 71.262 GiB; weights 8.03e9 x 2 B = 14.957 GiB;
         // allowance 1.75 GiB; (71.262 - 14.957 - 1.75) GiB / 2 MiB = 27,932.
         let by_hand = ((79.18 * 0.9 * GIB - 16.06e9 - 1.75 * GIB) / (2.0 * 1024.0 * 1024.0)) as u32;
@@ -352,20 +343,11 @@ mod tests {
         assert_eq!(m.kv_heads_per_gpu(8), 1);
         assert_eq!(m.kv_heads_per_gpu(16), 1, "replicated when tp > kv heads");
         assert_eq!(m.block_bytes(16, 8) * 2, m.block_bytes(16, 4));
-        let tp4 = CapacitySpec::preset("llama-3-70b", "h100-80gb", 4)
-            .num_gpu_blocks(16)
-            .unwrap();
-        let tp8 = CapacitySpec::preset("llama-3-70b", "h100-80gb", 8)
-            .num_gpu_blocks(16)
-            .unwrap();
-        assert!(
-            tp8 > 2 * tp4,
-            "tp8 halves the block and the weights per GPU"
-        );
+        let tp4 = CapacitySpec::preset("llama-3-70b", "h100-80gb", 4).num_gpu_blocks(16).unwrap();
+        let tp8 = CapacitySpec::preset("llama-3-70b", "h100-80gb", 8).num_gpu_blocks(16).unwrap();
+        assert!(tp8 > 2 * tp4, "tp8 halves the block and the weights per GPU");
         // 70B in bf16 does not fit on one 80 GB GPU.
-        assert!(CapacitySpec::preset("llama-3-70b", "h100-80gb", 1)
-            .num_gpu_blocks(16)
-            .is_err());
+        assert!(CapacitySpec::preset("llama-3-70b", "h100-80gb", 1).num_gpu_blocks(16).is_err());
     }
 
     #[test]
@@ -378,9 +360,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             s.num_gpu_blocks(16).unwrap(),
-            CapacitySpec::preset("llama-3-8b", "h100-80gb", 1)
-                .num_gpu_blocks(16)
-                .unwrap()
+            CapacitySpec::preset("llama-3-8b", "h100-80gb", 1).num_gpu_blocks(16).unwrap()
         );
         for bad in [
             r#"{"num_gpu_blocks": 0}"#,

@@ -111,38 +111,13 @@ impl BlockPool {
             let (prev, next) = if i == 0 {
                 (NIL, NIL)
             } else {
-                (
-                    if i == 1 { head } else { i - 1 },
-                    if i + 1 == n as u32 { tail } else { i + 1 },
-                )
+                (if i == 1 { head } else { i - 1 }, if i + 1 == n as u32 { tail } else { i + 1 })
             };
-            blocks.push(Block {
-                prev,
-                next,
-                ref_cnt: 0,
-                hashed: false,
-                key: 0,
-            });
+            blocks.push(Block { prev, next, ref_cnt: 0, hashed: false, key: 0 });
         }
-        let (first, last) = if n > 1 {
-            (1, n as u32 - 1)
-        } else {
-            (tail, head)
-        };
-        blocks.push(Block {
-            prev: NIL,
-            next: first,
-            ref_cnt: 0,
-            hashed: false,
-            key: 0,
-        });
-        blocks.push(Block {
-            prev: last,
-            next: NIL,
-            ref_cnt: 0,
-            hashed: false,
-            key: 0,
-        });
+        let (first, last) = if n > 1 { (1, n as u32 - 1) } else { (tail, head) };
+        blocks.push(Block { prev: NIL, next: first, ref_cnt: 0, hashed: false, key: 0 });
+        blocks.push(Block { prev: last, next: NIL, ref_cnt: 0, hashed: false, key: 0 });
         Ok(BlockPool {
             num_gpu_blocks,
             block_size,
@@ -243,10 +218,7 @@ impl BlockPool {
     /// (read-only; vLLM's `get_computed_blocks`: stops at the first miss).
     pub fn computed_prefix(&self, keys: &[BlockKey], num_tokens: usize) -> usize {
         let max = self.max_hit_blocks(keys, num_tokens);
-        keys[..max]
-            .iter()
-            .take_while(|k| self.cached.contains_key(*k))
-            .count()
+        keys[..max].iter().take_while(|k| self.cached.contains_key(*k)).count()
     }
 
     /// Admits a new request with the whole prompt: cached prefix blocks are shared, the rest
@@ -303,10 +275,7 @@ impl BlockPool {
         let new_tokens = max_new_tokens.min(num_prompt_tokens - hit_tokens);
         let required = (hit_tokens + new_tokens).div_ceil(bs);
         let new_blocks = required - hits.len();
-        let evictable_hits = hits
-            .iter()
-            .filter(|&&b| self.blocks[b as usize].ref_cnt == 0)
-            .count();
+        let evictable_hits = hits.iter().filter(|&&b| self.blocks[b as usize].ref_cnt == 0).count();
         if new_blocks + evictable_hits > self.num_free {
             self.scratch = hits;
             return Ok(None);
@@ -325,18 +294,8 @@ impl BlockPool {
         self.get_new_blocks(new_blocks, &mut blocks);
         let hit_blocks = hits.len();
         self.scratch = hits;
-        self.reqs.insert(
-            req,
-            Req {
-                blocks,
-                num_cached: hit_blocks,
-            },
-        );
-        Ok(Some(Allocation {
-            hit_blocks,
-            hit_tokens,
-            new_blocks,
-        }))
+        self.reqs.insert(req, Req { blocks, num_cached: hit_blocks });
+        Ok(Some(Allocation { hit_blocks, hit_tokens, new_blocks }))
     }
 
     /// Makes sure running request `req` has slots for `num_tokens_total` tokens (its
@@ -386,10 +345,7 @@ impl BlockPool {
             return Ok(());
         }
         r.num_cached = upto_blocks;
-        for (&b, &key) in r.blocks[from..upto_blocks]
-            .iter()
-            .zip(&keys[from..upto_blocks])
-        {
+        for (&b, &key) in r.blocks[from..upto_blocks].iter().zip(&keys[from..upto_blocks]) {
             let blk = &mut self.blocks[b as usize];
             debug_assert!(!blk.hashed, "a block past num_cached is never hashed");
             blk.hashed = true;
@@ -411,11 +367,7 @@ impl BlockPool {
         if self.record_events {
             self.events.push(PoolEvent::Stored {
                 keys: keys[from..upto_blocks].to_vec(),
-                parent: if from == 0 {
-                    None
-                } else {
-                    Some(keys[from - 1])
-                },
+                parent: if from == 0 { None } else { Some(keys[from - 1]) },
             });
         }
         Ok(())
@@ -612,24 +564,15 @@ mod tests {
         assert_eq!(
             ev,
             vec![
-                PoolEvent::Stored {
-                    keys: vec![1, 2],
-                    parent: None
-                },
-                PoolEvent::Stored {
-                    keys: vec![2],
-                    parent: Some(1)
-                },
+                PoolEvent::Stored { keys: vec![1, 2], parent: None },
+                PoolEvent::Stored { keys: vec![2], parent: Some(1) },
             ]
         );
         // A lookup returns the first registered copy.
         let first = p.request_blocks(1).unwrap()[1];
         assert_eq!(p.lookup(2), Some(first));
         p.allocate(3, &keys, 8).unwrap().unwrap();
-        assert_eq!(
-            p.request_blocks(3).unwrap()[0],
-            p.request_blocks(1).unwrap()[0]
-        );
+        assert_eq!(p.request_blocks(3).unwrap()[0], p.request_blocks(1).unwrap()[0]);
     }
 
     #[test]

@@ -1,0 +1,1164 @@
+//! vLLM's msgpack `KVEventBatch`: decoder, encoder and a JSON view.
+//!
+//! vLLM publishes each batch as the msgpack encoding (msgspec) of
+//! `[ts, [event, ...], data_parallel_rank]`, the third frame of a ZeroMQ message.
+//!
+//! # What [`decode`] accepts
+//!
+//! - The batch: an array of 3 elements, or of 2 (no rank). `ts` may be a float (64 or 32
+//!   bit) or an integer. The rank is nil or an integer. Elements after the third are skipped
+//!   and counted in [`KvEventBatch::skipped_fields`].
+//! - Events in the **map** form of vLLM 0.24 and later: a map with a `"type"` key
+//!   (`"BlockStored"`, `"BlockRemoved"`, `"AllBlocksCleared"`) anywhere in it (vLLM puts
+//!   it first), other keys named as vLLM's fields. Missing optional fields are `None`.
+//! - Events in the **array** form of vLLM 0.23 and earlier:
+//!   `["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id,
+//!   medium, lora_name, extra_keys, group_idx, kv_cache_spec_kind,
+//!   kv_cache_spec_sliding_window]`, `["BlockRemoved", block_hashes, medium, group_idx]`
+//!   and `["AllBlocksCleared"]`. Shorter arrays (older releases) leave the missing trailing
+//!   fields `None`.
+//! - Block hashes as msgpack integers (any int encoding with a non-negative value that fits
+//!   in u64) or as raw bytes (`bin`), see [`EngineHash`].
+//! - `BlockStored` requires `block_hashes`, `token_ids` and `block_size`; `BlockRemoved`
+//!   requires `block_hashes`. A present field must have the right type (nil is accepted for
+//!   every optional field).
+//!
+//! Unknown fields (map keys, extra array positions) are skipped whole, nested containers
+//! included, and counted in [`KvEventBatch::skipped_fields`]; so are fields of the other
+//! event kind (a `token_ids` in a `BlockRemoved`). Events of unknown type are skipped whole
+//! and counted in [`KvEventBatch::skipped_events`]. Neither is an error.
+//!
+//! Placeholder events (`BlockStored` with empty `token_ids` and/or `block_size` 0, see
+//! [`BlockStored::is_placeholder`]) decode like any other event. The router does not key
+//! them by token content (there is none) and counts them; it still uses their hashes.
+//!
+//! `medium` is kept as the string the engine sent; match it case-insensitively with
+//! [`crate::Tier::from_medium`] (or [`BlockStored::tier`]).
+//!
+//! # Malformed input
+//!
+//! Truncated input, wrong types, invalid UTF-8, integers out of range, trailing bytes,
+//! msgpack ext values or the reserved byte 0xc1 inside a known field, and generic values
+//! (`extra_keys`) nested deeper than [`MAX_DEPTH`] give [`Error::Decode`] with the field
+//! and the byte offset. Decoding never panics. Every declared length is checked against the
+//! bytes left before anything is reserved (an element takes at least one byte), so memory
+//! stays within a constant factor of the payload size (at most a few dozen bytes of
+//! decoded structure per payload byte). Unknown fields are skipped without recursion, so
+//! their nesting depth is not limited.
+//!
+//! # Encoding
+//!
+//! [`encode`] writes the map form exactly as vLLM 0.33's msgspec encoder does, so that
+//! `encode(&decode(p)?) == p` for vLLM 0.33 payloads.
+
+use super::{BlockRemoved, BlockStored, EngineHash, KvEvent, KvEventBatch, Value};
+use crate::{Error, Result};
+use rmp::encode::{ByteBuf, ValueWriteError};
+use rmp::Marker;
+use std::convert::Infallible;
+use std::fmt;
+
+/// The deepest nesting of generic values (inside `extra_keys`) that [`decode`] accepts.
+pub const MAX_DEPTH: usize = 32;
+
+/// The `BlockStored` fields in the order of vLLM's class (the legacy array positions after
+/// the tag, and the key order of the map form).
+const STORED_FIELDS: [&str; 15] = [
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+    "kv_cache_spec_sliding_window",
+    "locality",
+    "ownership",
+    "session_id",
+    "lookahead_token_ids",
+];
+
+/// How many `BlockStored` fields the array form of vLLM 0.23 and earlier carries.
+const LEGACY_STORED_LEN: usize = 11;
+
+/// The `BlockRemoved` fields of the array form of vLLM 0.23 and earlier, in order.
+const LEGACY_REMOVED: [&str; 3] = ["block_hashes", "medium", "group_idx"];
+
+/// Decodes one vLLM `KVEventBatch` payload (the msgpack frame).
+///
+/// See the [module documentation](self) for what is accepted and skipped.
+pub fn decode(payload: &[u8]) -> Result<KvEventBatch> {
+    let mut r = Reader { buf: payload, pos: 0, event: None };
+    let mut skips = Skips::default();
+    let (m, at) = r.marker("batch")?;
+    let n = match m {
+        Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => r.len_body(m, "batch")?,
+        _ => {
+            return Err(r.fail(
+                at,
+                "batch",
+                format_args!(
+                    "expected an array [ts, events, data_parallel_rank], found {}",
+                    marker_name(m)
+                ),
+            ))
+        }
+    };
+    r.check_fits(n, at, "batch")?;
+    if n < 2 {
+        return Err(r.fail(at, "batch", format_args!("array of {n} elements, expected 2 or 3")));
+    }
+    let ts = r.read_ts("ts")?;
+    let (k, at) = r.read_array_len("events")?;
+    let _ = at;
+    // Every event that is kept takes well over 16 bytes; grow beyond that as needed.
+    let mut events = Vec::with_capacity(k.min(r.remaining() / 16));
+    for i in 0..k {
+        r.event = Some(i);
+        r.read_event(&mut events, &mut skips)?;
+    }
+    r.event = None;
+    let data_parallel_rank =
+        if n >= 3 && !r.take_nil() { Some(r.read_i64("data_parallel_rank")?) } else { None };
+    for _ in 3..n {
+        r.skip_value("batch element")?;
+        skips.fields = skips.fields.saturating_add(1);
+    }
+    if r.remaining() > 0 {
+        return Err(r.fail(
+            r.pos,
+            "batch",
+            format_args!("{} trailing bytes after the batch", r.remaining()),
+        ));
+    }
+    Ok(KvEventBatch {
+        ts,
+        events,
+        data_parallel_rank,
+        skipped_fields: skips.fields,
+        skipped_events: skips.events,
+    })
+}
+
+/// Encodes a batch as vLLM 0.33 does (msgspec, map-form events).
+///
+/// The batch is always a 3-element array (a missing rank is nil), `ts` a float64, integers
+/// in their shortest form. Each event is a map whose first key is `"type"`, then the fields
+/// in vLLM's order; optional fields that are `None` are left out, except `BlockStored`'s
+/// `parent_block_hash`, `lora_id`, `medium` and `lora_name` and `BlockRemoved`'s `medium`,
+/// which vLLM always sends (nil when `None`). A `BlockStored` map always has a map16 header,
+/// as msgspec writes it for a struct of more than 15 fields.
+pub fn encode(batch: &KvEventBatch) -> Vec<u8> {
+    let mut w = Writer(ByteBuf::with_capacity(64 + 128 * batch.events.len()));
+    w.array_len(3);
+    Writer::ok(rmp::encode::write_f64(&mut w.0, batch.ts));
+    w.array_len(batch.events.len());
+    for e in &batch.events {
+        w.event(e);
+    }
+    match batch.data_parallel_rank {
+        Some(r) => w.int(r),
+        None => w.nil(),
+    }
+    w.0.into_vec()
+}
+
+/// A JSON view of a batch, with vLLM's field names.
+///
+/// `{"ts": float, "dp_rank": int or null, "skipped_fields": int, "skipped_events": int,
+/// "events": [...]}`. Each event has `"type"` and every field of its kind (null when
+/// `None`). Integer hashes are JSON numbers, bytes hashes lowercase hex strings. Generic
+/// values: bin is a lowercase hex string, a map with only string keys is an object and any
+/// other map an array of `[key, value]` pairs, a non-finite float is null.
+pub fn batch_to_json(batch: &KvEventBatch) -> serde_json::Value {
+    use serde_json::json;
+    let events: Vec<serde_json::Value> = batch
+        .events
+        .iter()
+        .map(|e| match e {
+            KvEvent::BlockStored(s) => json!({
+                "type": "BlockStored",
+                "block_hashes": s.block_hashes.iter().map(hash_json).collect::<Vec<_>>(),
+                "parent_block_hash": s.parent_block_hash.as_ref().map(hash_json),
+                "token_ids": s.token_ids,
+                "block_size": s.block_size,
+                "lora_id": s.lora_id,
+                "medium": s.medium,
+                "lora_name": s.lora_name,
+                "extra_keys": s.extra_keys.as_ref().map(|keys| keys
+                    .iter()
+                    .map(|k| k.as_ref().map_or(serde_json::Value::Null, value_json))
+                    .collect::<Vec<_>>()),
+                "group_idx": s.group_idx,
+                "kv_cache_spec_kind": s.kv_cache_spec_kind,
+                "kv_cache_spec_sliding_window": s.kv_cache_spec_sliding_window,
+                "locality": s.locality,
+                "ownership": s.ownership,
+                "session_id": s.session_id,
+                "lookahead_token_ids": s.lookahead_token_ids,
+            }),
+            KvEvent::BlockRemoved(r) => json!({
+                "type": "BlockRemoved",
+                "block_hashes": r.block_hashes.iter().map(hash_json).collect::<Vec<_>>(),
+                "medium": r.medium,
+                "group_idx": r.group_idx,
+                "locality": r.locality,
+                "ownership": r.ownership,
+            }),
+            KvEvent::AllBlocksCleared => json!({ "type": "AllBlocksCleared" }),
+        })
+        .collect();
+    json!({
+        "ts": float_json(batch.ts),
+        "dp_rank": batch.data_parallel_rank,
+        "skipped_fields": batch.skipped_fields,
+        "skipped_events": batch.skipped_events,
+        "events": events,
+    })
+}
+
+fn float_json(f: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
+fn hash_json(h: &EngineHash) -> serde_json::Value {
+    match h {
+        EngineHash::Int(v) => serde_json::Value::from(*v),
+        EngineHash::Bytes(b) => serde_json::Value::String(hex_lower(b)),
+    }
+}
+
+fn value_json(v: &Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Value::Nil => J::Null,
+        Value::Bool(b) => J::Bool(*b),
+        Value::Int(i) => J::from(*i),
+        Value::UInt(u) => J::from(*u),
+        Value::F64(f) => float_json(*f),
+        Value::Str(s) => J::String(s.clone()),
+        Value::Bin(b) => J::String(hex_lower(b)),
+        Value::Array(a) => J::Array(a.iter().map(value_json).collect()),
+        Value::Map(pairs) => {
+            if pairs.iter().all(|(k, _)| matches!(k, Value::Str(_))) {
+                let mut obj = serde_json::Map::with_capacity(pairs.len());
+                for (k, val) in pairs {
+                    if let Value::Str(k) = k {
+                        obj.insert(k.clone(), value_json(val));
+                    }
+                }
+                J::Object(obj)
+            } else {
+                J::Array(
+                    pairs
+                        .iter()
+                        .map(|(k, val)| J::Array(vec![value_json(k), value_json(val)]))
+                        .collect(),
+                )
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Skips {
+    fields: u32,
+    events: u32,
+}
+
+impl Skips {
+    fn field(&mut self) {
+        self.fields = self.fields.saturating_add(1);
+    }
+}
+
+/// The kinds of event this decoder knows.
+#[derive(Clone, Copy)]
+enum Kind {
+    Stored,
+    Removed,
+    Cleared,
+}
+
+impl Kind {
+    fn from_tag(tag: &str) -> Option<Kind> {
+        match tag {
+            "BlockStored" => Some(Kind::Stored),
+            "BlockRemoved" => Some(Kind::Removed),
+            "AllBlocksCleared" => Some(Kind::Cleared),
+            _ => None,
+        }
+    }
+}
+
+/// An event being assembled, with which required fields were seen.
+enum Building {
+    Stored(Box<BlockStored>, u8),
+    Removed(BlockRemoved, bool),
+    Cleared,
+}
+
+const SEEN_HASHES: u8 = 1;
+const SEEN_TOKENS: u8 = 2;
+const SEEN_SIZE: u8 = 4;
+
+fn marker_name(m: Marker) -> &'static str {
+    match m {
+        Marker::FixPos(_) | Marker::U8 | Marker::U16 | Marker::U32 | Marker::U64 => "int",
+        Marker::FixNeg(_) | Marker::I8 | Marker::I16 | Marker::I32 | Marker::I64 => "int",
+        Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => "map",
+        Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => "array",
+        Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => "str",
+        Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => "bin",
+        Marker::Null => "nil",
+        Marker::True | Marker::False => "bool",
+        Marker::F32 | Marker::F64 => "float",
+        Marker::FixExt1
+        | Marker::FixExt2
+        | Marker::FixExt4
+        | Marker::FixExt8
+        | Marker::FixExt16
+        | Marker::Ext8
+        | Marker::Ext16
+        | Marker::Ext32 => "ext",
+        Marker::Reserved => "the reserved byte 0xc1",
+    }
+}
+
+/// A cursor over the payload. `event` is the index of the event being read, for messages.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    event: Option<usize>,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn fail(&self, at: usize, field: &str, msg: impl fmt::Display) -> Error {
+        match self.event {
+            Some(i) => Error::decode(format_args!("events[{i}].{field}: {msg} at byte {at}")),
+            None => Error::decode(format_args!("{field}: {msg} at byte {at}")),
+        }
+    }
+
+    fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8]> {
+        if n > self.remaining() {
+            return Err(self.fail(
+                self.pos,
+                field,
+                format_args!("truncated: {n} bytes needed, {} left", self.remaining()),
+            ));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn be(&mut self, n: usize, field: &str) -> Result<u64> {
+        Ok(self.take(n, field)?.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    }
+
+    fn marker(&mut self, field: &str) -> Result<(Marker, usize)> {
+        let at = self.pos;
+        match self.buf.get(at) {
+            Some(&b) => {
+                self.pos += 1;
+                Ok((Marker::from_u8(b), at))
+            }
+            None => Err(self.fail(at, field, "truncated: expected a value")),
+        }
+    }
+
+    /// Consumes a nil if one is next.
+    fn take_nil(&mut self) -> bool {
+        if self.buf.get(self.pos) == Some(&0xc0) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn next_is_str(&self) -> bool {
+        matches!(self.buf.get(self.pos), Some(0xa0..=0xbf | 0xd9..=0xdb))
+    }
+
+    /// Checks that `n` more values (at least one byte each) can fit in what is left.
+    fn check_fits(&self, n: usize, at: usize, field: &str) -> Result<()> {
+        if n > self.remaining() {
+            return Err(self.fail(
+                at,
+                field,
+                format_args!("declared {n} elements but only {} bytes are left", self.remaining()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The length that follows a str, bin, array or map marker.
+    fn len_body(&mut self, m: Marker, field: &str) -> Result<usize> {
+        let n = match m {
+            Marker::FixStr(n) | Marker::FixArray(n) | Marker::FixMap(n) => u64::from(n),
+            Marker::Str8 | Marker::Bin8 => self.be(1, field)?,
+            Marker::Str16 | Marker::Bin16 | Marker::Array16 | Marker::Map16 => self.be(2, field)?,
+            Marker::Str32 | Marker::Bin32 | Marker::Array32 | Marker::Map32 => self.be(4, field)?,
+            _ => 0,
+        };
+        // At most u32::MAX, which fits in usize on every supported target.
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// The integer that follows an int marker, or `None` if `m` is not an int marker.
+    fn int_body(&mut self, m: Marker, field: &str) -> Result<Option<i128>> {
+        Ok(Some(match m {
+            Marker::FixPos(v) => i128::from(v),
+            Marker::FixNeg(v) => i128::from(v),
+            Marker::U8 => i128::from(self.be(1, field)?),
+            Marker::U16 => i128::from(self.be(2, field)?),
+            Marker::U32 => i128::from(self.be(4, field)?),
+            Marker::U64 => i128::from(self.be(8, field)?),
+            Marker::I8 => i128::from(self.be(1, field)? as u8 as i8),
+            Marker::I16 => i128::from(self.be(2, field)? as u16 as i16),
+            Marker::I32 => i128::from(self.be(4, field)? as u32 as i32),
+            Marker::I64 => i128::from(self.be(8, field)? as i64),
+            _ => return Ok(None),
+        }))
+    }
+
+    fn read_int(&mut self, field: &str) -> Result<(i128, usize)> {
+        let (m, at) = self.marker(field)?;
+        match self.int_body(m, field)? {
+            Some(v) => Ok((v, at)),
+            None => {
+                Err(self.fail(at, field, format_args!("expected int, found {}", marker_name(m))))
+            }
+        }
+    }
+
+    fn read_u32(&mut self, field: &str) -> Result<u32> {
+        let (v, at) = self.read_int(field)?;
+        u32::try_from(v)
+            .map_err(|_| self.fail(at, field, format_args!("{v} is out of range 0..2^32")))
+    }
+
+    fn read_i64(&mut self, field: &str) -> Result<i64> {
+        let (v, at) = self.read_int(field)?;
+        i64::try_from(v)
+            .map_err(|_| self.fail(at, field, format_args!("{v} is out of the i64 range")))
+    }
+
+    fn read_opt_i64(&mut self, field: &str) -> Result<Option<i64>> {
+        if self.take_nil() {
+            Ok(None)
+        } else {
+            self.read_i64(field).map(Some)
+        }
+    }
+
+    fn read_ts(&mut self, field: &str) -> Result<f64> {
+        let (m, at) = self.marker(field)?;
+        match m {
+            Marker::F64 => Ok(f64::from_bits(self.be(8, field)?)),
+            Marker::F32 => Ok(f64::from(f32::from_bits(self.be(4, field)? as u32))),
+            _ => match self.int_body(m, field)? {
+                Some(v) => Ok(v as f64),
+                None => Err(self.fail(
+                    at,
+                    field,
+                    format_args!("expected float or int, found {}", marker_name(m)),
+                )),
+            },
+        }
+    }
+
+    /// Reads an array header; the length is checked against the bytes left.
+    fn read_array_len(&mut self, field: &str) -> Result<(usize, usize)> {
+        let (m, at) = self.marker(field)?;
+        match m {
+            Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
+                let n = self.len_body(m, field)?;
+                self.check_fits(n, at, field)?;
+                Ok((n, at))
+            }
+            _ => {
+                Err(self.fail(at, field, format_args!("expected array, found {}", marker_name(m))))
+            }
+        }
+    }
+
+    fn read_str(&mut self, field: &str) -> Result<&'a str> {
+        let (m, at) = self.marker(field)?;
+        match m {
+            Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => {
+                let n = self.len_body(m, field)?;
+                let bytes = self.take(n, field)?;
+                std::str::from_utf8(bytes).map_err(|_| self.fail(at, field, "invalid UTF-8 in str"))
+            }
+            _ => Err(self.fail(at, field, format_args!("expected str, found {}", marker_name(m)))),
+        }
+    }
+
+    fn read_opt_str(&mut self, field: &str) -> Result<Option<String>> {
+        if self.take_nil() {
+            Ok(None)
+        } else {
+            self.read_str(field).map(|s| Some(s.to_owned()))
+        }
+    }
+
+    fn read_hash(&mut self, field: &str) -> Result<EngineHash> {
+        let (m, at) = self.marker(field)?;
+        match m {
+            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => {
+                let n = self.len_body(m, field)?;
+                Ok(EngineHash::Bytes(self.take(n, field)?.to_vec()))
+            }
+            _ => match self.int_body(m, field)? {
+                Some(v) => u64::try_from(v).map(EngineHash::Int).map_err(|_| {
+                    self.fail(at, field, format_args!("hash {v} is out of range 0..2^64"))
+                }),
+                None => Err(self.fail(
+                    at,
+                    field,
+                    format_args!("expected int or bin hash, found {}", marker_name(m)),
+                )),
+            },
+        }
+    }
+
+    fn read_hashes(&mut self, field: &str) -> Result<Vec<EngineHash>> {
+        let (n, _) = self.read_array_len(field)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.read_hash(field)?);
+        }
+        Ok(v)
+    }
+
+    fn read_u32_array(&mut self, field: &str) -> Result<Vec<u32>> {
+        let (n, _) = self.read_array_len(field)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.read_u32(field)?);
+        }
+        Ok(v)
+    }
+
+    /// Reads a generic value; `depth` is the nesting level of this value (1 at the top).
+    fn read_value(&mut self, depth: usize, field: &str) -> Result<Value> {
+        let (m, at) = self.marker(field)?;
+        if let Some(v) = self.int_body(m, field)? {
+            return Ok(match u64::try_from(v) {
+                Ok(u) => Value::UInt(u),
+                // Negative: int markers give at least i64::MIN.
+                Err(_) => Value::Int(i64::try_from(v).unwrap_or(i64::MIN)),
+            });
+        }
+        Ok(match m {
+            Marker::Null => Value::Nil,
+            Marker::True => Value::Bool(true),
+            Marker::False => Value::Bool(false),
+            Marker::F64 => Value::F64(f64::from_bits(self.be(8, field)?)),
+            Marker::F32 => Value::F64(f64::from(f32::from_bits(self.be(4, field)? as u32))),
+            Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => {
+                self.pos = at;
+                Value::Str(self.read_str(field)?.to_owned())
+            }
+            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => {
+                let n = self.len_body(m, field)?;
+                Value::Bin(self.take(n, field)?.to_vec())
+            }
+            Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
+                let n = self.len_body(m, field)?;
+                self.check_fits(n, at, field)?;
+                self.check_depth(depth, at, field)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.read_value(depth + 1, field)?);
+                }
+                Value::Array(items)
+            }
+            Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
+                let n = self.len_body(m, field)?;
+                self.check_fits(n.saturating_mul(2), at, field)?;
+                self.check_depth(depth, at, field)?;
+                let mut pairs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let k = self.read_value(depth + 1, field)?;
+                    let v = self.read_value(depth + 1, field)?;
+                    pairs.push((k, v));
+                }
+                Value::Map(pairs)
+            }
+            _ => {
+                return Err(self.fail(
+                    at,
+                    field,
+                    format_args!("unsupported value: {}", marker_name(m)),
+                ))
+            }
+        })
+    }
+
+    fn check_depth(&self, depth: usize, at: usize, field: &str) -> Result<()> {
+        if depth >= MAX_DEPTH {
+            return Err(self.fail(
+                at,
+                field,
+                format_args!("values nested deeper than {MAX_DEPTH} levels"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Skips one value of any type, containers included, without recursion.
+    fn skip_value(&mut self, field: &str) -> Result<()> {
+        let mut pending: usize = 1;
+        while pending > 0 {
+            pending -= 1;
+            let (m, at) = self.marker(field)?;
+            let skip = match m {
+                Marker::Null
+                | Marker::True
+                | Marker::False
+                | Marker::FixPos(_)
+                | Marker::FixNeg(_) => 0,
+                Marker::U8 | Marker::I8 => 1,
+                Marker::U16 | Marker::I16 => 2,
+                Marker::U32 | Marker::I32 | Marker::F32 => 4,
+                Marker::U64 | Marker::I64 | Marker::F64 => 8,
+                Marker::FixExt1 => 2,
+                Marker::FixExt2 => 3,
+                Marker::FixExt4 => 5,
+                Marker::FixExt8 => 9,
+                Marker::FixExt16 => 17,
+                Marker::Ext8 => 1 + self.be(1, field)? as usize,
+                Marker::Ext16 => 1 + self.be(2, field)? as usize,
+                Marker::Ext32 => 1 + self.be(4, field)? as usize,
+                Marker::FixStr(_)
+                | Marker::Str8
+                | Marker::Str16
+                | Marker::Str32
+                | Marker::Bin8
+                | Marker::Bin16
+                | Marker::Bin32 => self.len_body(m, field)?,
+                Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
+                    pending = pending.saturating_add(self.len_body(m, field)?);
+                    self.check_fits(pending, at, field)?;
+                    0
+                }
+                Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
+                    pending = pending.saturating_add(self.len_body(m, field)?.saturating_mul(2));
+                    self.check_fits(pending, at, field)?;
+                    0
+                }
+                Marker::Reserved => {
+                    return Err(self.fail(at, field, "the reserved byte 0xc1 is not msgpack"))
+                }
+            };
+            self.take(skip, field)?;
+        }
+        Ok(())
+    }
+
+    /// Reads one event (map or array form); known events are pushed to `out`.
+    fn read_event(&mut self, out: &mut Vec<KvEvent>, skips: &mut Skips) -> Result<()> {
+        let start = self.pos;
+        let (m, at) = self.marker("event")?;
+        match m {
+            Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
+                let n = self.len_body(m, "event")?;
+                self.check_fits(n.saturating_mul(2), at, "event")?;
+                self.read_map_event(start, n, out, skips)
+            }
+            Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
+                let n = self.len_body(m, "event")?;
+                self.check_fits(n, at, "event")?;
+                self.read_array_event(at, n, out, skips)
+            }
+            _ => Err(self.fail(
+                at,
+                "event",
+                format_args!("expected map or array, found {}", marker_name(m)),
+            )),
+        }
+    }
+
+    /// Finds the `"type"` of a map event of `n` entries whose body starts at the cursor, and
+    /// rewinds to the body. vLLM puts the type first, so this reads one entry.
+    fn find_map_type(&mut self, start: usize, n: usize) -> Result<&'a str> {
+        let body = self.pos;
+        for _ in 0..n {
+            if self.next_is_str() {
+                if self.read_str("field name")? == "type" {
+                    let tag = self.read_str("type")?;
+                    self.pos = body;
+                    return Ok(tag);
+                }
+            } else {
+                self.skip_value("field name")?;
+            }
+            self.skip_value("field")?;
+        }
+        Err(self.fail(start, "event", "map has no \"type\" key"))
+    }
+
+    fn read_map_event(
+        &mut self,
+        start: usize,
+        n: usize,
+        out: &mut Vec<KvEvent>,
+        skips: &mut Skips,
+    ) -> Result<()> {
+        let tag = self.find_map_type(start, n)?;
+        let Some(kind) = Kind::from_tag(tag) else {
+            self.pos = start;
+            self.skip_value("event")?;
+            skips.events = skips.events.saturating_add(1);
+            return Ok(());
+        };
+        let mut b = Building::new(kind);
+        for _ in 0..n {
+            if !self.next_is_str() {
+                self.skip_value("field name")?;
+                self.skip_value("field")?;
+                skips.field();
+                continue;
+            }
+            let key = self.read_str("field name")?;
+            if key == "type" {
+                self.skip_value("type")?;
+            } else if !self.read_field(&mut b, key)? {
+                self.skip_value(key)?;
+                skips.field();
+            }
+        }
+        out.push(self.finish(b, start)?);
+        Ok(())
+    }
+
+    fn read_array_event(
+        &mut self,
+        at: usize,
+        n: usize,
+        out: &mut Vec<KvEvent>,
+        skips: &mut Skips,
+    ) -> Result<()> {
+        if n == 0 {
+            return Err(self.fail(at, "event", "empty array, expected a type tag first"));
+        }
+        let tag = self.read_str("type")?;
+        let Some(kind) = Kind::from_tag(tag) else {
+            for _ in 1..n {
+                self.skip_value("event")?;
+            }
+            skips.events = skips.events.saturating_add(1);
+            return Ok(());
+        };
+        let names: &[&str] = match kind {
+            Kind::Stored => &STORED_FIELDS[..LEGACY_STORED_LEN],
+            Kind::Removed => &LEGACY_REMOVED,
+            Kind::Cleared => &[],
+        };
+        let mut b = Building::new(kind);
+        for i in 1..n {
+            match names.get(i - 1) {
+                Some(name) => {
+                    self.read_field(&mut b, name)?;
+                }
+                None => {
+                    self.skip_value("extra element")?;
+                    skips.field();
+                }
+            }
+        }
+        out.push(self.finish(b, at)?);
+        Ok(())
+    }
+
+    /// Reads the value of field `key` into `b`; `false` if `b` has no such field (the value
+    /// is then still unread).
+    fn read_field(&mut self, b: &mut Building, key: &str) -> Result<bool> {
+        match b {
+            Building::Stored(s, seen) => self.read_stored_field(s, seen, key),
+            Building::Removed(r, seen) => self.read_removed_field(r, seen, key),
+            Building::Cleared => Ok(false),
+        }
+    }
+
+    fn read_stored_field(&mut self, s: &mut BlockStored, seen: &mut u8, key: &str) -> Result<bool> {
+        match key {
+            "block_hashes" => {
+                s.block_hashes = self.read_hashes(key)?;
+                *seen |= SEEN_HASHES;
+            }
+            "parent_block_hash" => {
+                s.parent_block_hash =
+                    if self.take_nil() { None } else { Some(self.read_hash(key)?) };
+            }
+            "token_ids" => {
+                s.token_ids = self.read_u32_array(key)?;
+                *seen |= SEEN_TOKENS;
+            }
+            "block_size" => {
+                s.block_size = self.read_u32(key)?;
+                *seen |= SEEN_SIZE;
+            }
+            "lora_id" => s.lora_id = self.read_opt_i64(key)?,
+            "medium" => s.medium = self.read_opt_str(key)?,
+            "lora_name" => s.lora_name = self.read_opt_str(key)?,
+            "extra_keys" => {
+                s.extra_keys = if self.take_nil() {
+                    None
+                } else {
+                    let (n, _) = self.read_array_len(key)?;
+                    let mut keys = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        keys.push(if self.take_nil() {
+                            None
+                        } else {
+                            Some(self.read_value(1, key)?)
+                        });
+                    }
+                    Some(keys)
+                };
+            }
+            "group_idx" => s.group_idx = self.read_opt_i64(key)?,
+            "kv_cache_spec_kind" => s.kv_cache_spec_kind = self.read_opt_str(key)?,
+            "kv_cache_spec_sliding_window" => {
+                s.kv_cache_spec_sliding_window = self.read_opt_i64(key)?
+            }
+            "locality" => s.locality = self.read_opt_str(key)?,
+            "ownership" => s.ownership = self.read_opt_str(key)?,
+            "session_id" => s.session_id = self.read_opt_str(key)?,
+            "lookahead_token_ids" => {
+                s.lookahead_token_ids = if self.take_nil() {
+                    None
+                } else {
+                    let (n, _) = self.read_array_len(key)?;
+                    let mut rows = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        rows.push(self.read_u32_array(key)?);
+                    }
+                    Some(rows)
+                };
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn read_removed_field(
+        &mut self,
+        r: &mut BlockRemoved,
+        seen: &mut bool,
+        key: &str,
+    ) -> Result<bool> {
+        match key {
+            "block_hashes" => {
+                r.block_hashes = self.read_hashes(key)?;
+                *seen = true;
+            }
+            "medium" => r.medium = self.read_opt_str(key)?,
+            "group_idx" => r.group_idx = self.read_opt_i64(key)?,
+            "locality" => r.locality = self.read_opt_str(key)?,
+            "ownership" => r.ownership = self.read_opt_str(key)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Checks the required fields and builds the event.
+    fn finish(&self, b: Building, at: usize) -> Result<KvEvent> {
+        match b {
+            Building::Stored(s, seen) => {
+                for (bit, name) in [
+                    (SEEN_HASHES, "block_hashes"),
+                    (SEEN_TOKENS, "token_ids"),
+                    (SEEN_SIZE, "block_size"),
+                ] {
+                    if seen & bit == 0 {
+                        return Err(self.fail(
+                            at,
+                            "event",
+                            format_args!("BlockStored without the required field {name}"),
+                        ));
+                    }
+                }
+                Ok(KvEvent::BlockStored(*s))
+            }
+            Building::Removed(r, seen) => {
+                if !seen {
+                    return Err(self.fail(
+                        at,
+                        "event",
+                        "BlockRemoved without the required field block_hashes",
+                    ));
+                }
+                Ok(KvEvent::BlockRemoved(r))
+            }
+            Building::Cleared => Ok(KvEvent::AllBlocksCleared),
+        }
+    }
+}
+
+impl Building {
+    fn new(kind: Kind) -> Self {
+        match kind {
+            Kind::Stored => Building::Stored(Box::default(), 0),
+            Kind::Removed => Building::Removed(BlockRemoved::default(), false),
+            Kind::Cleared => Building::Cleared,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------------------
+
+/// A msgpack writer over rmp's `ByteBuf`, whose writes cannot fail.
+struct Writer(ByteBuf);
+
+impl Writer {
+    /// Discards the result of a write to `ByteBuf`; its error type is uninhabited.
+    fn ok<T>(r: Result<T, ValueWriteError<Infallible>>) {
+        if let Err(ValueWriteError::InvalidMarkerWrite(e) | ValueWriteError::InvalidDataWrite(e)) =
+            r
+        {
+            match e {}
+        }
+    }
+
+    fn nil(&mut self) {
+        self.0.as_mut_vec().push(0xc0);
+    }
+
+    fn array_len(&mut self, n: usize) {
+        let r = rmp::encode::write_array_len(&mut self.0, n as u32);
+        Self::ok(r);
+    }
+
+    fn uint(&mut self, v: u64) {
+        let r = rmp::encode::write_uint(&mut self.0, v);
+        Self::ok(r);
+    }
+
+    fn int(&mut self, v: i64) {
+        let r = rmp::encode::write_sint(&mut self.0, v);
+        Self::ok(r);
+    }
+
+    fn str(&mut self, s: &str) {
+        let r = rmp::encode::write_str(&mut self.0, s);
+        Self::ok(r);
+    }
+
+    fn bin(&mut self, b: &[u8]) {
+        let r = rmp::encode::write_bin(&mut self.0, b);
+        Self::ok(r);
+    }
+
+    fn hash(&mut self, h: &EngineHash) {
+        match h {
+            EngineHash::Int(v) => self.uint(*v),
+            EngineHash::Bytes(b) => self.bin(b),
+        }
+    }
+
+    fn hashes(&mut self, hs: &[EngineHash]) {
+        self.array_len(hs.len());
+        for h in hs {
+            self.hash(h);
+        }
+    }
+
+    fn u32s(&mut self, v: &[u32]) {
+        self.array_len(v.len());
+        for &t in v {
+            self.uint(u64::from(t));
+        }
+    }
+
+    fn opt_str(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => self.str(s),
+            None => self.nil(),
+        }
+    }
+
+    fn opt_int(&mut self, v: Option<i64>) {
+        match v {
+            Some(v) => self.int(v),
+            None => self.nil(),
+        }
+    }
+
+    fn value(&mut self, v: &Value) {
+        match v {
+            Value::Nil => self.nil(),
+            Value::Bool(b) => self.0.as_mut_vec().push(if *b { 0xc3 } else { 0xc2 }),
+            Value::Int(i) => self.int(*i),
+            Value::UInt(u) => self.uint(*u),
+            Value::F64(f) => {
+                let r = rmp::encode::write_f64(&mut self.0, *f);
+                Self::ok(r);
+            }
+            Value::Str(s) => self.str(s),
+            Value::Bin(b) => self.bin(b),
+            Value::Array(items) => {
+                self.array_len(items.len());
+                for it in items {
+                    self.value(it);
+                }
+            }
+            Value::Map(pairs) => {
+                let r = rmp::encode::write_map_len(&mut self.0, pairs.len() as u32);
+                Self::ok(r);
+                for (k, val) in pairs {
+                    self.value(k);
+                    self.value(val);
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, e: &KvEvent) {
+        match e {
+            KvEvent::BlockStored(s) => self.stored(s),
+            KvEvent::BlockRemoved(r) => self.removed(r),
+            KvEvent::AllBlocksCleared => {
+                self.0.as_mut_vec().push(0x81);
+                self.str("type");
+                self.str("AllBlocksCleared");
+            }
+        }
+    }
+
+    fn stored(&mut self, s: &BlockStored) {
+        let optional = [
+            s.extra_keys.is_some(),
+            s.group_idx.is_some(),
+            s.kv_cache_spec_kind.is_some(),
+            s.kv_cache_spec_sliding_window.is_some(),
+            s.locality.is_some(),
+            s.ownership.is_some(),
+            s.session_id.is_some(),
+            s.lookahead_token_ids.is_some(),
+        ];
+        // "type" and the 7 always-present fields, then the optional ones that are set.
+        let n = 8 + optional.iter().filter(|&&x| x).count() as u16;
+        // msgspec sizes a struct's map header by its field count (16 with the tag): map16.
+        let [hi, lo] = n.to_be_bytes();
+        self.0.as_mut_vec().extend_from_slice(&[0xde, hi, lo]);
+        self.str("type");
+        self.str("BlockStored");
+        self.str("block_hashes");
+        self.hashes(&s.block_hashes);
+        self.str("parent_block_hash");
+        match &s.parent_block_hash {
+            Some(h) => self.hash(h),
+            None => self.nil(),
+        }
+        self.str("token_ids");
+        self.u32s(&s.token_ids);
+        self.str("block_size");
+        self.uint(u64::from(s.block_size));
+        self.str("lora_id");
+        self.opt_int(s.lora_id);
+        self.str("medium");
+        self.opt_str(s.medium.as_deref());
+        self.str("lora_name");
+        self.opt_str(s.lora_name.as_deref());
+        if let Some(keys) = &s.extra_keys {
+            self.str("extra_keys");
+            self.array_len(keys.len());
+            for k in keys {
+                match k {
+                    Some(v) => self.value(v),
+                    None => self.nil(),
+                }
+            }
+        }
+        if let Some(g) = s.group_idx {
+            self.str("group_idx");
+            self.int(g);
+        }
+        if let Some(k) = &s.kv_cache_spec_kind {
+            self.str("kv_cache_spec_kind");
+            self.str(k);
+        }
+        if let Some(w) = s.kv_cache_spec_sliding_window {
+            self.str("kv_cache_spec_sliding_window");
+            self.int(w);
+        }
+        for (name, v) in
+            [("locality", &s.locality), ("ownership", &s.ownership), ("session_id", &s.session_id)]
+        {
+            if let Some(v) = v {
+                self.str(name);
+                self.str(v);
+            }
+        }
+        if let Some(rows) = &s.lookahead_token_ids {
+            self.str("lookahead_token_ids");
+            self.array_len(rows.len());
+            for row in rows {
+                self.u32s(row);
+            }
+        }
+    }
+
+    fn removed(&mut self, r: &BlockRemoved) {
+        let n = 3
+            + u8::from(r.group_idx.is_some())
+            + u8::from(r.locality.is_some())
+            + u8::from(r.ownership.is_some());
+        self.0.as_mut_vec().push(0x80 | n);
+        self.str("type");
+        self.str("BlockRemoved");
+        self.str("block_hashes");
+        self.hashes(&r.block_hashes);
+        self.str("medium");
+        self.opt_str(r.medium.as_deref());
+        if let Some(g) = r.group_idx {
+            self.str("group_idx");
+            self.int(g);
+        }
+        for (name, v) in [("locality", &r.locality), ("ownership", &r.ownership)] {
+            if let Some(v) = v {
+                self.str(name);
+                self.str(v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_is_lowercase() {
+        assert_eq!(hex_lower(&[0x00, 0xab, 0x7f]), "00ab7f");
+    }
+}

@@ -1,0 +1,1086 @@
+//! The path-compressed radix tree behind [`PrefixIndex`].
+
+use super::{IndexConfig, IndexStats, MatchOptions, Matches, Overlap, RemoveReport, StoreReport};
+use crate::error::{Error, Result};
+use crate::types::{BlockKey, Tier, WorkerId};
+use hashbrown::hash_table::HashTable;
+use hashbrown::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The root node: the empty prefix. It has no keys and no holders.
+pub(super) const ROOT: u32 = 0;
+const NIL: u32 = u32::MAX;
+/// The largest worker id the index accepts (ids are dense; this bounds per-worker arrays).
+pub const MAX_WORKER: u32 = 1 << 20;
+/// Children lists longer than this become hash maps.
+const SMALL_CHILDREN: usize = 8;
+
+/// Mixes a block key into a table hash. Keys are usually hashes already, but tests and
+/// other engines may use small integers, so fold a 128-bit product to spread every bit.
+#[inline]
+pub(super) fn mix(key: u64) -> u64 {
+    let p = (key as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+/// A `Hasher` for u64 keys that applies [`mix`].
+#[derive(Default, Clone, Copy)]
+pub(super) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = mix(self.0 ^ u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = mix(n);
+    }
+}
+
+pub(super) type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
+
+/// One holder of a run: a worker and its reference count per tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Holder {
+    pub(super) worker: u32,
+    pub(super) refs: [u16; 3],
+}
+
+impl Holder {
+    #[inline]
+    fn best_tier(&self) -> usize {
+        if self.refs[0] > 0 {
+            0
+        } else if self.refs[1] > 0 {
+            1
+        } else {
+            2
+        }
+    }
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.refs == [0, 0, 0]
+    }
+}
+
+/// The children of a node, keyed by their first key.
+#[derive(Debug)]
+pub(super) enum Children {
+    Small(Vec<(u64, u32)>),
+    Map(KeyMap<u32>),
+}
+
+impl Default for Children {
+    fn default() -> Self {
+        Children::Small(Vec::new())
+    }
+}
+
+impl Children {
+    #[inline]
+    fn get(&self, key: u64) -> Option<u32> {
+        match self {
+            Children::Small(v) => v.iter().find(|(k, _)| *k == key).map(|&(_, n)| n),
+            Children::Map(m) => m.get(&key).copied(),
+        }
+    }
+    fn insert(&mut self, key: u64, node: u32) {
+        match self {
+            Children::Small(v) => {
+                if let Some(slot) = v.iter_mut().find(|(k, _)| *k == key) {
+                    slot.1 = node;
+                } else if v.len() < SMALL_CHILDREN {
+                    v.push((key, node));
+                } else {
+                    let mut m: KeyMap<u32> =
+                        KeyMap::with_capacity_and_hasher(SMALL_CHILDREN * 2, Default::default());
+                    m.extend(v.drain(..));
+                    m.insert(key, node);
+                    *self = Children::Map(m);
+                }
+            }
+            Children::Map(m) => {
+                m.insert(key, node);
+            }
+        }
+    }
+    fn remove(&mut self, key: u64) {
+        match self {
+            Children::Small(v) => {
+                if let Some(i) = v.iter().position(|(k, _)| *k == key) {
+                    v.swap_remove(i);
+                }
+            }
+            Children::Map(m) => {
+                m.remove(&key);
+                if m.len() <= SMALL_CHILDREN / 2 {
+                    let v: Vec<(u64, u32)> = m.drain().collect();
+                    *self = Children::Small(v);
+                }
+            }
+        }
+    }
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Children::Small(v) => v.len(),
+            Children::Map(m) => m.len(),
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn single(&self) -> Option<u32> {
+        match self {
+            Children::Small(v) if v.len() == 1 => Some(v[0].1),
+            Children::Map(m) if m.len() == 1 => m.values().next().copied(),
+            _ => None,
+        }
+    }
+    pub(super) fn nodes(&self) -> Vec<u32> {
+        match self {
+            Children::Small(v) => v.iter().map(|&(_, n)| n).collect(),
+            Children::Map(m) => m.values().copied().collect(),
+        }
+    }
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Children::Small(v) => v.capacity() * std::mem::size_of::<(u64, u32)>(),
+            Children::Map(m) => m.allocation_size(),
+        }
+    }
+}
+
+/// A run of keys with one holder set.
+#[derive(Debug, Default)]
+pub(super) struct Node {
+    pub(super) keys: Vec<u64>,
+    pub(super) holders: Vec<Holder>,
+    pub(super) children: Children,
+    pub(super) parent: u32,
+    touched: AtomicU32,
+    pub(super) live: bool,
+}
+
+/// Where a key lives: node and offset. The key itself is read from the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Loc {
+    pub(super) node: u32,
+    pub(super) off: u32,
+}
+
+/// The prefix index. See the [module documentation](super) for its semantics.
+///
+/// Not internally synchronized: wrap it in a lock to share it (the router does). Matching
+/// takes `&self`; every mutation takes `&mut self`.
+#[derive(Debug)]
+pub struct PrefixIndex {
+    pub(super) config: IndexConfig,
+    pub(super) nodes: Vec<Node>,
+    free: Vec<u32>,
+    pub(super) table: HashTable<Loc>,
+    /// Per worker: engine hash -> router key.
+    pub(super) engine_maps: Vec<KeyMap<u64>>,
+    /// Orphan root first key -> declared parent.
+    pub(super) orphan_parent: KeyMap<u64>,
+    /// Declared parent -> orphan root first keys.
+    orphans_by_parent: KeyMap<Vec<u64>>,
+    pub(super) holder_blocks: u64,
+    pub(super) worker_blocks: Vec<u64>,
+    tick: AtomicU32,
+    pub(super) orphan_stores: u64,
+    pub(super) unknown_removals: u64,
+    pub(super) evictions: u64,
+}
+
+impl Default for PrefixIndex {
+    fn default() -> Self {
+        Self::new(IndexConfig::default())
+    }
+}
+
+impl PrefixIndex {
+    /// An empty index.
+    pub fn new(config: IndexConfig) -> Self {
+        let root = Node { parent: NIL, live: true, ..Node::default() };
+        PrefixIndex {
+            config,
+            nodes: vec![root],
+            free: Vec::new(),
+            table: HashTable::new(),
+            engine_maps: Vec::new(),
+            orphan_parent: KeyMap::default(),
+            orphans_by_parent: KeyMap::default(),
+            holder_blocks: 0,
+            worker_blocks: Vec::new(),
+            tick: AtomicU32::new(1),
+            orphan_stores: 0,
+            unknown_removals: 0,
+            evictions: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &IndexConfig {
+        &self.config
+    }
+
+    // ----- key table ---------------------------------------------------------------
+
+    #[inline]
+    pub(super) fn lookup(&self, key: u64) -> Option<Loc> {
+        let nodes = &self.nodes;
+        self.table.find(mix(key), |l| nodes[l.node as usize].keys[l.off as usize] == key).copied()
+    }
+
+    /// Points `key` at `loc`. The key must still be readable at its old location.
+    fn relocate(&mut self, key: u64, loc: Loc) {
+        let nodes = &self.nodes;
+        if let Some(l) =
+            self.table.find_mut(mix(key), |l| nodes[l.node as usize].keys[l.off as usize] == key)
+        {
+            *l = loc;
+        } else {
+            debug_assert!(false, "relocate of a missing key");
+        }
+    }
+
+    /// Adds `key`, which must already be written at `loc`.
+    pub(super) fn insert_key(&mut self, key: u64, loc: Loc) {
+        let nodes = &self.nodes;
+        self.table
+            .insert_unique(mix(key), loc, |l| mix(nodes[l.node as usize].keys[l.off as usize]));
+    }
+
+    /// Drops `key`, which must still be readable at its location.
+    fn forget_key(&mut self, key: u64) {
+        let nodes = &self.nodes;
+        if let Ok(e) =
+            self.table.find_entry(mix(key), |l| nodes[l.node as usize].keys[l.off as usize] == key)
+        {
+            e.remove();
+        }
+    }
+
+    // ----- nodes -------------------------------------------------------------------
+
+    pub(super) fn alloc_node(&mut self, parent: u32) -> u32 {
+        let tick = self.tick.load(Ordering::Relaxed);
+        if let Some(id) = self.free.pop() {
+            let n = &mut self.nodes[id as usize];
+            n.parent = parent;
+            n.live = true;
+            *n.touched.get_mut() = tick;
+            id
+        } else {
+            let id = self.nodes.len() as u32;
+            self.nodes.push(Node {
+                parent,
+                live: true,
+                touched: AtomicU32::new(tick),
+                ..Node::default()
+            });
+            id
+        }
+    }
+
+    fn free_node(&mut self, id: u32) {
+        let n = &mut self.nodes[id as usize];
+        n.keys = Vec::new();
+        n.holders = Vec::new();
+        n.children = Children::default();
+        n.parent = NIL;
+        n.live = false;
+        self.free.push(id);
+    }
+
+    #[inline]
+    fn touch(&self, id: u32) {
+        let t = self.tick.load(Ordering::Relaxed);
+        let touched = &self.nodes[id as usize].touched;
+        if touched.load(Ordering::Relaxed) != t {
+            touched.store(t, Ordering::Relaxed);
+        }
+    }
+
+    fn bump_tick(&self) {
+        self.tick.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Splits node `n` so that it keeps keys `[0, p)`; a new child takes `[p, len)`, the
+    /// holders and the children. Returns the new node.
+    fn split(&mut self, n: u32, p: usize) -> u32 {
+        debug_assert!(p > 0 && p < self.nodes[n as usize].keys.len());
+        let m = self.alloc_node(n);
+        let tail: Vec<u64> = self.nodes[n as usize].keys[p..].to_vec();
+        let holders = self.nodes[n as usize].holders.clone();
+        let children = std::mem::take(&mut self.nodes[n as usize].children);
+        let touched = self.nodes[n as usize].touched.load(Ordering::Relaxed);
+        {
+            let mn = &mut self.nodes[m as usize];
+            mn.keys = tail;
+            mn.holders = holders;
+            mn.children = children;
+            *mn.touched.get_mut() = touched;
+        }
+        for i in 0..self.nodes[m as usize].keys.len() {
+            let k = self.nodes[m as usize].keys[i];
+            self.relocate(k, Loc { node: m, off: i as u32 });
+        }
+        for c in self.nodes[m as usize].children.nodes() {
+            self.nodes[c as usize].parent = m;
+        }
+        let first = self.nodes[m as usize].keys[0];
+        let nn = &mut self.nodes[n as usize];
+        nn.keys.truncate(p);
+        if nn.keys.capacity() > 2 * nn.keys.len() + 8 {
+            nn.keys.shrink_to_fit();
+        }
+        nn.children = Children::Small(vec![(first, m)]);
+        m
+    }
+
+    /// Merges `c`, the only child of `n`, into `n`.
+    fn merge_child(&mut self, n: u32, c: u32) {
+        let off = self.nodes[n as usize].keys.len();
+        let ckeys = std::mem::take(&mut self.nodes[c as usize].keys);
+        self.nodes[n as usize].keys.extend_from_slice(&ckeys);
+        self.nodes[c as usize].keys = ckeys;
+        for i in 0..self.nodes[c as usize].keys.len() {
+            let k = self.nodes[c as usize].keys[i];
+            self.relocate(k, Loc { node: n, off: (off + i) as u32 });
+        }
+        let children = std::mem::take(&mut self.nodes[c as usize].children);
+        for g in children.nodes() {
+            self.nodes[g as usize].parent = n;
+        }
+        let ct = self.nodes[c as usize].touched.load(Ordering::Relaxed);
+        let nn = &mut self.nodes[n as usize];
+        nn.children = children;
+        let nt = nn.touched.get_mut();
+        *nt = (*nt).max(ct);
+        self.free_node(c);
+    }
+
+    /// Restores path compression around `n` after its holders changed. Returns the node
+    /// that now holds `n`'s keys.
+    fn compact(&mut self, mut n: u32) -> u32 {
+        if n == ROOT || !self.nodes[n as usize].live {
+            return n;
+        }
+        // Merge into the parent when n is its only child and holders agree.
+        let p = self.nodes[n as usize].parent;
+        if p != ROOT
+            && self.nodes[p as usize].children.len() == 1
+            && self.nodes[p as usize].holders == self.nodes[n as usize].holders
+        {
+            self.merge_child(p, n);
+            n = p;
+        }
+        // Absorb a single child with the same holders.
+        if let Some(c) = self.nodes[n as usize].children.single() {
+            if self.nodes[c as usize].holders == self.nodes[n as usize].holders {
+                self.merge_child(n, c);
+            }
+        }
+        n
+    }
+
+    /// Deletes `n` if it is an empty leaf, then walks up deleting or compacting.
+    fn prune(&mut self, mut n: u32) {
+        while n != ROOT && self.nodes[n as usize].live {
+            let node = &self.nodes[n as usize];
+            if !node.holders.is_empty() || !node.children.is_empty() {
+                // Compaction may merge an empty single child into n, leaving an empty leaf.
+                let m = self.compact(n);
+                let mn = &self.nodes[m as usize];
+                if m != ROOT && mn.live && mn.holders.is_empty() && mn.children.is_empty() {
+                    n = m;
+                    continue;
+                }
+                return;
+            }
+            let p = node.parent;
+            let keys = std::mem::take(&mut self.nodes[n as usize].keys);
+            let first = keys[0];
+            self.nodes[n as usize].keys = keys;
+            for i in 0..self.nodes[n as usize].keys.len() {
+                let k = self.nodes[n as usize].keys[i];
+                self.forget_key(k);
+            }
+            self.nodes[p as usize].children.remove(first);
+            if p == ROOT {
+                self.forget_orphan(first);
+            }
+            self.free_node(n);
+            n = p;
+        }
+    }
+
+    fn forget_orphan(&mut self, first: u64) {
+        if let Some(parent) = self.orphan_parent.remove(&first) {
+            if let Some(list) = self.orphans_by_parent.get_mut(&parent) {
+                list.retain(|&k| k != first);
+                if list.is_empty() {
+                    self.orphans_by_parent.remove(&parent);
+                }
+            }
+        }
+    }
+
+    fn ensure_worker(&mut self, w: u32) {
+        let need = w as usize + 1;
+        if self.worker_blocks.len() < need {
+            self.worker_blocks.resize(need, 0);
+        }
+    }
+
+    /// Isolates keys `[a, b)` of node `n` into a node of their own and returns it.
+    fn isolate(&mut self, n: u32, a: usize, b: usize) -> u32 {
+        let n = if a > 0 { self.split(n, a) } else { n };
+        if b - a < self.nodes[n as usize].keys.len() {
+            self.split(n, b - a);
+        }
+        n
+    }
+
+    /// Length of the run of `keys` that continues at `loc` inside one node (ascending).
+    fn run_forward(&self, loc: Loc, keys: &[u64]) -> usize {
+        let nk = &self.nodes[loc.node as usize].keys[loc.off as usize..];
+        nk.iter().zip(keys).take_while(|(a, b)| a == b).count()
+    }
+
+    // ----- store -------------------------------------------------------------------
+
+    /// Stores `keys` (a chain, in order) for `worker` in `tier`, the first key's parent
+    /// being `parent` (`None` for a chain that starts at the root).
+    pub fn store(
+        &mut self,
+        worker: WorkerId,
+        tier: Tier,
+        parent: Option<BlockKey>,
+        keys: &[BlockKey],
+    ) -> Result<StoreReport> {
+        let w = worker.0;
+        if w > MAX_WORKER {
+            return Err(Error::invalid(format!(
+                "worker id {w} out of range (ids are dense, at most {MAX_WORKER})"
+            )));
+        }
+        let t = tier.index();
+        self.ensure_worker(w);
+        self.bump_tick();
+        let mut report = StoreReport { blocks: keys.len() as u32, ..StoreReport::default() };
+        if keys.is_empty() {
+            return Ok(report);
+        }
+        // The cursor is the key after which the next key attaches (None = root).
+        let mut cursor: Option<u64> = match parent {
+            None => None,
+            Some(p) if self.lookup(p).is_some() => Some(p),
+            Some(p) => {
+                report.orphan = true;
+                self.orphan_stores += 1;
+                // Remember it only when the run starts a new root.
+                if self.lookup(keys[0]).is_none() {
+                    self.orphan_parent.insert(keys[0], p);
+                    self.orphans_by_parent.entry(p).or_default().push(keys[0]);
+                }
+                None
+            }
+        };
+        let mut created_first = Vec::new();
+        let check_orphans = !self.orphans_by_parent.is_empty();
+        let mut i = 0;
+        while i < keys.len() {
+            if let Some(loc) = self.lookup(keys[i]) {
+                let run = self.run_forward(loc, &keys[i..]);
+                let a = loc.off as usize;
+                let n = self.isolate(loc.node, a, a + run);
+                self.add_holder(n, w, t, run);
+                let n = self.compact(n);
+                self.touch(n);
+                i += run;
+                cursor = Some(keys[i - 1]);
+            } else {
+                let start = i;
+                while i < keys.len() && self.lookup(keys[i]).is_none() {
+                    i += 1;
+                }
+                let run_len = self.attach_new(cursor, &keys[start..i], w, t);
+                let run = &keys[start..start + run_len];
+                i = start + run_len;
+                report.new_blocks += run_len as u32;
+                if check_orphans {
+                    created_first.extend(
+                        run.iter().copied().filter(|k| self.orphans_by_parent.contains_key(k)),
+                    );
+                }
+                cursor = Some(keys[i - 1]);
+            }
+        }
+        for k in created_first {
+            self.relink_orphans(k);
+        }
+        if let Some(cap) = self.config.max_holder_blocks {
+            if self.holder_blocks > cap {
+                report.evicted = self.evict_to(cap - cap / 20);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Adds one reference of (`w`, tier `t`) to every key of node `n` (`len` keys).
+    fn add_holder(&mut self, n: u32, w: u32, t: usize, len: usize) {
+        let holders = &mut self.nodes[n as usize].holders;
+        match holders.binary_search_by_key(&w, |h| h.worker) {
+            Ok(i) => {
+                let r = &mut holders[i].refs[t];
+                *r = r.saturating_add(1);
+            }
+            Err(i) => {
+                let mut refs = [0u16; 3];
+                refs[t] = 1;
+                holders.insert(i, Holder { worker: w, refs });
+                self.holder_blocks += len as u64;
+                self.worker_blocks[w as usize] += len as u64;
+            }
+        }
+    }
+
+    /// Creates the keys of `run` (none of them in the index before) after `cursor`.
+    /// Returns how many were attached: fewer than `run.len()` only if `run` repeats a key
+    /// (inconsistent input; the repeat would close a cycle).
+    fn attach_new(&mut self, cursor: Option<u64>, run: &[u64], w: u32, t: usize) -> usize {
+        let mut refs = [0u16; 3];
+        refs[t] = 1;
+        let me = Holder { worker: w, refs };
+        let (c, off) = match cursor.and_then(|k| self.lookup(k)) {
+            Some(loc) => (loc.node, loc.off as usize),
+            None => (ROOT, 0),
+        };
+        if c != ROOT && off + 1 < self.nodes[c as usize].keys.len() {
+            self.split(c, off + 1);
+        }
+        let cn = &self.nodes[c as usize];
+        let extend =
+            c != ROOT && cn.children.is_empty() && cn.holders.len() == 1 && cn.holders[0] == me;
+        let (target, base) = if extend {
+            let base = cn.keys.len();
+            let keys = &mut self.nodes[c as usize].keys;
+            keys.reserve_exact(run.len());
+            keys.extend_from_slice(run);
+            (c, base)
+        } else {
+            let m = self.alloc_node(c);
+            let mn = &mut self.nodes[m as usize];
+            mn.keys = run.to_vec();
+            mn.holders = vec![me];
+            (m, 0)
+        };
+        let mut got = 0;
+        for (j, &k) in run.iter().enumerate() {
+            let loc = Loc { node: target, off: (base + j) as u32 };
+            let nodes = &self.nodes;
+            let entry = self.table.entry(
+                mix(k),
+                |l| l != &loc && nodes[l.node as usize].keys[l.off as usize] == k,
+                |l| mix(nodes[l.node as usize].keys[l.off as usize]),
+            );
+            match entry {
+                hashbrown::hash_table::Entry::Vacant(v) => {
+                    v.insert(loc);
+                    got += 1;
+                }
+                hashbrown::hash_table::Entry::Occupied(_) => break,
+            }
+        }
+        self.nodes[target as usize].keys.truncate(base + got);
+        self.holder_blocks += got as u64;
+        self.worker_blocks[w as usize] += got as u64;
+        if extend {
+            self.touch(c);
+        } else {
+            self.nodes[c as usize].children.insert(run[0], target);
+        }
+        got
+    }
+
+    /// Links the orphan roots waiting for `parent` (just created) under it.
+    fn relink_orphans(&mut self, parent: u64) {
+        let Some(firsts) = self.orphans_by_parent.remove(&parent) else {
+            return;
+        };
+        for first in firsts {
+            self.orphan_parent.remove(&first);
+            let Some(loc) = self.lookup(first) else {
+                continue;
+            };
+            let r = loc.node;
+            if loc.off != 0 || self.nodes[r as usize].parent != ROOT {
+                continue;
+            }
+            let Some(ploc) = self.lookup(parent) else {
+                continue;
+            };
+            let mut pn = ploc.node;
+            if pn == r {
+                continue; // a cycle through inconsistent parents: leave it as a root
+            }
+            let poff = ploc.off as usize;
+            if poff + 1 < self.nodes[pn as usize].keys.len() {
+                self.split(pn, poff + 1);
+            }
+            // The parent may have moved if `split` reused... it did not: pn keeps its head.
+            if self.nodes[pn as usize].children.get(first).is_some() {
+                continue;
+            }
+            self.nodes[ROOT as usize].children.remove(first);
+            self.nodes[r as usize].parent = pn;
+            self.nodes[pn as usize].children.insert(first, r);
+            pn = self.compact(pn);
+            let _ = pn;
+        }
+    }
+
+    // ----- remove ------------------------------------------------------------------
+
+    /// Removes one reference of `worker` in `tier` from each of `keys` (any order).
+    pub fn remove(&mut self, worker: WorkerId, tier: Tier, keys: &[BlockKey]) -> RemoveReport {
+        let w = worker.0;
+        let t = tier.index();
+        let mut report = RemoveReport::default();
+        let mut i = 0;
+        while i < keys.len() {
+            let Some(loc) = self.lookup(keys[i]) else {
+                report.unknown += 1;
+                i += 1;
+                continue;
+            };
+            // Group a run of keys that sit next to each other in the same node, either
+            // ascending or descending (vLLM frees a request's blocks tail first).
+            let nk = &self.nodes[loc.node as usize].keys;
+            let off = loc.off as usize;
+            let mut len = 1;
+            let mut desc = false;
+            if i + 1 < keys.len() {
+                if off + 1 < nk.len() && nk[off + 1] == keys[i + 1] {
+                    while i + len < keys.len()
+                        && off + len < nk.len()
+                        && nk[off + len] == keys[i + len]
+                    {
+                        len += 1;
+                    }
+                } else if off > 0 && nk[off - 1] == keys[i + 1] {
+                    desc = true;
+                    while i + len < keys.len() && off >= len && nk[off - len] == keys[i + len] {
+                        len += 1;
+                    }
+                }
+            }
+            let (a, b) = if desc { (off + 1 - len, off + 1) } else { (off, off + len) };
+            i += len;
+            let holders = &self.nodes[loc.node as usize].holders;
+            let held = holders
+                .binary_search_by_key(&w, |h| h.worker)
+                .ok()
+                .filter(|&hi| holders[hi].refs[t] > 0);
+            if held.is_none() {
+                report.unknown += len as u32;
+                continue;
+            }
+            let n = self.isolate(loc.node, a, b);
+            report.removed += len as u32;
+            let holders = &mut self.nodes[n as usize].holders;
+            let hi = holders.binary_search_by_key(&w, |h| h.worker).expect("holder checked above");
+            holders[hi].refs[t] -= 1;
+            if holders[hi].is_empty() {
+                holders.remove(hi);
+                self.holder_blocks -= len as u64;
+                self.worker_blocks[w as usize] -= len as u64;
+            }
+            self.prune(n);
+        }
+        self.unknown_removals += u64::from(report.unknown);
+        report
+    }
+
+    /// Removes every block of `worker` in every tier. Returns the (block, worker) pairs
+    /// dropped. Engine mappings of the worker are dropped too.
+    pub fn clear_worker(&mut self, worker: WorkerId) -> u64 {
+        let w = worker.0;
+        let mut touched = Vec::new();
+        let mut dropped = 0u64;
+        for (id, node) in self.nodes.iter_mut().enumerate() {
+            if !node.live {
+                continue;
+            }
+            if let Ok(i) = node.holders.binary_search_by_key(&w, |h| h.worker) {
+                node.holders.remove(i);
+                dropped += node.keys.len() as u64;
+                touched.push(id as u32);
+            }
+        }
+        self.holder_blocks -= dropped;
+        if let Some(c) = self.worker_blocks.get_mut(w as usize) {
+            *c = 0;
+        }
+        for n in touched {
+            if self.nodes[n as usize].live {
+                self.prune(n);
+            }
+        }
+        if let Some(m) = self.engine_maps.get_mut(w as usize) {
+            *m = KeyMap::default();
+        }
+        dropped
+    }
+
+    /// Forgets `worker` entirely (same as [`clear_worker`](Self::clear_worker)).
+    pub fn remove_worker(&mut self, worker: WorkerId) -> u64 {
+        self.clear_worker(worker)
+    }
+
+    // ----- engine-hash mapping -------------------------------------------------------
+
+    /// Stores router `keys` for blocks the engine announced as `engine` hashes (same
+    /// length), recording engine -> key for `worker`. The parent is given as an engine
+    /// hash and resolved through the worker's map.
+    pub fn store_mapped(
+        &mut self,
+        worker: WorkerId,
+        tier: Tier,
+        parent_engine: Option<u64>,
+        engine: &[u64],
+        keys: &[BlockKey],
+    ) -> Result<StoreReport> {
+        if engine.len() != keys.len() {
+            return Err(Error::invalid(format!(
+                "{} engine hashes but {} keys",
+                engine.len(),
+                keys.len()
+            )));
+        }
+        if worker.0 > MAX_WORKER {
+            return Err(Error::invalid(format!("worker id {} out of range", worker.0)));
+        }
+        let n = engine.len();
+        let w = worker.index();
+        if self.engine_maps.len() <= w {
+            self.engine_maps.resize_with(w + 1, KeyMap::default);
+        }
+        let parent = match parent_engine {
+            None => None,
+            // An unknown parent hash is passed through as is so that the store counts it
+            // as an orphan; it cannot collide with a router key in practice.
+            Some(p) => Some(self.engine_maps[w].get(&p).copied().unwrap_or(p)),
+        };
+        for j in 0..n {
+            self.engine_maps[w].insert(engine[j], keys[j]);
+        }
+        self.store(worker, tier, parent, &keys[..n])
+    }
+
+    /// Removes blocks that the engine names by `engine` hashes for `worker`.
+    pub fn remove_mapped(&mut self, worker: WorkerId, tier: Tier, engine: &[u64]) -> RemoveReport {
+        let w = worker.index();
+        let mut keys = Vec::with_capacity(engine.len());
+        let mut unknown = 0u32;
+        if let Some(map) = self.engine_maps.get(w) {
+            for e in engine {
+                match map.get(e) {
+                    Some(&k) => keys.push(k),
+                    None => unknown += 1,
+                }
+            }
+        } else {
+            unknown = engine.len() as u32;
+        }
+        let mut report = self.remove(worker, tier, &keys);
+        report.unknown += unknown;
+        self.unknown_removals += u64::from(unknown);
+        // Drop mappings of blocks the worker no longer holds anywhere.
+        for (e, k) in engine.iter().zip(&keys) {
+            if self.holds(worker, *k).is_none() {
+                if let Some(m) = self.engine_maps.get_mut(w) {
+                    m.remove(e);
+                }
+            }
+        }
+        report
+    }
+
+    /// The router key that `worker` recorded for engine hash `engine`, if any.
+    pub fn engine_key(&self, worker: WorkerId, engine: u64) -> Option<BlockKey> {
+        self.engine_maps.get(worker.index())?.get(&engine).copied()
+    }
+
+    // ----- queries -------------------------------------------------------------------
+
+    /// The per-tier reference counts of `worker` on `key`, or `None` if it does not hold it.
+    pub fn holds(&self, worker: WorkerId, key: BlockKey) -> Option<[u16; 3]> {
+        let loc = self.lookup(key)?;
+        let h = &self.nodes[loc.node as usize].holders;
+        h.binary_search_by_key(&worker.0, |h| h.worker).ok().map(|i| h[i].refs)
+    }
+
+    /// True when `key` is in the index for any worker.
+    pub fn contains(&self, key: BlockKey) -> bool {
+        self.lookup(key).is_some()
+    }
+
+    /// Number of (block, worker) pairs held by `worker`.
+    pub fn worker_blocks(&self, worker: WorkerId) -> u64 {
+        self.worker_blocks.get(worker.index()).copied().unwrap_or(0)
+    }
+
+    /// Matches a request's chain of `keys` against the index, filling `out` (see
+    /// [`Matches`]).
+    pub fn find_matches(&self, keys: &[BlockKey], opts: MatchOptions, out: &mut Matches) {
+        out.clear();
+        if keys.is_empty() {
+            return;
+        }
+        // (no tick bump: reads share the tick of the last mutation)
+        let mut node = ROOT;
+        let mut pos = 0usize;
+        let mut first = true;
+        while pos < keys.len() {
+            let Some(c) = self.nodes[node as usize].children.get(keys[pos]) else {
+                break;
+            };
+            let cn = &self.nodes[c as usize];
+            let n = common_prefix(&cn.keys, &keys[pos..]);
+            self.touch(c);
+            let n32 = n as u32;
+            if first {
+                first = false;
+                out.entries.reserve(cn.holders.len());
+                for (i, h) in cn.holders.iter().enumerate() {
+                    let mut by_tier = [0u32; 3];
+                    by_tier[h.best_tier()] = n32;
+                    out.entries.push(Overlap { worker: WorkerId(h.worker), blocks: n32, by_tier });
+                    out.alive.push(i as u32);
+                }
+            } else {
+                // Keep the workers that also hold this run (both lists sorted by worker).
+                // A plain two-pointer loop over locals: `retain` with a closure that
+                // captures `j` and `entries` keeps them in memory on every step.
+                let hs = &cn.holders[..];
+                let entries = &mut out.entries[..];
+                let alive = &mut out.alive;
+                let (mut j, mut k) = (0usize, 0usize);
+                for r in 0..alive.len() {
+                    let ei = alive[r];
+                    let e = &mut entries[ei as usize];
+                    let w = e.worker.0;
+                    while j < hs.len() && hs[j].worker < w {
+                        j += 1;
+                    }
+                    if j < hs.len() && hs[j].worker == w {
+                        e.blocks += n32;
+                        e.by_tier[hs[j].best_tier()] += n32;
+                        alive[k] = ei;
+                        k += 1;
+                    }
+                }
+                alive.truncate(k);
+            }
+            pos += n;
+            if out.alive.is_empty() || n < cn.keys.len() {
+                break;
+            }
+            if opts.early_exit && out.alive.len() <= 1 {
+                out.truncated = pos < keys.len();
+                break;
+            }
+            node = c;
+        }
+    }
+
+    /// Statistics, with heap bytes summed from real allocation sizes.
+    pub fn stats(&self) -> IndexStats {
+        let mut heap = self.table.allocation_size()
+            + self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.free.capacity() * 4
+            + self.worker_blocks.capacity() * 8
+            + self.orphan_parent.allocation_size()
+            + self.orphans_by_parent.allocation_size()
+            + self.engine_maps.capacity() * std::mem::size_of::<KeyMap<u64>>();
+        let mut nodes = 0u64;
+        for n in &self.nodes {
+            heap += n.keys.capacity() * 8
+                + n.holders.capacity() * std::mem::size_of::<Holder>()
+                + n.children.heap_bytes();
+            if n.live {
+                nodes += 1;
+            }
+        }
+        for m in &self.engine_maps {
+            heap += m.allocation_size();
+        }
+        for v in self.orphans_by_parent.values() {
+            heap += v.capacity() * 8;
+        }
+        IndexStats {
+            blocks: self.table.len() as u64,
+            holder_blocks: self.holder_blocks,
+            nodes: nodes.saturating_sub(1),
+            heap_bytes: heap as u64,
+            engine_mappings: self.engine_maps.iter().map(|m| m.len() as u64).sum(),
+            orphans_pending: self.orphan_parent.len() as u64,
+            orphan_stores: self.orphan_stores,
+            unknown_removals: self.unknown_removals,
+            evictions: self.evictions,
+        }
+    }
+
+    /// Renames worker ids: holder `w` becomes `map[w]`. Used when a snapshot taken by one
+    /// router is restored into another whose registry numbered the workers differently.
+    /// Every id held must be mapped, and no two ids may map to the same one.
+    pub fn remap_workers(&mut self, map: &HashMap<u32, u32>) -> Result<()> {
+        let mut seen = hashbrown::HashSet::new();
+        for (&from, &to) in map {
+            if to > MAX_WORKER || !seen.insert(to) {
+                return Err(Error::invalid(format!("bad worker remap {from} -> {to}")));
+            }
+        }
+        for n in self.nodes.iter().filter(|n| n.live) {
+            if let Some(h) = n.holders.iter().find(|h| !map.contains_key(&h.worker)) {
+                return Err(Error::invalid(format!("worker id {} is not mapped", h.worker)));
+            }
+        }
+        let mut blocks = vec![0u64; map.values().max().map_or(0, |&m| m as usize + 1)];
+        for n in self.nodes.iter_mut().filter(|n| n.live) {
+            for h in &mut n.holders {
+                h.worker = map[&h.worker];
+                blocks[h.worker as usize] += n.keys.len() as u64;
+            }
+            n.holders.sort_unstable_by_key(|h| h.worker);
+        }
+        self.worker_blocks = blocks;
+        let old = std::mem::take(&mut self.engine_maps);
+        for (w, m) in old.into_iter().enumerate() {
+            if m.is_empty() {
+                continue;
+            }
+            let Some(&to) = map.get(&(w as u32)) else {
+                continue;
+            };
+            if self.engine_maps.len() <= to as usize {
+                self.engine_maps.resize_with(to as usize + 1, KeyMap::default);
+            }
+            self.engine_maps[to as usize] = m;
+        }
+        Ok(())
+    }
+
+    /// Releases spare capacity of the key table (for example after a large drain).
+    pub fn shrink_to_fit(&mut self) {
+        let nodes = &self.nodes;
+        self.table.shrink_to_fit(|l| mix(nodes[l.node as usize].keys[l.off as usize]));
+        // Trailing free nodes can be dropped; interior ones stay for reuse.
+        while self.nodes.len() > 1 && !self.nodes.last().is_some_and(|n| n.live) {
+            let id = (self.nodes.len() - 1) as u32;
+            self.nodes.pop();
+            self.free.retain(|&f| f != id);
+        }
+        self.nodes.shrink_to_fit();
+        self.free.shrink_to_fit();
+        for m in &mut self.engine_maps {
+            m.shrink_to_fit();
+        }
+    }
+
+    // ----- eviction ----------------------------------------------------------------
+
+    /// Evicts least recently used leaf runs until at most `target` holder-blocks remain.
+    fn evict_to(&mut self, target: u64) -> u64 {
+        let mut evicted = 0u64;
+        while self.holder_blocks > target {
+            let mut leaves: Vec<(u32, u32)> = self
+                .nodes
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, n)| n.live && n.children.is_empty())
+                .map(|(i, n)| (n.touched.load(Ordering::Relaxed), i as u32))
+                .collect();
+            if leaves.is_empty() {
+                break;
+            }
+            leaves.sort_unstable();
+            for (_, id) in leaves {
+                if self.holder_blocks <= target {
+                    break;
+                }
+                let node = &mut self.nodes[id as usize];
+                if !node.live || !node.children.is_empty() {
+                    continue;
+                }
+                let len = node.keys.len() as u64;
+                let holders = std::mem::take(&mut node.holders);
+                for h in &holders {
+                    self.worker_blocks[h.worker as usize] -= len;
+                    if let Some(m) = self.engine_maps.get_mut(h.worker as usize) {
+                        // Drop the worker's mappings that point at these keys.
+                        let keys = &self.nodes[id as usize].keys;
+                        m.retain(|_, k| !keys.contains(k));
+                    }
+                }
+                let n = len * holders.len() as u64;
+                self.holder_blocks -= n;
+                evicted += n;
+                self.prune(id);
+            }
+        }
+        self.evictions += evicted;
+        evicted
+    }
+}
+
+/// Length of the common prefix of two key slices.
+#[inline]
+fn common_prefix(a: &[u64], b: &[u64]) -> usize {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut i = 0;
+    // Compare in chunks of 8 with an OR of XORs: branch-free inside a chunk and inlined
+    // as vector code (a slice `!=` becomes a libc memcmp call per 64 bytes).
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        let mut acc = 0u64;
+        for j in 0..8 {
+            acc |= ca[j] ^ cb[j];
+        }
+        if acc != 0 {
+            break;
+        }
+        i += 8;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
+}
+
+/// Access for the snapshot module.
+impl PrefixIndex {
+    pub(super) fn orphan_entries(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.orphan_parent.iter().map(|(&a, &b)| (a, b)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub(super) fn add_orphan(&mut self, first: u64, parent: u64) {
+        self.orphan_parent.insert(first, parent);
+        self.orphans_by_parent.entry(parent).or_default().push(first);
+    }
+
+    pub(super) fn attach_child(&mut self, parent: u32, first: u64, child: u32) {
+        self.nodes[parent as usize].children.insert(first, child);
+    }
+}

@@ -1,0 +1,170 @@
+//! The router's serde configuration (JSON), shared by the Rust, C and Python front ends.
+
+use crate::error::{Error, Result};
+use crate::hash::{ExtraKeysStyle, HashAlgo, HashConfig};
+use crate::index::IndexConfig;
+use crate::model::CapacitySpec;
+use crate::score::ProfileConfig;
+use serde::{Deserialize, Serialize};
+
+/// Where the router's picture of each worker's cache comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The index follows the engines' KV events only.
+    #[default]
+    Precise,
+    /// No events: each routed request is run through a model of the chosen worker's block
+    /// pool, and the model's stores and evictions feed the index.
+    Approximate,
+    /// Predictions for a worker until its first events arrive, then its events win.
+    Hybrid,
+}
+
+/// What to do when the engine's hashes disagree with the router's own computation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnHashMismatch {
+    /// Reject the batch with [`Error::HashMismatch`] (state unchanged). The default: a
+    /// silent mismatch means zero hits forever.
+    #[default]
+    Error,
+    /// Apply the batch, count the mismatch in the metrics.
+    Count,
+}
+
+/// One worker in the configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// The worker's name (for vLLM, the pod's `ip:port`).
+    pub name: String,
+    /// The data-parallel rank.
+    #[serde(default)]
+    pub dp_rank: u32,
+    /// The worker's KV capacity, for approximate and hybrid modes (defaults to the
+    /// router's `capacity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<CapacitySpec>,
+}
+
+/// The profile: a preset name or a full profile configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ProfileSpec {
+    /// A preset (`"llm-d"`, `"prefix"`, `"cost"`, `"session-affinity"`, `"random"`,
+    /// `"round-robin"`).
+    Preset(String),
+    /// A full configuration.
+    Config(ProfileConfig),
+}
+
+impl Default for ProfileSpec {
+    fn default() -> Self {
+        ProfileSpec::Preset("llm-d".into())
+    }
+}
+
+impl ProfileSpec {
+    /// The profile configuration this names.
+    pub fn resolve(&self) -> Result<ProfileConfig> {
+        match self {
+            ProfileSpec::Preset(name) => ProfileConfig::preset(name),
+            ProfileSpec::Config(c) => Ok(c.clone()),
+        }
+    }
+}
+
+/// The router's configuration. Every field has a default; `{}` is a valid configuration
+/// (precise mode, native hashing, the `llm-d` profile, no workers yet).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// Tokens per block (vLLM's `--block-size`, 16 by default).
+    pub block_size: usize,
+    /// The hash scheme: `xxh3` (kvroute's own, fast; events are re-keyed from their
+    /// tokens) or a vLLM scheme (`sha256`, `sha256_cbor`, `xxhash`, `xxhash_cbor`) to key
+    /// blocks by the engine's own hashes.
+    pub hash_algo: HashAlgo,
+    /// The engines' `PYTHONHASHSEED`, for vLLM schemes.
+    pub hash_seed: Option<String>,
+    /// Which vLLM release's extra-key form to hash (vLLM schemes).
+    pub extra_keys_style: ExtraKeysStyle,
+    /// Seed of the native hash chain.
+    pub native_seed: u64,
+    /// Precise, approximate or hybrid.
+    pub mode: Mode,
+    /// The scoring profile.
+    pub profile: ProfileSpec,
+    /// The workers known at start.
+    pub workers: Vec<WorkerConfig>,
+    /// Default capacity of workers for the cache model (approximate and hybrid modes).
+    pub capacity: CapacitySpec,
+    /// Index options (holder-block cap).
+    pub index: IndexConfig,
+    /// Session-affinity time to live, in seconds (Kubernetes' ClientIP default: 10,800 s;
+    /// kvroute's default 2 hours).
+    pub session_ttl_s: u64,
+    /// Maximum number of session keys remembered.
+    pub session_capacity: usize,
+    /// Seed of the router's random choices (tie-breaks, softmax, random scorer).
+    pub seed: u64,
+    /// Largest valid token id plus one (the vocabulary size), if known: larger ids are
+    /// rejected with [`Error::InvalidInput`].
+    pub vocab_size: Option<u32>,
+    /// Check, for events whose blocks start a sequence, that the engine's hashes equal the
+    /// router's (vLLM schemes only).
+    pub verify_engine_hashes: bool,
+    /// What a failed check does.
+    pub on_hash_mismatch: OnHashMismatch,
+    /// Add a worker automatically when events arrive for an unknown one (otherwise such a
+    /// batch is rejected with [`Error::UnknownWorker`]).
+    pub auto_add_workers: bool,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            block_size: 16,
+            hash_algo: HashAlgo::Xxh3,
+            hash_seed: None,
+            extra_keys_style: ExtraKeysStyle::V033,
+            native_seed: 0,
+            mode: Mode::Precise,
+            profile: ProfileSpec::default(),
+            workers: Vec::new(),
+            capacity: CapacitySpec::preset("llama-3-8b", "h100-80gb", 1),
+            index: IndexConfig::default(),
+            session_ttl_s: 2 * 3600,
+            session_capacity: 1 << 20,
+            seed: 0,
+            vocab_size: None,
+            verify_engine_hashes: true,
+            on_hash_mismatch: OnHashMismatch::Error,
+            auto_add_workers: false,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Parses a configuration from JSON; unknown fields are errors that name the field.
+    pub fn from_json(json: &str) -> Result<Self> {
+        serde_json::from_str(json).map_err(|e| Error::config(format!("router config: {e}")))
+    }
+
+    /// The configuration as JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("router config serializes")
+    }
+
+    /// The hash configuration derived from this one.
+    pub fn hash_config(&self) -> HashConfig {
+        HashConfig {
+            algo: self.hash_algo,
+            block_size: self.block_size,
+            hash_seed: self.hash_seed.clone(),
+            native_seed: self.native_seed,
+            extra_keys_style: self.extra_keys_style,
+        }
+    }
+}
