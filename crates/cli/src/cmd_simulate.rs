@@ -79,28 +79,18 @@ const ALL: &[&str] = &[
 
 fn build_workload(kind: &str, seed: u64) -> Result<Workload, CliError> {
     Ok(match kind {
-        "seed" => workload::seed_experiment(&SeedParams {
-            seed,
-            ..SeedParams::default()
-        }),
-        "shared-prefix" => workload::shared_prefix(&SharedPrefixParams {
-            seed,
-            ..SharedPrefixParams::default()
-        }),
-        "chat" => workload::chat(&ChatParams {
-            seed,
-            ..ChatParams::default()
-        }),
+        "seed" => workload::seed_experiment(&SeedParams { seed, ..SeedParams::default() }),
+        "shared-prefix" => {
+            workload::shared_prefix(&SharedPrefixParams { seed, ..SharedPrefixParams::default() })
+        }
+        "chat" => workload::chat(&ChatParams { seed, ..ChatParams::default() }),
         _ => match kind.strip_prefix("trace:") {
             Some(path) if !path.is_empty() => {
                 let trace = read_mooncake(path)?;
                 workload::from_mooncake(
                     kind,
                     &trace,
-                    &TraceOptions {
-                        pad_partial_blocks: false,
-                        seed,
-                    },
+                    &TraceOptions { pad_partial_blocks: false, seed },
                 )
             }
             _ => {
@@ -132,15 +122,8 @@ fn run_one(args: &Opts, kind: &str, policies: &[String]) -> Result<Report, CliEr
     if let Some(c) = args.capacity_blocks {
         engine.num_gpu_blocks = c;
     }
-    let workers = args
-        .workers
-        .map_or(if kind == "seed" { 5 } else { 8 }, |n| n as usize);
-    let cfg = SimConfig {
-        workers,
-        engine,
-        event_delay_s: args.event_delay,
-        seed: args.seed,
-    };
+    let workers = args.workers.map_or(if kind == "seed" { 5 } else { 8 }, |n| n as usize);
+    let cfg = SimConfig { workers, engine, event_delay_s: args.event_delay, seed: args.seed };
     let n = w.requests.len();
     let prepared = Prepared::new(w, bs)?;
     // Hidden at first; shown on stderr (if it is a terminal) once a run takes over a second.
@@ -169,10 +152,7 @@ fn run_one(args: &Opts, kind: &str, policies: &[String]) -> Result<Report, CliEr
 
 fn check(args: &Opts) -> Result<Vec<String>, CliError> {
     if !(args.rate.is_finite() && args.rate > 0.0) {
-        return Err(CliError(format!(
-            "--rate must be positive, got {}",
-            args.rate
-        )));
+        return Err(CliError(format!("--rate must be positive, got {}", args.rate)));
     }
     if !(args.event_delay.is_finite() && args.event_delay >= 0.0) {
         return Err(CliError("--event-delay must be >= 0".into()));
@@ -186,10 +166,7 @@ fn check(args: &Opts) -> Result<Vec<String>, CliError> {
     };
     for p in &policies {
         if !ALL.contains(&p.as_str()) {
-            return Err(CliError(format!(
-                "unknown policy {p:?} (known: {})",
-                ALL.join(", ")
-            )));
+            return Err(CliError(format!("unknown policy {p:?} (known: {})", ALL.join(", "))));
         }
     }
     if policies.is_empty() {

@@ -23,10 +23,7 @@ fn bad_flags_exit_2_with_a_clear_message() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.trim().is_empty(), "{args:?}");
     }
-    let out = kvroute()
-        .args(["simulate", "--policies", "random,telepathy"])
-        .output()
-        .unwrap();
+    let out = kvroute().args(["simulate", "--policies", "random,telepathy"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("telepathy"));
 }
 
@@ -36,17 +33,10 @@ fn malformed_trace_line_is_named_and_exits_2() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.jsonl");
     let good = r#"{"timestamp": 0, "input_length": 600, "output_length": 4, "hash_ids": [0, 1]}"#;
-    std::fs::write(
-        &path,
-        format!("{good}\n{good}\n{{\"timestamp\": 5, \"input\n{good}\n"),
-    )
-    .unwrap();
+    std::fs::write(&path, format!("{good}\n{good}\n{{\"timestamp\": 5, \"input\n{good}\n"))
+        .unwrap();
     let out = kvroute()
-        .args([
-            "simulate",
-            "--workload",
-            &format!("trace:{}", path.display()),
-        ])
+        .args(["simulate", "--workload", &format!("trace:{}", path.display())])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -61,25 +51,14 @@ fn json_and_svg_outputs_are_written() {
     std::fs::create_dir_all(&dir).unwrap();
     let (json, svg) = (dir.join("r.json"), dir.join("r.svg"));
     let out = kvroute()
-        .args([
-            "simulate",
-            "--workload",
-            "seed",
-            "--policies",
-            "random,session-affinity,oracle",
-        ])
+        .args(["simulate", "--workload", "seed", "--policies", "random,session-affinity,oracle"])
         .arg("--json")
         .arg(&json)
         .arg("--svg")
         .arg(&svg)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("session-affinity"));
     let v: serde_json::Value =

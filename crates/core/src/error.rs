@@ -134,17 +134,11 @@ mod tests {
             Error::InvalidInput(String::new()),
             Error::UnknownWorker(String::new()),
             Error::WorkerExists(String::new()),
-            Error::BlockSizeMismatch {
-                router: 16,
-                event: 32,
-            },
+            Error::BlockSizeMismatch { router: 16, event: 32 },
             Error::Decode(String::new()),
             Error::MissingSeed(String::new()),
             Error::Snapshot(String::new()),
-            Error::SequenceGap {
-                expected: 1,
-                got: 3,
-            },
+            Error::SequenceGap { expected: 1, got: 3 },
             Error::HashMismatch(String::new()),
             Error::NoWorkers(String::new()),
             Error::Io(String::new()),
@@ -156,11 +150,7 @@ mod tests {
         codes.dedup();
         assert_eq!(codes.len(), all.len());
         assert_eq!(
-            Error::BlockSizeMismatch {
-                router: 16,
-                event: 32
-            }
-            .to_string(),
+            Error::BlockSizeMismatch { router: 16, event: 32 }.to_string(),
             "block size mismatch: router uses 16 tokens per block, event has 32"
         );
     }

@@ -40,10 +40,7 @@ pub struct WorkerKey {
 impl WorkerKey {
     /// A worker key for `name` at rank `dp_rank`.
     pub fn new(name: impl Into<String>, dp_rank: u32) -> Self {
-        WorkerKey {
-            name: name.into(),
-            dp_rank,
-        }
+        WorkerKey { name: name.into(), dp_rank }
     }
 }
 

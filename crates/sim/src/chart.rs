@@ -27,18 +27,9 @@ pub fn svg(reports: &[Report]) -> Result<String> {
             let n = rep.results.len();
             let names: Vec<String> = rep.results.iter().map(|r| r.policy.clone()).collect();
             let hits: Vec<f64> = rep.results.iter().map(|r| r.hit_rate * 100.0).collect();
-            let ttft: Vec<f64> = rep
-                .results
-                .iter()
-                .map(|r| r.ttft_p90_s.unwrap_or(0.0))
-                .collect();
+            let ttft: Vec<f64> = rep.results.iter().map(|r| r.ttft_p90_s.unwrap_or(0.0)).collect();
             let panels = [
-                (
-                    left,
-                    format!("{}: prefix-cache hit rate (%)", rep.workload),
-                    hits,
-                    BAR,
-                ),
+                (left, format!("{}: prefix-cache hit rate (%)", rep.workload), hits, BAR),
                 (right, format!("{}: p90 TTFT (s)", rep.workload), ttft, BAR2),
             ];
             for (panel, title, vals, color) in panels {
@@ -60,9 +51,7 @@ pub fn svg(reports: &[Report]) -> Result<String> {
                         _ => String::new(),
                     })
                     .x_label_style(
-                        ("sans-serif", 12)
-                            .into_font()
-                            .transform(FontTransform::Rotate90),
+                        ("sans-serif", 12).into_font().transform(FontTransform::Rotate90),
                     )
                     .draw()
                     .map_err(err)?;

@@ -104,14 +104,10 @@ impl EngineConfig {
     /// Checks the figures (positive sizes and rates).
     pub fn validate(&self) -> Result<()> {
         if self.block_size == 0 || self.num_gpu_blocks < 2 {
-            return Err(Error::config(
-                "block_size must be > 0 and num_gpu_blocks >= 2",
-            ));
+            return Err(Error::config("block_size must be > 0 and num_gpu_blocks >= 2"));
         }
         if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
-            return Err(Error::config(
-                "max_num_seqs and max_num_batched_tokens must be > 0",
-            ));
+            return Err(Error::config("max_num_seqs and max_num_batched_tokens must be > 0"));
         }
         for (name, v) in [
             ("prefill_tokens_per_s", self.prefill_tokens_per_s),
@@ -209,12 +205,7 @@ impl Worker {
         for ev in self.pool.drain_events() {
             match ev {
                 PoolEvent::Stored { keys, parent } => {
-                    self.pending_events.push(CacheEvent::Stored {
-                        req,
-                        first_block,
-                        keys,
-                        parent,
-                    })
+                    self.pending_events.push(CacheEvent::Stored { req, first_block, keys, parent })
                 }
                 PoolEvent::Removed { keys } => self
                     .pending_events

@@ -108,11 +108,9 @@ pub fn builtin(
     Some(match name {
         "random" => Box::new(Random { rng }),
         "round-robin" => Box::new(RoundRobin { next: 0, workers }),
-        "session-affinity" => Box::new(SessionAffinity {
-            rng,
-            ttl_s: 7_200.0,
-            table: HashMap::new(),
-        }),
+        "session-affinity" => {
+            Box::new(SessionAffinity { rng, ttl_s: 7_200.0, table: HashMap::new() })
+        }
         "prefix-approx" => Box::new(PrefixApprox {
             rng,
             models: (0..workers)
@@ -294,9 +292,8 @@ impl Policy for Precise {
         let bs = view.block_size;
         let max = r.prompt_len.saturating_sub(1) / bs;
         let n = view.workers.len();
-        let matched: Vec<usize> = (0..n)
-            .map(|w| self.matched(w, r.prompt_keys, max, view.now_s))
-            .collect();
+        let matched: Vec<usize> =
+            (0..n).map(|w| self.matched(w, r.prompt_keys, max, view.now_s)).collect();
         let total = r.prompt_keys.len().max(1) as f64;
         let scores: Vec<f64> = match self.scoring {
             Scoring::PrefixOnly => matched.iter().map(|&m| m as f64).collect(),

@@ -55,11 +55,7 @@ pub fn compare(
         "requests": p.workload.requests.len(),
         "cluster": cfg,
     });
-    Ok(Report {
-        workload: p.workload.name.clone(),
-        config,
-        results,
-    })
+    Ok(Report { workload: p.workload.name.clone(), config, results })
 }
 
 fn secs(v: Option<f64>) -> String {

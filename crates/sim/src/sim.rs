@@ -48,11 +48,7 @@ impl Prepared {
                 k
             })
             .collect();
-        Ok(Prepared {
-            workload,
-            block_size,
-            keys,
-        })
+        Ok(Prepared { workload, block_size, keys })
     }
 }
 
@@ -160,11 +156,7 @@ fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
 impl<'a> Run<'a> {
     fn push(&mut self, t: f64, kind: Kind) {
         self.seq += 1;
-        self.heap.push(Ev {
-            t,
-            seq: self.seq,
-            kind,
-        });
+        self.heap.push(Ev { t, seq: self.seq, kind });
     }
 
     fn prompt_keys(&self, r: usize) -> &'a [u64] {
@@ -199,11 +191,7 @@ impl<'a> Run<'a> {
             num_gpu_blocks: self.cfg.engine.num_gpu_blocks,
             workers: &self.views,
         };
-        let routed = Routed {
-            req,
-            prompt_keys: self.prompt_keys(r),
-            prompt_len: req.prompt_len(),
-        };
+        let routed = Routed { req, prompt_keys: self.prompt_keys(r), prompt_len: req.prompt_len() };
         let w = self.policy.route(&routed, &view);
         if w >= self.workers.len() {
             return Err(Error::Internal(format!(
@@ -397,8 +385,7 @@ impl<'a> Run<'a> {
 
     fn deliver(&mut self, w: usize, now: f64) {
         if let Some(batch) = self.deliveries[w].pop_front() {
-            self.policy
-                .on_events(w, &batch, &self.p.workload.requests, now);
+            self.policy.on_events(w, &batch, &self.p.workload.requests, now);
         }
     }
 }
@@ -432,9 +419,8 @@ pub fn run_with_progress(
     }
     let n = p.workload.requests.len();
     let record = policy.wants_events();
-    let workers = (0..cfg.workers)
-        .map(|_| Worker::new(&cfg.engine, record))
-        .collect::<Result<Vec<_>>>()?;
+    let workers =
+        (0..cfg.workers).map(|_| Worker::new(&cfg.engine, record)).collect::<Result<Vec<_>>>()?;
     let mut run = Run {
         p,
         cfg,
@@ -512,11 +498,7 @@ fn summarize(run: &Run<'_>, cfg: &SimConfig) -> RunResult {
     let first = p.workload.requests.first().map_or(0.0, |r| r.arrival_s);
     let span = run.last_finish - first;
     let stored: u64 = run.workers.iter().map(|w| w.stored_blocks).sum();
-    let present: u64 = run
-        .workers
-        .iter()
-        .map(|w| w.pool.num_cached_blocks() as u64)
-        .sum();
+    let present: u64 = run.workers.iter().map(|w| w.pool.num_cached_blocks() as u64).sum();
     RunResult {
         policy: run.policy.name(),
         requests: n,
@@ -556,12 +538,7 @@ pub fn run_oracle(p: &Prepared, cfg: &SimConfig) -> Result<RunResult> {
     let mut engine = cfg.engine.clone();
     engine.instant = true;
     engine.num_gpu_blocks = cap.max(2);
-    let ocfg = SimConfig {
-        workers: 1,
-        engine,
-        event_delay_s: 0.0,
-        seed: cfg.seed,
-    };
+    let ocfg = SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: cfg.seed };
     struct One;
     impl Policy for One {
         fn name(&self) -> String {

@@ -112,11 +112,7 @@ fn finish(name: &str, params: serde_json::Value, mut reqs: Vec<SimRequest>) -> W
     for (i, r) in reqs.iter_mut().enumerate() {
         r.id = i as u64;
     }
-    Workload {
-        name: name.into(),
-        params,
-        requests: reqs,
-    }
+    Workload { name: name.into(), params, requests: reqs }
 }
 
 /// An exponential variate with the given mean.
@@ -190,15 +186,9 @@ pub fn seed_experiment(p: &SeedParams) -> Workload {
                 strays += 1;
                 Arc::from(format!("10.9.{}.{}", strays / 250, strays % 250 + 1))
             };
-            let prompt = Segment {
-                seed: content(p.seed, 1, k as u64, 0),
-                len: p.prompt_tokens,
-            };
+            let prompt = Segment { seed: content(p.seed, 1, k as u64, 0), len: p.prompt_tokens };
             // Temperature 0: the same prompt always yields the same answer.
-            let output = Segment {
-                seed: content(p.seed, 2, k as u64, 0),
-                len: p.output_tokens,
-            };
+            let output = Segment { seed: content(p.seed, 2, k as u64, 0), len: p.output_tokens };
             reqs.push(SimRequest {
                 id: 0,
                 arrival_s: t,
@@ -276,28 +266,15 @@ pub fn shared_prefix(p: &SharedPrefixParams) -> Workload {
                 id: 0,
                 arrival_s: t,
                 prompt: Arc::from(vec![
-                    Segment {
-                        seed: content(p.seed, 3, g as u64, 0),
-                        len: p.system_tokens,
-                    },
-                    Segment {
-                        seed: content(p.seed, 4, user, q as u64),
-                        len: p.question_tokens,
-                    },
+                    Segment { seed: content(p.seed, 3, g as u64, 0), len: p.system_tokens },
+                    Segment { seed: content(p.seed, 4, user, q as u64), len: p.question_tokens },
                 ]),
-                output: Segment {
-                    seed: content(p.seed, 5, user, q as u64),
-                    len: p.output_tokens,
-                },
+                output: Segment { seed: content(p.seed, 5, user, q as u64), len: p.output_tokens },
                 session: Some(sessions[user as usize].clone()),
             }
         })
         .collect();
-    finish(
-        "shared-prefix",
-        serde_json::to_value(p).unwrap_or_default(),
-        reqs,
-    )
+    finish("shared-prefix", serde_json::to_value(p).unwrap_or_default(), reqs)
 }
 
 /// Parameters of the multi-turn chat workload.
@@ -344,10 +321,7 @@ impl Default for ChatParams {
 pub fn chat(p: &ChatParams) -> Workload {
     let mut rng = SplitMix64::new(p.seed ^ 0xc4a7);
     let nat: Arc<str> = Arc::from("192.0.2.1");
-    let system = Segment {
-        seed: content(p.seed, 6, 0, 0),
-        len: p.system_tokens,
-    };
+    let system = Segment { seed: content(p.seed, 6, 0, 0), len: p.system_tokens };
     let mut reqs = Vec::with_capacity(p.conversations * p.turns);
     let mut start = 0.0;
     for c in 0..p.conversations {
@@ -360,14 +334,10 @@ pub fn chat(p: &ChatParams) -> Workload {
         let mut history = vec![system];
         let mut t = start;
         for k in 0..p.turns {
-            history.push(Segment {
-                seed: content(p.seed, 7, c as u64, k as u64),
-                len: p.user_tokens,
-            });
-            let output = Segment {
-                seed: content(p.seed, 8, c as u64, k as u64),
-                len: p.output_tokens,
-            };
+            history
+                .push(Segment { seed: content(p.seed, 7, c as u64, k as u64), len: p.user_tokens });
+            let output =
+                Segment { seed: content(p.seed, 8, c as u64, k as u64), len: p.output_tokens };
             reqs.push(SimRequest {
                 id: 0,
                 arrival_s: t,
@@ -414,20 +384,14 @@ pub fn from_mooncake(name: &str, trace: &[MooncakeRequest], opt: &TraceOptions) 
                     } else {
                         r.input_length - (n as u32 - 1) * full
                     };
-                    Segment {
-                        seed: content(0, 9, h, 0),
-                        len,
-                    }
+                    Segment { seed: content(0, 9, h, 0), len }
                 })
                 .collect();
             SimRequest {
                 id: 0,
                 arrival_s: r.timestamp_ms as f64 / 1000.0,
                 prompt: Arc::from(prompt),
-                output: Segment {
-                    seed: content(opt.seed, 10, i as u64, 0),
-                    len: r.output_length,
-                },
+                output: Segment { seed: content(opt.seed, 10, i as u64, 0), len: r.output_length },
                 session: None,
             }
         })
@@ -452,11 +416,7 @@ mod tests {
 
     #[test]
     fn chat_turns_extend_the_previous_context() {
-        let w = chat(&ChatParams {
-            conversations: 3,
-            turns: 3,
-            ..ChatParams::default()
-        });
+        let w = chat(&ChatParams { conversations: 3, turns: 3, ..ChatParams::default() });
         assert_eq!(w.requests.len(), 9);
         // Find two consecutive turns of one conversation: the later prompt starts with
         // the earlier prompt followed by its output.
@@ -489,9 +449,6 @@ mod tests {
         let questions: std::collections::HashSet<u64> =
             w.requests.iter().map(|r| r.prompt[1].seed).collect();
         assert_eq!((systems.len(), questions.len()), (3, 12));
-        assert!(w
-            .requests
-            .windows(2)
-            .all(|p| p[0].arrival_s <= p[1].arrival_s));
+        assert!(w.requests.windows(2).all(|p| p[0].arrival_s <= p[1].arrival_s));
     }
 }

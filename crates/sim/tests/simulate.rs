@@ -26,22 +26,14 @@ fn one_unbounded_worker_reproduces_the_trace_ceiling() {
     let w = workload::from_mooncake(
         "trace",
         &trace,
-        &TraceOptions {
-            pad_partial_blocks: true,
-            seed: 0,
-        },
+        &TraceOptions { pad_partial_blocks: true, seed: 0 },
     );
     let p = Prepared::new(w, 512).unwrap();
     let mut engine = llama(512);
     engine.instant = true;
     // Unbounded: more blocks than the whole trace needs.
     engine.num_gpu_blocks = 2_000_000;
-    let cfg = SimConfig {
-        workers: 1,
-        engine,
-        event_delay_s: 0.0,
-        seed: 1,
-    };
+    let cfg = SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: 1 };
     let rep = compare(&p, &cfg, &names(&["random", "oracle"]), &|_| {}).unwrap();
     for r in &rep.results {
         // README: 288,500 blocks, 182,790 distinct: every block but each id's first
@@ -61,17 +53,9 @@ fn one_unbounded_worker_reproduces_the_trace_ceiling() {
 }
 
 fn seed_run(policies: &[&str], seed: u64) -> kvroute_sim::report::Report {
-    let w = workload::seed_experiment(&SeedParams {
-        seed,
-        ..SeedParams::default()
-    });
+    let w = workload::seed_experiment(&SeedParams { seed, ..SeedParams::default() });
     let p = Prepared::new(w, 16).unwrap();
-    let cfg = SimConfig {
-        workers: 5,
-        engine: llama(16),
-        event_delay_s: 0.05,
-        seed,
-    };
+    let cfg = SimConfig { workers: 5, engine: llama(16), event_delay_s: 0.05, seed };
     compare(&p, &cfg, &names(policies), &|_| {}).unwrap()
 }
 
@@ -106,12 +90,7 @@ fn seed_experiment_affinity_concentrates_and_random_spreads() {
     assert!(rnd.top_worker_share < 0.35, "{rnd:?}");
     // Repeats hit where they land: affinity re-finds its prompts on its pod, random only
     // once a prompt has reached every pod. The seed experiment reported 80-86%.
-    assert!(
-        aff.hit_rate > rnd.hit_rate + 0.08,
-        "{} vs {}",
-        aff.hit_rate,
-        rnd.hit_rate
-    );
+    assert!(aff.hit_rate > rnd.hit_rate + 0.08, "{} vs {}", aff.hit_rate, rnd.hit_rate);
     assert!((0.75..0.9).contains(&aff.hit_rate), "{}", aff.hit_rate);
     assert!(aff.hit_rate <= oracle.hit_rate + 1e-12);
 }
@@ -132,20 +111,9 @@ fn precise_prefix_beats_random_on_shared_prefix() {
         event_delay_s: 0.05,
         seed: 0,
     };
-    let rep = compare(
-        &p,
-        &cfg,
-        &names(&["random", "prefix-precise", "oracle"]),
-        &|_| {},
-    )
-    .unwrap();
+    let rep = compare(&p, &cfg, &names(&["random", "prefix-precise", "oracle"]), &|_| {}).unwrap();
     let (rnd, pre, orc) = (&rep.results[0], &rep.results[1], &rep.results[2]);
-    assert!(
-        pre.hit_rate > rnd.hit_rate + 0.1,
-        "{} vs {}",
-        pre.hit_rate,
-        rnd.hit_rate
-    );
+    assert!(pre.hit_rate > rnd.hit_rate + 0.1, "{} vs {}", pre.hit_rate, rnd.hit_rate);
     assert!(pre.hit_rate <= orc.hit_rate + 1e-12);
     assert!(pre.ttft_p90_s.unwrap() < rnd.ttft_p90_s.unwrap());
 }
