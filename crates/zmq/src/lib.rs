@@ -228,6 +228,8 @@ pub struct PublisherStats {
     pub resets: u64,
     /// Errors (or panics) returned by the sink.
     pub sink_errors: u64,
+    /// The text of the last sink error (or panic), with the seq of its batch.
+    pub last_error: Option<String>,
     /// Malformed messages skipped (wrong frame count, seq not 8 bytes, ...).
     pub frame_errors: u64,
     /// Messages skipped because their topic frame differs from the configured topic.
