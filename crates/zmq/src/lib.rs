@@ -23,9 +23,11 @@
 //!   [`EventSink::on_reset`], then continue with the new stream.
 
 mod frames;
+mod sink;
 mod worker;
 
 pub use frames::END_SEQ;
+pub use sink::{resume_from, subscribe, subscribe_with_sink, RouterSink, SinkStats};
 
 use parking_lot::Mutex;
 use std::fmt;
