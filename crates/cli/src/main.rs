@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod cmd_events;
 mod cmd_hash;
+mod cmd_listen;
 
 /// KV-cache-aware request routing for LLM serving.
 #[derive(Parser, Debug)]
@@ -20,6 +21,8 @@ enum Command {
     Hash(cmd_hash::Args),
     /// Decode vLLM KV event payloads.
     Events(cmd_events::Args),
+    /// Subscribe to vLLM KV-event publishers and apply their events to a router's index.
+    Listen(cmd_listen::Args),
 }
 
 /// An error that the command line reports as one line and exit code 2.
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Hash(args) => cmd_hash::run(args),
         Command::Events(args) => cmd_events::run(args),
+        Command::Listen(args) => cmd_listen::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
