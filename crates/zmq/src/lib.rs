@@ -8,6 +8,10 @@
 //! restarts, and hands every batch, in order and exactly once, to an [`EventSink`]. It does
 //! not decode the msgpack payload: that is the sink's job.
 //!
+//! [`RouterSink`] is the sink that feeds a [`kvroute::router::Router`] ([`subscribe`]
+//! starts a subscriber on one); [`resume_from`] turns the stream positions of a restored
+//! router snapshot into start seqs, so a late router replica replays only what it missed.
+//!
 //! Each publisher gets its own thread; the sink is called on that thread. Nothing blocks
 //! the caller of [`Subscriber::start`].
 //!
