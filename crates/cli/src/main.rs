@@ -6,6 +6,7 @@ use std::process::ExitCode;
 mod cmd_events;
 mod cmd_hash;
 mod cmd_simulate;
+mod cmd_listen;
 
 /// KV-cache-aware request routing for LLM serving.
 #[derive(Parser, Debug)]
@@ -23,6 +24,8 @@ enum Command {
     Events(cmd_events::Args),
     /// Compare routing policies on simulated vLLM workers (seed, shared-prefix, chat, traces).
     Simulate(cmd_simulate::Args),
+    /// Subscribe to vLLM KV-event publishers and apply their events to a router's index.
+    Listen(cmd_listen::Args),
 }
 
 /// An error that the command line reports as one line and exit code 2.
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Command::Hash(args) => cmd_hash::run(args),
         Command::Events(args) => cmd_events::run(args),
         Command::Simulate(args) => cmd_simulate::run(args),
+        Command::Listen(args) => cmd_listen::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

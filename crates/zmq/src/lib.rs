@@ -8,6 +8,10 @@
 //! restarts, and hands every batch, in order and exactly once, to an [`EventSink`]. It does
 //! not decode the msgpack payload: that is the sink's job.
 //!
+//! [`RouterSink`] is the sink that feeds a [`kvroute::router::Router`] ([`subscribe`]
+//! starts a subscriber on one); [`resume_from`] turns the stream positions of a restored
+//! router snapshot into start seqs, so a late router replica replays only what it missed.
+//!
 //! Each publisher gets its own thread; the sink is called on that thread. Nothing blocks
 //! the caller of [`Subscriber::start`].
 //!
@@ -23,9 +27,11 @@
 //!   [`EventSink::on_reset`], then continue with the new stream.
 
 mod frames;
+mod sink;
 mod worker;
 
 pub use frames::END_SEQ;
+pub use sink::{resume_from, subscribe, subscribe_with_sink, RouterSink, SinkStats};
 
 use parking_lot::Mutex;
 use std::fmt;
@@ -228,6 +234,8 @@ pub struct PublisherStats {
     pub resets: u64,
     /// Errors (or panics) returned by the sink.
     pub sink_errors: u64,
+    /// The text of the last sink error (or panic), with the seq of its batch.
+    pub last_error: Option<String>,
     /// Malformed messages skipped (wrong frame count, seq not 8 bytes, ...).
     pub frame_errors: u64,
     /// Messages skipped because their topic frame differs from the configured topic.

@@ -231,7 +231,9 @@ impl Worker {
         let sink = &self.sink;
         let info = &self.info;
         if catch_unwind(AssertUnwindSafe(|| sink.on_reset(info, reason))).is_err() {
-            self.stats.lock().sink_errors += 1;
+            let mut st = self.stats.lock();
+            st.sink_errors += 1;
+            st.last_error = Some("the sink panicked in on_reset".to_string());
         }
     }
 
@@ -245,12 +247,15 @@ impl Worker {
         }
         let sink = &self.sink;
         let info = &self.info;
-        let ok = matches!(
-            catch_unwind(AssertUnwindSafe(|| sink.on_batch(info, seq, &payload))),
-            Ok(Ok(()))
-        );
-        if !ok {
-            self.stats.lock().sink_errors += 1;
+        let error = match catch_unwind(AssertUnwindSafe(|| sink.on_batch(info, seq, &payload))) {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("seq {seq}: {e}")),
+            Err(_) => Some(format!("seq {seq}: the sink panicked")),
+        };
+        if let Some(e) = error {
+            let mut st = self.stats.lock();
+            st.sink_errors += 1;
+            st.last_error = Some(e);
         }
         self.expected = seq.checked_add(1);
         self.holds_state = true;

@@ -432,5 +432,7 @@ fn sink_errors_and_panics_are_counted_and_the_stream_goes_on() {
     assert_eq!(seqs(&seen), vec![0, 3, 4]);
     let st = sub.stats().remove(0);
     assert_eq!((st.batches, st.sink_errors, st.gaps, st.resets), (5, 2, 0, 0));
+    // The last failure was the panic on seq 2 (after the error on seq 1).
+    assert_eq!(st.last_error.as_deref(), Some("seq 2: the sink panicked"));
     sub.shutdown();
 }

@@ -98,7 +98,8 @@ pub struct Peer {
 impl Peer {
     /// Starts the peer with extra arguments; waits for its endpoints.
     pub fn spawn(extra: &[&str]) -> Peer {
-        let script = manifest_dir().join("tests/peer/vllm_publisher.py");
+        // Through ../zmq so that the CLI's tests (crates/cli) can include this harness too.
+        let script = manifest_dir().join("../zmq/tests/peer/vllm_publisher.py");
         let mut child = Command::new(python())
             .arg(&script)
             .arg("--payloads")
