@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 mod cmd_events;
 mod cmd_hash;
-mod cmd_simulate;
 mod cmd_listen;
+mod cmd_simulate;
 
 /// KV-cache-aware request routing for LLM serving.
 #[derive(Parser, Debug)]

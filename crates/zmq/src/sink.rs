@@ -34,13 +34,11 @@ pub struct SinkStats {
 
 /// An [`EventSink`] that feeds a [`Router`].
 ///
-/// - `on_batch`: [`Router::apply_vllm_batch`] for the publisher's worker name (the
-///   data-parallel rank comes from the batch), then [`Router::set_stream_position`] with
-///   the worker name and the seq, so that [`Router::snapshot`] records where each stream
-///   stands. The position moves even when the router rejects the batch: replaying a batch
-///   that does not apply would not help. It is set after the batch is applied, so a
-///   snapshot taken in between records the previous seq and a replica restoring it
-///   re-applies that batch rather than missing it.
+/// - `on_batch`: [`Router::apply_vllm_batch_from`] for the publisher's worker name (the
+///   data-parallel rank comes from the batch), which records the seq as the worker's
+///   stream position atomically with the batch, so that [`Router::snapshot`] always pairs
+///   the index with the position it reflects. The position moves even when the router
+///   rejects the batch: replaying a batch that does not apply would not help.
 /// - `on_reset`: [`Router::clear_worker`]; new events rebuild the entries. A worker the
 ///   router does not know yet has nothing to drop.
 ///
@@ -72,8 +70,8 @@ impl RouterSink {
 
 impl EventSink for RouterSink {
     fn on_batch(&self, publisher: &PublisherInfo, seq: u64, payload: &[u8]) -> kvroute::Result<()> {
-        let result = self.router.apply_vllm_batch(&publisher.worker, payload);
-        self.router.set_stream_position(&publisher.worker, seq);
+        let result =
+            self.router.apply_vllm_batch_from(&publisher.worker, payload, &publisher.worker, seq);
         let mut stats = self.stats.lock();
         let st = stats.entry(publisher.worker.clone()).or_default();
         match result {

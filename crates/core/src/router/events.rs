@@ -74,9 +74,39 @@ impl Router {
         self.apply_events(name, &batch)
     }
 
+    /// Like [`apply_vllm_batch`](Self::apply_vllm_batch), and records `seq` as the last
+    /// sequence number applied from `publisher` atomically with the batch (under the same
+    /// index lock that [`snapshot`](Self::snapshot) reads under), so a snapshot never
+    /// pairs an index with a stream position that does not match it. The position moves
+    /// even when the batch is rejected (a replay would only bring the same bad batch).
+    pub fn apply_vllm_batch_from(
+        &self,
+        name: &str,
+        payload: &[u8],
+        publisher: &str,
+        seq: u64,
+    ) -> Result<ApplyReport> {
+        let result = crate::events::vllm::decode(payload)
+            .and_then(|batch| self.apply_inner(name, &batch, Some((publisher, seq))));
+        if result.is_err() {
+            let _index = self.index.write();
+            self.streams.lock().insert(publisher.to_string(), seq);
+        }
+        result
+    }
+
     /// Applies a decoded batch for worker `name` at the batch's data-parallel rank. The
     /// whole batch is validated first; on any error nothing is applied.
     pub fn apply_events(&self, name: &str, batch: &KvEventBatch) -> Result<ApplyReport> {
+        self.apply_inner(name, batch, None)
+    }
+
+    fn apply_inner(
+        &self,
+        name: &str,
+        batch: &KvEventBatch,
+        stream: Option<(&str, u64)>,
+    ) -> Result<ApplyReport> {
         if self.cfg.mode == Mode::Approximate {
             return Err(Error::config(
                 "the router is in approximate mode and takes no KV events (use precise or hybrid)",
@@ -106,7 +136,7 @@ impl Router {
                 return Err(e);
             }
         };
-        self.apply_ops(&worker, ops, &mut report);
+        self.apply_ops(&worker, ops, &mut report, stream);
         {
             let mut c = worker.counters.lock();
             c.batches += 1;
@@ -255,7 +285,13 @@ impl Router {
         Ok(ops)
     }
 
-    fn apply_ops(&self, worker: &Arc<WorkerState>, ops: Vec<Op>, report: &mut ApplyReport) {
+    fn apply_ops(
+        &self,
+        worker: &Arc<WorkerState>,
+        ops: Vec<Op>,
+        report: &mut ApplyReport,
+        stream: Option<(&str, u64)>,
+    ) {
         let id = worker.id;
         let vllm = self.cfg.hash_algo.is_vllm();
         let mut index = self.index.write();
@@ -295,6 +331,9 @@ impl Router {
                     index.clear_worker(id);
                 }
             }
+        }
+        if let Some((publisher, seq)) = stream {
+            self.streams.lock().insert(publisher.to_string(), seq);
         }
     }
 }
