@@ -22,6 +22,8 @@
 #![allow(non_camel_case_types)]
 
 mod boundary;
+#[cfg(test)]
+mod header_test;
 
 use boundary::{
     check_out, copy_str_out, free_bytes, free_c_string, free_handle, guard, guard_void, into_bytes,
