@@ -22,3 +22,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "Rust tests"
 cargo test --workspace --release
+
+step "C tests"
+crates/ffi/tests/run_c_tests.sh
+
+step "Go tests"
+crates/ffi/go/run_go_tests.sh
