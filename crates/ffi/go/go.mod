@@ -1,0 +1,3 @@
+module kvroute.dev/kvroute
+
+go 1.22

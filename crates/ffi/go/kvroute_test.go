@@ -1,0 +1,434 @@
+package kvroute
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// The vLLM test vectors, relative to this package's directory.
+var vectorsPath = filepath.Join("..", "..", "..", "..", "shared", "vectors", "vllm", "kv_events.json")
+
+type recordedBatch struct {
+	step    string
+	payload []byte
+	events  []map[string]any
+}
+
+// recordedBatches are the recorded vLLM 0.33 batches (the hand-crafted ones at the end
+// carry made-up hashes and are left out, as in the Rust tests).
+func recordedBatches(t *testing.T) []recordedBatch {
+	t.Helper()
+	raw, err := os.ReadFile(vectorsPath)
+	if err != nil {
+		t.Fatalf("reading the vLLM vectors: %v", err)
+	}
+	var doc struct {
+		Steps []struct {
+			Step  string `json:"step"`
+			Batch *struct {
+				PayloadHex string            `json:"payload_hex"`
+				Decoded    []json.RawMessage `json:"decoded"`
+			} `json:"batch"`
+		} `json:"steps"`
+	}
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		t.Fatal(err)
+	}
+	var out []recordedBatch
+	for _, s := range doc.Steps {
+		if s.Batch == nil || strings.HasPrefix(s.Step, "handcrafted") {
+			continue
+		}
+		payload, err := hex.DecodeString(s.Batch.PayloadHex)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var events []map[string]any
+		dec := json.NewDecoder(strings.NewReader(string(s.Batch.Decoded[1])))
+		dec.UseNumber()
+		if err := dec.Decode(&events); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, recordedBatch{s.Step, payload, events})
+	}
+	if len(out) < 5 {
+		t.Fatalf("only %d recorded batches", len(out))
+	}
+	return out
+}
+
+// blockKey is the router's key of an event's block hash: the integer, or in vLLM's bytes
+// mode the digest's last 8 bytes.
+func blockKey(h any) string {
+	if m, ok := h.(map[string]any); ok {
+		hx := m["bytes_hex"].(string)
+		v, err := strconv.ParseUint(hx[len(hx)-16:], 16, 64)
+		if err != nil {
+			panic(err)
+		}
+		return strconv.FormatUint(v, 10)
+	}
+	return fmt.Sprint(h)
+}
+
+// applyModel is a reference model of the blocks one worker holds.
+func applyModel(t *testing.T, held map[string]int, events []map[string]any) {
+	for _, ev := range events {
+		hashes, _ := ev["block_hashes"].([]any)
+		switch ev["type"] {
+		case "BlockStored":
+			for _, h := range hashes {
+				held[blockKey(h)]++
+			}
+		case "BlockRemoved":
+			for _, h := range hashes {
+				k := blockKey(h)
+				if held[k] > 0 {
+					held[k]--
+					if held[k] == 0 {
+						delete(held, k)
+					}
+				}
+			}
+		case "AllBlocksCleared":
+			clear(held)
+		default:
+			t.Fatalf("unexpected event %v", ev["type"])
+		}
+	}
+}
+
+func iota(n int) []uint32 {
+	t := make([]uint32, n)
+	for i := range t {
+		t[i] = uint32(i)
+	}
+	return t
+}
+
+func mustNew(t *testing.T, cfg string) *Router {
+	t.Helper()
+	r, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New(%s): %v", cfg, err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+func holderBlocks(t *testing.T, r *Router) uint64 {
+	t.Helper()
+	m, err := r.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m.Index.HolderBlocks
+}
+
+func TestVersion(t *testing.T) {
+	if Version() != HeaderVersion {
+		t.Fatalf("linked %s, header %s", Version(), HeaderVersion)
+	}
+	if CodeNoWorkers != 11 || CodePanic != 103 || CodeNoWorkers.String() != "no worker available" {
+		t.Fatal("result codes changed meaning")
+	}
+}
+
+func TestEventsFollowVLLM(t *testing.T) {
+	r := mustNew(t, `{"hash_algo": "sha256", "profile": "prefix", "workers": [{"name": "pod-a"}, {"name": "pod-b"}]}`)
+	batches := recordedBatches(t)
+	// The router's own sha256 block keys of tokens 0..99 are vLLM's recorded hashes.
+	keys, err := r.BlockKeys(iota(100), RouteOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for _, h := range batches[0].events[0]["block_hashes"].([]any) {
+		want = append(want, blockKey(h))
+	}
+	if fmt.Sprint(keys) != "["+strings.Join(want, " ")+"]" {
+		t.Fatalf("block keys %v, vLLM %v", keys, want)
+	}
+	held := map[string]int{}
+	for i, b := range batches {
+		rep, err := r.ApplyVLLMBatch("pod-a", b.payload)
+		if err != nil {
+			t.Fatalf("%s: %v", b.step, err)
+		}
+		applyModel(t, held, b.events)
+		if got := holderBlocks(t, r); got != uint64(len(held)) {
+			t.Fatalf("after %s: index holds %d, reference %d (%+v)", b.step, got, len(held), rep)
+		}
+		if i == 0 {
+			d, err := r.Route(iota(100), RouteOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.Worker != "pod-a" || d.MatchedBlocks != 6 || d.TotalBlocks != 6 {
+				t.Fatalf("after r1: %+v", d)
+			}
+			for _, c := range d.Candidates {
+				want := uint32(0)
+				if c.Worker == "pod-a" {
+					want = 6
+				}
+				if c.MatchedBlocks != want || len(c.Scores) == 0 {
+					t.Fatalf("candidate %+v", c)
+				}
+			}
+			// Snapshot and restore into a fresh router: it routes the same.
+			snap, err := r.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			r2 := mustNew(t, `{"hash_algo": "sha256", "profile": "prefix"}`)
+			if err := r2.Restore(snap); err != nil {
+				t.Fatal(err)
+			}
+			d2, err := r2.Route(iota(100), RouteOptions{})
+			if err != nil || d2.Worker != "pod-a" || d2.MatchedBlocks != 6 {
+				t.Fatalf("restored router: %+v %v", d2, err)
+			}
+			snap[0] ^= 0xff
+			if err := r2.Restore(snap); !errors.Is(err, ErrSnapshot) {
+				t.Fatalf("corrupt snapshot: %v", err)
+			}
+		}
+	}
+	prom, err := r.Prometheus()
+	if err != nil || !strings.Contains(prom, "\nkvroute_routes_total 1\n") {
+		t.Fatalf("prometheus: %v\n%s", err, prom)
+	}
+}
+
+func TestErrors(t *testing.T) {
+	_, err := New(`{"profil": "llm-d"}`)
+	var e *Error
+	if !errors.As(err, &e) || e.Code != CodeConfig || !strings.Contains(e.Msg, "profil") {
+		t.Fatalf("bad config: %#v", err)
+	}
+	if !errors.Is(err, ErrConfig) || errors.Is(err, ErrDecode) {
+		t.Fatal("errors.Is does not match by code")
+	}
+	if _, err := New(`{"hash_algo": "xxhash"}`); !errors.Is(err, ErrMissingSeed) {
+		t.Fatal(err)
+	}
+	if _, err := New(`{"workers": [{"name": "a"}, {"name": "a"}]}`); !errors.Is(err, ErrWorkerExists) {
+		t.Fatal(err)
+	}
+	if _, err := New("{\"seed\": \"\xff\"}"); !errors.Is(err, ErrInvalidUTF8) {
+		t.Fatal(err)
+	}
+	empty := mustNew(t, `{}`)
+	if _, err := empty.Route(iota(32), RouteOptions{}); !errors.Is(err, ErrNoWorkers) {
+		t.Fatal(err)
+	}
+	batches := recordedBatches(t)
+	r := mustNew(t, `{"vocab_size": 50, "workers": [{"name": "pod-a"}]}`)
+	if _, err := r.Route(iota(64), RouteOptions{}); !errors.Is(err, ErrInvalidInput) {
+		t.Fatal(err)
+	}
+	if _, err := r.ApplyVLLMBatch("pod-z", batches[0].payload); !errors.Is(err, ErrUnknownWorker) {
+		t.Fatal(err)
+	}
+	if _, err := r.ApplyVLLMBatch("pod-a", batches[0].payload[:10]); !errors.Is(err, ErrDecode) {
+		t.Fatal(err)
+	}
+	if _, err := r.ApplyVLLMBatch("pod-a", nil); !errors.Is(err, ErrDecode) {
+		t.Fatal(err)
+	}
+	if err := r.OnFinished(12345); !errors.Is(err, ErrInvalidInput) {
+		t.Fatal(err)
+	}
+	usage := 1.5
+	if err := r.ReportLoad("pod-a", 0, LoadReport{KVUsage: &usage}); !errors.Is(err, ErrInvalidInput) {
+		t.Fatal(err)
+	}
+	bs := mustNew(t, `{"block_size": 32, "workers": [{"name": "pod-a"}]}`)
+	if _, err := bs.ApplyVLLMBatch("pod-a", batches[0].payload); !errors.Is(err, ErrBlockSizeMismatch) {
+		t.Fatal(err)
+	}
+	hm := mustNew(t, `{"hash_algo": "sha256", "hash_seed": "0", "workers": [{"name": "pod-a"}]}`)
+	_, err = hm.ApplyVLLMBatch("pod-a", batches[0].payload)
+	if !errors.Is(err, ErrHashMismatch) || !strings.Contains(err.Error(), "PYTHONHASHSEED") {
+		t.Fatal(err)
+	}
+	if holderBlocks(t, hm) != 0 {
+		t.Fatal("a rejected batch changed the index")
+	}
+	if err := r.Restore([]byte("nope")); !errors.Is(err, ErrSnapshot) {
+		t.Fatal(err)
+	}
+	// Closed routers.
+	c, _ := New(`{}`)
+	c.Close()
+	c.Close()
+	if _, err := c.Route(iota(4), RouteOptions{}); !errors.Is(err, ErrClosed) {
+		t.Fatal(err)
+	}
+}
+
+func TestWorkersLifecycleAndLoad(t *testing.T) {
+	r := mustNew(t, `{"mode": "approximate", "profile": "prefix"}`)
+	for _, w := range []string{"a", "b"} {
+		if err := r.AddWorker(w, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.AddWorker("a", 0); !errors.Is(err, ErrWorkerExists) {
+		t.Fatal(err)
+	}
+	toks := iota(64)
+	first, err := r.Route(toks, RouteOptions{Session: "10.0.0.1", LoRA: "sql", CacheSalt: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.OnRouted(first); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.OnRouted(first); !errors.Is(err, ErrInvalidInput) {
+		t.Fatalf("second OnRouted: %v", err)
+	}
+	m, _ := r.Metrics()
+	if m.InflightRequests != 1 {
+		t.Fatalf("inflight %d", m.InflightRequests)
+	}
+	if err := r.OnFirstToken(first.RequestID); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.OnFinished(first.RequestID); err != nil {
+		t.Fatal(err)
+	}
+	// The same LoRA and salt now hit the predicted blocks; another salt does not.
+	again, _ := r.Route(toks, RouteOptions{LoRA: "sql", CacheSalt: "t"})
+	other, _ := r.Route(toks, RouteOptions{LoRA: "sql", CacheSalt: "u"})
+	if again.Worker != first.Worker || again.MatchedBlocks != 4 || other.MatchedBlocks != 0 {
+		t.Fatalf("again %+v other %+v", again, other)
+	}
+	otherName := map[string]string{"a": "b", "b": "a"}[first.Worker]
+	if err := r.DrainWorker(first.Worker, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := r.Route(toks, RouteOptions{LoRA: "sql", CacheSalt: "t"})
+	if d.Worker != otherName {
+		t.Fatalf("drained worker chosen: %+v", d)
+	}
+	r.DrainWorker(first.Worker, 0, false)
+	r.SetHealthy(otherName, 0, false)
+	r.SetHealthy(first.Worker, 0, false)
+	if _, err := r.Route(toks, RouteOptions{}); !errors.Is(err, ErrNoWorkers) {
+		t.Fatal(err)
+	}
+	r.SetHealthy(otherName, 0, true)
+	r.SetHealthy(first.Worker, 0, true)
+	w, run, u := uint32(3), uint32(1), 0.25
+	if err := r.ReportLoad("a", 0, LoadReport{Waiting: &w, Running: &run, KVUsage: &u, LoRAs: []string{"sql"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.ReportLoad("b", 0, LoadReport{LoRAs: []string{}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.RemoveWorker(first.Worker, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.RemoveWorker(first.Worker, 0); !errors.Is(err, ErrUnknownWorker) {
+		t.Fatal(err)
+	}
+	d, _ = r.Route(toks, RouteOptions{LoRA: "sql", CacheSalt: "t"})
+	if d.Worker != otherName || d.MatchedBlocks != 0 {
+		t.Fatalf("after removal: %+v", d)
+	}
+}
+
+func TestConcurrentRoutingWhileApplyingEvents(t *testing.T) {
+	r := mustNew(t, `{"hash_algo": "sha256", "profile": "prefix", "workers": [{"name": "pod-a"}, {"name": "pod-b"}]}`)
+	batches := recordedBatches(t)
+	const goroutines, perG = 8, 100
+	var wg sync.WaitGroup
+	errs := make(chan error, goroutines*perG)
+	toks := iota(100)
+	for g := 0; g < goroutines; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < perG; i++ {
+				d, err := r.Route(toks, RouteOptions{Session: fmt.Sprint("client-", g)})
+				if err != nil {
+					errs <- err
+					continue
+				}
+				if d.TotalBlocks != 6 || d.MatchedBlocks > 6 {
+					errs <- fmt.Errorf("decision %+v", d)
+				}
+				for _, f := range []func() error{
+					func() error { return r.OnRouted(d) },
+					func() error { return r.OnFirstToken(d.RequestID) },
+					func() error { return r.OnFinished(d.RequestID) },
+				} {
+					if err := f(); err != nil {
+						errs <- err
+					}
+				}
+				// A failure's message is this goroutine's, not another's.
+				if err := r.OnFinished(0); err == nil || !strings.Contains(err.Error(), "unknown request id 0") {
+					errs <- fmt.Errorf("wrong error message: %v", err)
+				}
+			}
+		}(g)
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for round := 0; round < 5; round++ {
+			for _, b := range batches {
+				if _, err := r.ApplyVLLMBatch("pod-a", b.payload); err != nil {
+					errs <- err
+				}
+			}
+		}
+	}()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	m, err := r.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Routes != goroutines*perG || m.InflightRequests != 0 || m.EventBatches != uint64(5*len(batches)) {
+		t.Fatalf("metrics %+v", m)
+	}
+}
+
+func TestCloseWhileInUse(t *testing.T) {
+	r, err := New(`{"workers": [{"name": "a"}]}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 200; i++ {
+				if _, err := r.Route(iota(40), RouteOptions{}); err != nil && !errors.Is(err, ErrClosed) {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	r.Close()
+	wg.Wait()
+	if _, err := r.Route(iota(40), RouteOptions{}); !errors.Is(err, ErrClosed) {
+		t.Fatal(err)
+	}
+}
