@@ -20,5 +20,20 @@ step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "Python venv for the ZeroMQ peer tests"
+# kvroute-zmq's integration tests drive a pyzmq publisher (crates/zmq/tests/peer).
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import zmq, msgpack' >/dev/null 2>&1; then
+  .venv/bin/pip install --quiet --disable-pip-version-check pyzmq msgpack
+fi
+export KVROUTE_PYTHON="$ROOT/.venv/bin/python"
+
 step "Rust tests"
 cargo test --workspace --release
+
+step "fuzz targets build"
+# cargo-fuzz targets are plain binaries linked with libFuzzer; CI only builds them
+# (running them needs cargo-fuzz and RUSTC_BOOTSTRAP=1, see fuzz/README.md).
+cargo build --manifest-path fuzz/Cargo.toml --quiet

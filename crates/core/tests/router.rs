@@ -171,6 +171,9 @@ fn bad_batches_are_rejected_without_change() {
     // Still usable.
     r.apply_vllm_batch("pod-a", &batches[0].1).unwrap();
     assert_eq!(r.index_stats().holder_blocks, 6);
+    assert_eq!(r.clear_worker("pod-a").unwrap(), 6);
+    assert_eq!(r.index_stats().holder_blocks, 0);
+    assert!(matches!(r.clear_worker("nope"), Err(Error::UnknownWorker(_))));
     // Auto-add creates the worker on its first batch.
     let r = router(r#"{"auto_add_workers": true}"#);
     r.apply_vllm_batch("10.0.0.9:8000", &batches[0].1).unwrap();

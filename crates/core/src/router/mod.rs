@@ -375,6 +375,26 @@ impl Router {
         Ok(())
     }
 
+    /// Drops every index entry of every data-parallel rank of worker `name` (for example
+    /// when its event stream restarted or a gap could not be replayed); new events
+    /// rebuild them. Returns the (block, worker) pairs dropped.
+    pub fn clear_worker(&self, name: &str) -> Result<u64> {
+        let ids: Vec<WorkerId> = self
+            .registry
+            .read()
+            .slots
+            .iter()
+            .flatten()
+            .filter(|w| w.key.name == name)
+            .map(|w| w.id)
+            .collect();
+        if ids.is_empty() {
+            return Err(Error::UnknownWorker(name.to_string()));
+        }
+        let mut index = self.index.write();
+        Ok(ids.into_iter().map(|id| index.clear_worker(id)).sum())
+    }
+
     /// Marks a worker healthy or not; unhealthy workers are filtered out by profiles with
     /// the `healthy` filter (all presets).
     pub fn set_healthy(&self, name: &str, dp_rank: u32, healthy: bool) -> Result<()> {
