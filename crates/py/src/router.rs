@@ -61,9 +61,14 @@ impl PyRouter {
 
     /// Chooses a worker for the prompt `tokens` (a list, tuple, numpy integer array or
     /// integer buffer of token ids). `session` is a session key (client IP, session id)
-    /// for affinity, `lora` the LoRA adapter's name, `cache_salt` vLLM's per-request cache
+    /// for affinity, `lora` the LoRA adapter's name (for LoRA affinity and the hash) and
+    /// `lora_path` its path (vLLM 0.33 hashes both), `cache_salt` vLLM's per-request cache
     /// salt (folded into the block hashes as vLLM does). `now_ms` overrides the wall clock.
-    #[pyo3(signature = (tokens, *, session = None, lora = None, cache_salt = None, now_ms = None))]
+    #[pyo3(signature = (
+        tokens, *, session = None, lora = None, cache_salt = None, lora_path = None,
+        now_ms = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn route(
         &self,
         py: Python<'_>,
@@ -71,13 +76,16 @@ impl PyRouter {
         session: Option<String>,
         lora: Option<String>,
         cache_salt: Option<String>,
+        lora_path: Option<String>,
         now_ms: Option<u64>,
     ) -> PyResult<PyDecision> {
         let tokens = extract_tokens(tokens)?;
-        // The LoRA name alone is folded in by the core; with a salt, both go in the extras.
-        let ex = match cache_salt {
-            Some(salt) => Some(extras(py, lora.clone(), None, Some(salt))?),
-            None => None,
+        // The LoRA name alone is folded in by the core; with a salt or a LoRA path, the
+        // request's extras carry all of them.
+        let ex = if cache_salt.is_some() || lora_path.is_some() {
+            Some(extras(py, lora.clone(), lora_path, cache_salt)?)
+        } else {
+            None
         };
         let decision = py
             .detach(|| {
@@ -94,17 +102,18 @@ impl PyRouter {
     }
 
     /// The router's block keys of `tokens` (full blocks only), as ints.
-    #[pyo3(signature = (tokens, *, lora = None, cache_salt = None))]
+    #[pyo3(signature = (tokens, *, lora = None, cache_salt = None, lora_path = None))]
     fn block_keys(
         &self,
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
         lora: Option<String>,
         cache_salt: Option<String>,
+        lora_path: Option<String>,
     ) -> PyResult<Vec<u64>> {
         let tokens = extract_tokens(tokens)?;
-        let ex = if lora.is_some() || cache_salt.is_some() {
-            Some(extras(py, lora, None, cache_salt)?)
+        let ex = if lora.is_some() || cache_salt.is_some() || lora_path.is_some() {
+            Some(extras(py, lora, lora_path, cache_salt)?)
         } else {
             None
         };

@@ -128,6 +128,7 @@ class Router:
         session: Optional[str] = None,
         lora: Optional[str] = None,
         cache_salt: Optional[str] = None,
+        lora_path: Optional[str] = None,
         now_ms: Optional[int] = None,
     ) -> Decision:
         """Chooses a worker for the prompt ``tokens``.
@@ -136,7 +137,12 @@ class Router:
         non-integer tokens, ``NoWorkersError`` when no worker can take the request.
         """
     def block_keys(
-        self, tokens: Tokens, *, lora: Optional[str] = None, cache_salt: Optional[str] = None
+        self,
+        tokens: Tokens,
+        *,
+        lora: Optional[str] = None,
+        cache_salt: Optional[str] = None,
+        lora_path: Optional[str] = None,
     ) -> List[int]:
         """The router's block keys of ``tokens`` (full blocks only)."""
     def apply_vllm_batch(self, worker: str, payload: BytesLike) -> Dict[str, int]:
