@@ -33,6 +33,9 @@ export KVROUTE_PYTHON="$ROOT/.venv/bin/python"
 step "Rust tests"
 cargo test --workspace --release
 
+step "Python tests"
+bash crates/py/run_py_tests.sh
+
 step "fuzz targets build"
 # cargo-fuzz targets are plain binaries linked with libFuzzer; CI only builds them
 # (running them needs cargo-fuzz and RUSTC_BOOTSTRAP=1, see fuzz/README.md).
