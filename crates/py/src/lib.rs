@@ -6,6 +6,7 @@
 //! - `router`: `Router`, `Decision`, `Candidate`
 //! - `hashing`: `hash_blocks`
 //! - `events`: `decode_vllm_batch`
+//! - `zmq`: `ZmqSubscriber` (the `kvroute-zmq` subscriber feeding a `Router`)
 //! - `errors`: `KvrouteError` and one subclass per core error kind
 //! - `convert`: token ids, byte payloads and JSON values between Python and Rust
 
@@ -14,6 +15,7 @@ mod errors;
 mod events;
 mod hashing;
 mod router;
+mod zmq;
 
 use pyo3::prelude::*;
 
@@ -25,6 +27,7 @@ fn _kvroute(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<router::PyRouter>()?;
     m.add_class::<router::PyDecision>()?;
     m.add_class::<router::PyCandidate>()?;
+    m.add_class::<zmq::PyZmqSubscriber>()?;
     m.add_function(wrap_pyfunction!(hashing::hash_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(events::decode_vllm_batch, m)?)?;
     Ok(())

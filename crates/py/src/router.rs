@@ -8,6 +8,7 @@ use kvroute::router::{CandidateScore, Decision, LoadReport, Request, Router};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};
+use std::sync::Arc;
 
 /// A KV-cache-aware router (`Send + Sync`: share one between threads freely).
 ///
@@ -17,7 +18,8 @@ use pyo3::types::{PyBytes, PyDict, PyString};
 /// the GIL released.
 #[pyclass(module = "kvroute", name = "Router", frozen)]
 pub(crate) struct PyRouter {
-    inner: Router,
+    /// Shared with the ZeroMQ subscriber's threads.
+    pub(crate) inner: Arc<Router>,
 }
 
 /// The router's choice for one request. Pass it to `Router.on_routed` once the request is
@@ -56,7 +58,7 @@ impl PyRouter {
     #[pyo3(signature = (config = None))]
     fn new(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
         let json = config_json(py, config)?;
-        Ok(PyRouter { inner: Router::from_json(&json).or_raise(py)? })
+        Ok(PyRouter { inner: Arc::new(Router::from_json(&json).or_raise(py)?) })
     }
 
     /// Chooses a worker for the prompt `tokens` (a list, tuple, numpy integer array or

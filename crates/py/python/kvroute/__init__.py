@@ -10,7 +10,9 @@ Example::
     import kvroute
 
     router = kvroute.Router({"hash_algo": "sha256", "workers": [{"name": "pod-a"}, {"name": "pod-b"}]})
-    router.apply_vllm_batch("pod-a", payload)      # a KVEventBatch from pod-a's ZeroMQ stream
+    router.apply_vllm_batch("pod-a", payload)      # a KVEventBatch from pod-a's ZeroMQ stream,
+    # or let kvroute subscribe itself:
+    # sub = kvroute.ZmqSubscriber(router, [{"endpoint": "tcp://10.0.0.7:5557", "worker": "pod-a"}])
     decision = router.route(token_ids)
     router.on_routed(decision)                       # the request was sent to decision.worker
     ...
@@ -39,6 +41,7 @@ from kvroute._kvroute import (
     SnapshotError,
     UnknownWorkerError,
     WorkerExistsError,
+    ZmqSubscriber,
     __version__,
     decode_vllm_batch,
     hash_blocks,
@@ -48,6 +51,7 @@ __all__ = [
     "Router",
     "Decision",
     "Candidate",
+    "ZmqSubscriber",
     "hash_blocks",
     "decode_vllm_batch",
     "KvrouteError",

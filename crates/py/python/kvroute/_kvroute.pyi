@@ -193,6 +193,35 @@ class Router:
     def prometheus(self) -> str:
         """The router's metrics in Prometheus text format."""
 
+class ZmqSubscriber:
+    """Subscribes to vLLM KV-event publishers (ZeroMQ) and applies every batch to a Router.
+
+    ``publishers``: endpoint strings or dicts with ``endpoint`` and optionally
+    ``replay_endpoint``, ``topic`` (default ``"kv-events"``), ``worker`` (default
+    ``host:port``) and ``start_seq``. Runs on background threads that never take the GIL.
+    Raises ``ConfigError`` for a bad configuration, ``IoError`` when ZeroMQ refuses it.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        publishers: Iterable[Union[str, Mapping[str, Any]]],
+        *,
+        replay_timeout: float = 2.0,
+        rcvhwm: int = 10000,
+        poll_interval: float = 0.05,
+        reconnect_interval: float = 0.1,
+    ) -> None: ...
+    def stats(self) -> List[Dict[str, Any]]:
+        """Each publisher's counters (batches, last_seq, gaps, restarts, resets, ...)."""
+    @property
+    def running(self) -> bool:
+        """True until ``shutdown()``."""
+    def shutdown(self) -> None:
+        """Stops the threads and waits for them; idempotent."""
+    def __enter__(self) -> "ZmqSubscriber": ...
+    def __exit__(self, *args: Any) -> bool: ...
+
 def hash_blocks(
     tokens: Tokens,
     algo: str = "sha256",
