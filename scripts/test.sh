@@ -39,6 +39,9 @@ crates/ffi/tests/run_c_tests.sh
 step "Go tests"
 crates/ffi/go/run_go_tests.sh
 
+step "Python tests"
+bash crates/py/run_py_tests.sh
+
 step "fuzz targets build"
 # cargo-fuzz targets are plain binaries linked with libFuzzer; CI only builds them
 # (running them needs cargo-fuzz and RUSTC_BOOTSTRAP=1, see fuzz/README.md).

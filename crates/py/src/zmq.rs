@@ -1,0 +1,189 @@
+//! `kvroute.ZmqSubscriber`: runs the `kvroute-zmq` subscriber on vLLM KV-event publishers
+//! and feeds a `Router`. All ZeroMQ work (sequence tracking, gap replay, restart detection)
+//! is `kvroute_zmq::Subscriber`'s; this file maps its configuration and statistics and
+//! connects it to the router.
+
+use crate::errors::{invalid, OrRaise};
+use crate::router::PyRouter;
+use kvroute::router::Router;
+use kvroute_zmq::{
+    EventSink, PublisherConfig, PublisherInfo, PublisherStats, ResetReason, Subscriber,
+    SubscriberConfig,
+};
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Applies each batch to the router under the publisher's worker name and records the
+/// stream position (for snapshots); a reset drops the worker's index entries.
+struct RouterSink {
+    router: Arc<Router>,
+}
+
+impl EventSink for RouterSink {
+    fn on_batch(&self, p: &PublisherInfo, seq: u64, payload: &[u8]) -> kvroute::Result<()> {
+        // The batch counts as consumed either way (the subscriber does not retry), so the
+        // position advances even when the batch is rejected.
+        let applied = self.router.apply_vllm_batch(&p.worker, payload);
+        self.router.set_stream_position(&p.worker, seq);
+        applied.map(drop)
+    }
+
+    fn on_reset(&self, p: &PublisherInfo, _reason: ResetReason) {
+        // An unknown worker has nothing to drop.
+        let _ = self.router.clear_worker(&p.worker);
+    }
+}
+
+/// A ZeroMQ subscriber to vLLM KV-event publishers that applies every batch to a
+/// `Router`, in order and exactly once per publisher, filling gaps through the
+/// publishers' replay endpoints and dropping a worker's entries when its engine restarts.
+///
+/// `publishers` is a list of PUB endpoints (`"tcp://10.0.0.7:5557"`) or dicts with
+/// `endpoint` and optionally `replay_endpoint`, `topic` (default `"kv-events"`; `""` for
+/// all), `worker` (the router's worker name; default `host:port` of the endpoint) and
+/// `start_seq` (replay from this sequence number on the first message, e.g. from the
+/// positions `Router.restore` returned). The subscriber runs on background threads
+/// (one per publisher) that never take the GIL; stop it with `shutdown()` or a `with`
+/// block. Times are in seconds.
+#[pyclass(module = "kvroute", name = "ZmqSubscriber", frozen)]
+pub(crate) struct PyZmqSubscriber {
+    inner: Mutex<Option<Subscriber>>,
+}
+
+fn publisher(item: &Bound<'_, PyAny>) -> PyResult<PublisherConfig> {
+    if let Ok(s) = item.cast::<PyString>() {
+        return Ok(PublisherConfig::new(s.extract::<String>()?));
+    }
+    let d = item.cast::<PyDict>().map_err(|_| {
+        PyTypeError::new_err("a publisher is an endpoint string or a dict with an \"endpoint\"")
+    })?;
+    for key in d.keys() {
+        let k: String = key.extract()?;
+        if !["endpoint", "replay_endpoint", "topic", "worker", "start_seq"].contains(&k.as_str()) {
+            return Err(invalid(item.py(), format!("unknown publisher field {k:?}")));
+        }
+    }
+    let endpoint: String = d
+        .get_item("endpoint")?
+        .ok_or_else(|| invalid(item.py(), "a publisher dict needs an \"endpoint\""))?
+        .extract()?;
+    let mut p = PublisherConfig::new(endpoint);
+    if let Some(v) = d.get_item("replay_endpoint")? {
+        p.replay_endpoint = v.extract()?;
+    }
+    if let Some(v) = d.get_item("topic")? {
+        p.topic = v.extract()?;
+    }
+    if let Some(v) = d.get_item("worker")? {
+        p.worker = v.extract()?;
+    }
+    if let Some(v) = d.get_item("start_seq")? {
+        p.start_seq = v.extract()?;
+    }
+    Ok(p)
+}
+
+fn duration(py: Python<'_>, what: &str, secs: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| invalid(py, format!("{what} must be a non-negative number of seconds")))
+}
+
+fn stats_dict<'py>(py: Python<'py>, s: &PublisherStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("worker", &s.worker)?;
+    d.set_item("endpoint", &s.endpoint)?;
+    d.set_item("connected", s.connected)?;
+    d.set_item("batches", s.batches)?;
+    d.set_item("last_seq", s.last_seq)?;
+    d.set_item("gaps", s.gaps)?;
+    d.set_item("replays_ok", s.replays_ok)?;
+    d.set_item("replays_failed", s.replays_failed)?;
+    d.set_item("restarts", s.restarts)?;
+    d.set_item("resets", s.resets)?;
+    d.set_item("sink_errors", s.sink_errors)?;
+    d.set_item("frame_errors", s.frame_errors)?;
+    d.set_item("foreign_topic", s.foreign_topic)?;
+    d.set_item("duplicates", s.duplicates)?;
+    d.set_item("reconnects", s.reconnects)?;
+    let at = s
+        .last_batch_at
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64());
+    d.set_item("last_batch_at", at)?;
+    Ok(d)
+}
+
+#[pymethods]
+impl PyZmqSubscriber {
+    #[new]
+    #[pyo3(signature = (
+        router, publishers, *, replay_timeout = 2.0, rcvhwm = 10_000, poll_interval = 0.05,
+        reconnect_interval = 0.1
+    ))]
+    fn new(
+        py: Python<'_>,
+        router: &Bound<'_, PyRouter>,
+        publishers: &Bound<'_, PyAny>,
+        replay_timeout: f64,
+        rcvhwm: i32,
+        poll_interval: f64,
+        reconnect_interval: f64,
+    ) -> PyResult<Self> {
+        let pubs = publishers.try_iter()?.map(|x| publisher(&x?)).collect::<PyResult<Vec<_>>>()?;
+        let cfg = SubscriberConfig {
+            publishers: pubs,
+            replay_timeout: duration(py, "replay_timeout", replay_timeout)?,
+            rcvhwm,
+            poll_interval: duration(py, "poll_interval", poll_interval)?,
+            reconnect_interval: duration(py, "reconnect_interval", reconnect_interval)?,
+        };
+        let sink = Arc::new(RouterSink { router: Arc::clone(&router.get().inner) });
+        let sub = py.detach(|| Subscriber::start(cfg, sink)).or_raise(py)?;
+        Ok(PyZmqSubscriber { inner: Mutex::new(Some(sub)) })
+    }
+
+    /// Each publisher's counters, in configuration order: `worker`, `endpoint`,
+    /// `connected`, `batches`, `last_seq`, `gaps`, `replays_ok`, `replays_failed`,
+    /// `restarts`, `resets`, `sink_errors`, `frame_errors`, `foreign_topic`,
+    /// `duplicates`, `reconnects`, `last_batch_at` (seconds since the epoch or None).
+    /// Empty once shut down.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let stats = match self.inner.lock() {
+            Ok(g) => g.as_ref().map(Subscriber::stats).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let out = PyList::empty(py);
+        for s in &stats {
+            out.append(stats_dict(py, s)?)?;
+        }
+        Ok(out)
+    }
+
+    /// True until `shutdown()`.
+    #[getter]
+    fn running(&self) -> bool {
+        self.inner.lock().map(|g| g.is_some()).unwrap_or(false)
+    }
+
+    /// Stops the subscriber's threads and waits for them (about one poll interval).
+    /// Calling it again does nothing.
+    fn shutdown(&self, py: Python<'_>) {
+        let sub = self.inner.lock().ok().and_then(|mut g| g.take());
+        if let Some(sub) = sub {
+            py.detach(|| sub.shutdown());
+        }
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.shutdown(py);
+        false
+    }
+}

@@ -1,0 +1,47 @@
+"""Shared fixtures: the vLLM test vectors next to the checkout (``../shared/vectors/vllm``)."""
+
+import json
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+VECTORS = ROOT / ".." / "shared" / "vectors" / "vllm"
+
+
+def load(name):
+    """One vector file, parsed."""
+    with open(VECTORS / name) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def block_vectors():
+    """block_hashes.json (vLLM 0.33)."""
+    return load("block_hashes.json")
+
+
+@pytest.fixture(scope="session")
+def kv_events():
+    """kv_events.json (vLLM 0.33)."""
+    return load("kv_events.json")
+
+
+def recorded_batches(doc):
+    """The engine-recorded steps (not the hand-built ones) as (step, payload bytes, decoded)."""
+    out = []
+    for s in doc["steps"]:
+        b = s["batch"]
+        if b is None or s["step"].startswith("handcrafted"):
+            continue
+        out.append((s["step"], bytes.fromhex(b["payload_hex"]), b["decoded"]))
+    return out
+
+
+def all_batches(doc):
+    """Every step with a batch, hand-built ones included."""
+    return [
+        (s["step"], bytes.fromhex(s["batch"]["payload_hex"]), s["batch"]["decoded"])
+        for s in doc["steps"]
+        if s["batch"] is not None
+    ]
