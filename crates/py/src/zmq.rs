@@ -5,37 +5,12 @@
 
 use crate::errors::{invalid, OrRaise};
 use crate::router::PyRouter;
-use kvroute::router::Router;
-use kvroute_zmq::{
-    EventSink, PublisherConfig, PublisherInfo, PublisherStats, ResetReason, Subscriber,
-    SubscriberConfig,
-};
+use kvroute_zmq::{PublisherConfig, PublisherStats, RouterSink, Subscriber, SubscriberConfig};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Applies each batch to the router under the publisher's worker name and records the
-/// stream position (for snapshots); a reset drops the worker's index entries.
-struct RouterSink {
-    router: Arc<Router>,
-}
-
-impl EventSink for RouterSink {
-    fn on_batch(&self, p: &PublisherInfo, seq: u64, payload: &[u8]) -> kvroute::Result<()> {
-        // The batch counts as consumed either way (the subscriber does not retry), so the
-        // position advances even when the batch is rejected.
-        let applied = self.router.apply_vllm_batch(&p.worker, payload);
-        self.router.set_stream_position(&p.worker, seq);
-        applied.map(drop)
-    }
-
-    fn on_reset(&self, p: &PublisherInfo, _reason: ResetReason) {
-        // An unknown worker has nothing to drop.
-        let _ = self.router.clear_worker(&p.worker);
-    }
-}
 
 /// A ZeroMQ subscriber to vLLM KV-event publishers that applies every batch to a
 /// `Router`, in order and exactly once per publisher, filling gaps through the
@@ -140,7 +115,7 @@ impl PyZmqSubscriber {
             poll_interval: duration(py, "poll_interval", poll_interval)?,
             reconnect_interval: duration(py, "reconnect_interval", reconnect_interval)?,
         };
-        let sink = Arc::new(RouterSink { router: Arc::clone(&router.get().inner) });
+        let sink = Arc::new(RouterSink::new(Arc::clone(&router.get().inner)));
         let sub = py.detach(|| Subscriber::start(cfg, sink)).or_raise(py)?;
         Ok(PyZmqSubscriber { inner: Mutex::new(Some(sub)) })
     }
