@@ -382,6 +382,10 @@ fn snapshot_restores_warm_in_another_router() {
     );
     let streams = b.restore(&snap).unwrap();
     assert_eq!(streams.get("tcp://pod-b:5557"), Some(&41));
+    a.set_stream_position("pod-b", 7);
+    let m = a.metrics();
+    assert_eq!(m.workers.iter().find(|w| w.worker.name == "pod-b").unwrap().last_seq, Some(7));
+    assert_eq!(m.workers.iter().find(|w| w.worker.name == "pod-a").unwrap().last_seq, None);
     let d = b.route(&Request::new(&tokens(100))).unwrap();
     assert_eq!((d.worker.name.as_str(), d.matched_blocks), ("pod-b", 6));
     assert_eq!(b.workers().len(), 3, "pod-a added from the snapshot");

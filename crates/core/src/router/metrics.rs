@@ -79,6 +79,9 @@ pub struct WorkerMetrics {
     pub has_events: bool,
     /// Its event counters.
     pub events: EventCounters,
+    /// The last sequence number applied from its event stream, if a transport recorded
+    /// one ([`Router::set_stream_position`] under the worker's name).
+    pub last_seq: Option<u64>,
 }
 
 /// A snapshot of all metrics.
@@ -110,6 +113,7 @@ impl Router {
         let index = self.index.read();
         let stats = index.stats();
         let reg = self.registry.read();
+        let streams = self.streams.lock().clone();
         let workers = reg
             .slots
             .iter()
@@ -128,6 +132,7 @@ impl Router {
                     draining: w.draining.load(Ordering::Relaxed),
                     has_events: w.has_events.load(Ordering::Relaxed),
                     events: w.counters.lock().clone(),
+                    last_seq: streams.get(&w.key.name).copied(),
                 }
             })
             .collect();
