@@ -2,8 +2,8 @@
 //!
 //! `key_i = splitmix64(c_i ^ key_{i-1} * K)`, `key_{-1}` a fixed root, where the content
 //! hash `c_i` is XXH3 of the block's token bytes. Equal token prefixes give equal keys; the
-//! engine model and the simulator's own policies use them. Router-backed policies hash
-//! the tokens themselves.
+//! engine model uses them, and router-backed policies receive them as the engine hashes of
+//! KV events (the router re-keys the events from their tokens, and hashes prompts itself).
 //!
 //! [`segment_keys`] computes the same kind of chain for synthetic requests without
 //! generating their tokens: a block lying inside one [`Segment`] has the content hash

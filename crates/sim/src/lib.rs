@@ -5,7 +5,8 @@
 //!   Mooncake traces via [`trace`]).
 //! - [`engine`]: one worker = a [`kvroute::model::BlockPool`] plus a step-based time model
 //!   with continuous batching.
-//! - [`policy`]: the [`Policy`] trait and the built-in policies.
+//! - [`policy`]: the [`Policy`] trait and the named policies, all of them
+//!   [`router_policy::RouterPolicy`]: kvroute's own router driven by the simulation.
 //! - [`sim`]: the deterministic discrete-event loop, the oracle and the metrics.
 //! - [`report`]: running several policies in parallel, the table, JSON and SVG outputs.
 //!
@@ -17,11 +18,13 @@ pub mod engine;
 pub mod keys;
 pub mod policy;
 pub mod report;
+pub mod router_policy;
 pub mod sim;
 pub mod trace;
 pub mod workload;
 
 pub use engine::{CacheEvent, EngineConfig};
 pub use policy::{ClusterView, Policy, Routed, WorkerView};
+pub use router_policy::RouterPolicy;
 pub use sim::{run, run_oracle, Prepared, RunResult, SimConfig};
 pub use workload::{SimRequest, Workload};

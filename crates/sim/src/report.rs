@@ -1,6 +1,6 @@
 //! Running several policies, and the outputs: a terminal table and the JSON report.
 
-use crate::policy::builtin;
+use crate::policy::{builtin, is_builtin};
 use crate::sim::{run_oracle, run_with_progress, Prepared, RunResult, SimConfig};
 use kvroute::{Error, Result};
 use rayon::prelude::*;
@@ -30,7 +30,7 @@ pub fn compare(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Report> {
     for name in policies {
-        if name != ORACLE && builtin(name, 1, 0, &cfg.engine).is_none() {
+        if name != ORACLE && !is_builtin(name) {
             return Err(Error::config(format!(
                 "unknown policy {name:?} (known: {}, {ORACLE})",
                 crate::policy::BUILTIN.join(", ")
@@ -45,8 +45,7 @@ pub fn compare(
                 progress(p.workload.requests.len() as u64);
                 return r;
             }
-            let mut pol = builtin(name, cfg.workers, cfg.seed, &cfg.engine)
-                .ok_or_else(|| Error::config(format!("unknown policy {name:?}")))?;
+            let mut pol = builtin(name, cfg.workers, cfg.seed, &cfg.engine)?;
             run_with_progress(p, cfg, pol.as_mut(), progress)
         })
         .collect::<Result<Vec<_>>>()?;

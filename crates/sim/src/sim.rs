@@ -192,7 +192,7 @@ impl<'a> Run<'a> {
             workers: &self.views,
         };
         let routed = Routed { req, prompt_keys: self.prompt_keys(r), prompt_len: req.prompt_len() };
-        let w = self.policy.route(&routed, &view);
+        let w = self.policy.route(&routed, &view)?;
         if w >= self.workers.len() {
             return Err(Error::Internal(format!(
                 "policy {} chose worker {w} of {}",
@@ -234,10 +234,13 @@ impl<'a> Run<'a> {
                 wk.pool.free(r as u64);
                 self.ttft[r] = Some(0.0);
                 self.e2e[r] = Some(0.0);
-                self.policy.on_first_token(w, req, now);
-                self.policy.on_finished(w, req, now);
+                self.policy.on_first_token(w, req, now)?;
+                self.policy.on_finished(w, req, now)?;
             }
-            None => self.rejected += 1,
+            None => {
+                self.rejected += 1;
+                self.policy.on_finished(w, req, now)?;
+            }
         }
         self.flush_events(w, now);
         Ok(())
@@ -313,6 +316,7 @@ impl<'a> Run<'a> {
                         wk.waiting.pop_front();
                         wk.waiting_prompt_tokens -= plen;
                         self.rejected += 1;
+                        self.policy.on_finished(w, req, now)?;
                         continue;
                     }
                     break;
@@ -352,7 +356,7 @@ impl<'a> Run<'a> {
             st.prefilled = true;
             if self.ttft[r].is_none() {
                 self.ttft[r] = Some(now - req.arrival_s);
-                self.policy.on_first_token(w, req, now);
+                self.policy.on_first_token(w, req, now)?;
             }
             if st.generated >= req.output_len() {
                 done.push(r);
@@ -377,15 +381,16 @@ impl<'a> Run<'a> {
             wk.running.retain(|&x| x != r);
             self.e2e[r] = Some(now - req.arrival_s);
             self.last_finish = now;
-            self.policy.on_finished(w, req, now);
+            self.policy.on_finished(w, req, now)?;
         }
         self.workers[w].step = step;
         self.start_step(w, now)
     }
 
-    fn deliver(&mut self, w: usize, now: f64) {
-        if let Some(batch) = self.deliveries[w].pop_front() {
-            self.policy.on_events(w, &batch, &self.p.workload.requests, now);
+    fn deliver(&mut self, w: usize, now: f64) -> Result<()> {
+        match self.deliveries[w].pop_front() {
+            Some(batch) => self.policy.on_events(w, &batch, &self.p.workload.requests, now),
+            None => Ok(()),
         }
     }
 }
@@ -457,7 +462,7 @@ pub fn run_with_progress(
                 let ev = run.heap.pop().expect("peeked");
                 match ev.kind {
                     Kind::StepEnd(w) => run.end_step(w, ev.t)?,
-                    Kind::Deliver(w) => run.deliver(w, ev.t),
+                    Kind::Deliver(w) => run.deliver(w, ev.t)?,
                 }
             }
         }
@@ -544,8 +549,8 @@ pub fn run_oracle(p: &Prepared, cfg: &SimConfig) -> Result<RunResult> {
         fn name(&self) -> String {
             "oracle".into()
         }
-        fn route(&mut self, _r: &Routed<'_>, _v: &ClusterView<'_>) -> usize {
-            0
+        fn route(&mut self, _r: &Routed<'_>, _v: &ClusterView<'_>) -> Result<usize> {
+            Ok(0)
         }
     }
     let mut res = run(p, &ocfg, &mut One)?;

@@ -79,6 +79,24 @@ impl SimRequest {
         self.prompt_tokens(out);
         self.output.write(out);
     }
+
+    /// Writes tokens `from..to` of the whole sequence (prompt, then output) into `out`
+    /// (cleared first), generating only those; `to` is capped at the sequence's end.
+    pub fn tokens_range(&self, from: usize, to: usize, out: &mut Vec<u32>) {
+        out.clear();
+        let mut start = 0usize;
+        for s in self.prompt.iter().chain([&self.output]) {
+            let end = start + s.len as usize;
+            let (a, b) = (from.max(start), to.min(end));
+            if a < b {
+                s.write_range(a - start, b - start, out);
+            }
+            if end >= to {
+                break;
+            }
+            start = end;
+        }
+    }
 }
 
 /// A named list of requests in arrival order.
@@ -412,6 +430,21 @@ mod tests {
         assert_eq!(&a[..20], &b[..]);
         assert_ne!(a, c);
         assert!(a.iter().all(|&t| (t as u64) < VOCAB));
+    }
+
+    #[test]
+    fn token_ranges_cut_the_whole_sequence() {
+        let w = chat(&ChatParams { conversations: 1, turns: 2, ..ChatParams::default() });
+        let r = &w.requests[1];
+        let mut all = Vec::new();
+        r.all_tokens(&mut all);
+        let mut part = Vec::new();
+        for (a, b) in [(0, 16), (490, 530), (640, all.len()), (all.len() - 3, all.len() + 9)] {
+            r.tokens_range(a, b, &mut part);
+            assert_eq!(part, all[a..b.min(all.len())], "{a}..{b}");
+        }
+        r.tokens_range(5, 5, &mut part);
+        assert!(part.is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use kvroute_sim::report::compare;
 use kvroute_sim::trace::read_mooncake;
 use kvroute_sim::workload::{self, SeedParams, SharedPrefixParams, TraceOptions};
-use kvroute_sim::{EngineConfig, Prepared, SimConfig};
+use kvroute_sim::{EngineConfig, Prepared, RouterPolicy, SimConfig};
 use std::path::PathBuf;
 
 fn trace_path() -> PathBuf {
@@ -116,4 +116,55 @@ fn precise_prefix_beats_random_on_shared_prefix() {
     assert!(pre.hit_rate > rnd.hit_rate + 0.1, "{} vs {}", pre.hit_rate, rnd.hit_rate);
     assert!(pre.hit_rate <= orc.hit_rate + 1e-12);
     assert!(pre.ttft_p90_s.unwrap() < rnd.ttft_p90_s.unwrap());
+}
+
+#[test]
+fn router_prefix_precise_reaches_the_oracle_and_follows_every_event() {
+    // Few groups, slow arrivals, ample capacity: once a group's first request has been
+    // prefilled and its events delivered, every later request of the group can hit its
+    // system prompt. A router that keys the events' tokens like the prompts' finds them
+    // all; the oracle (one unbounded cache) is the ceiling it must reach.
+    let w = workload::shared_prefix(&SharedPrefixParams {
+        groups: 6,
+        users_per_group: 3,
+        questions_per_user: 2,
+        system_tokens: 2_000,
+        question_tokens: 300,
+        output_tokens: 50,
+        rate: 0.2,
+        seed: 5,
+    });
+    let p = Prepared::new(w, 16).unwrap();
+    let cfg = SimConfig { workers: 4, engine: llama(16), event_delay_s: 0.05, seed: 5 };
+    let oracle = kvroute_sim::run_oracle(&p, &cfg).unwrap();
+    let mut pol =
+        RouterPolicy::named("prefix-precise", cfg.workers, &cfg.engine, cfg.seed).unwrap();
+    let pre = kvroute_sim::run(&p, &cfg, &mut pol).unwrap();
+    let mut rnd = RouterPolicy::named("random", cfg.workers, &cfg.engine, cfg.seed).unwrap();
+    let rnd = kvroute_sim::run(&p, &cfg, &mut rnd).unwrap();
+    assert_eq!(pre.completed, 36);
+    assert!(oracle.hit_rate > 0.6, "{}", oracle.hit_rate);
+    assert!(
+        (oracle.hit_rate - pre.hit_rate).abs() < 0.005,
+        "{} vs {}",
+        pre.hit_rate,
+        oracle.hit_rate
+    );
+    assert!(rnd.hit_rate < oracle.hit_rate - 0.1, "{}", rnd.hit_rate);
+    // The router's own view agrees with the engines: every stored run had a known parent,
+    // every removal named a block it held, nothing is left in flight.
+    let m = pol.router().metrics();
+    assert_eq!(m.event_errors, 0);
+    assert_eq!(m.inflight_requests, 0);
+    assert_eq!(m.routes, 36);
+    let stored: u64 = m.workers.iter().map(|w| w.events.blocks_stored).sum();
+    assert!(stored > 0);
+    for wm in &m.workers {
+        assert_eq!((wm.events.orphans, wm.events.unknown_removals), (0, 0), "{wm:?}");
+    }
+    // What the router predicted at each route is exactly what the engines then served:
+    // no eviction here, each group's prefix was announced before the next request came,
+    // and 2,300-token prompts have no full last block for vLLM's last-token rule to drop.
+    let prompt_tokens = 36.0 * 2_300.0;
+    assert_eq!(m.predicted_hit_tokens as f64, (pre.hit_rate * prompt_tokens).round());
 }
