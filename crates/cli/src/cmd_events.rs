@@ -44,7 +44,7 @@ fn decode(args: DecodeArgs) -> Result<(), CliError> {
         (None, None) => return Err(CliError("give --hex or --file".into())),
     };
     let batch = kvroute::events::vllm::decode(&payload)?;
-    println!("{}", kvroute::events::vllm::batch_to_json(&batch));
+    crate::emit(kvroute::events::vllm::batch_to_json(&batch))?;
     Ok(())
 }
 

@@ -106,7 +106,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
             .collect(),
     };
     let out = serde_json::to_string(&out)?;
-    println!("{out}");
+    crate::emit(out)?;
     Ok(())
 }
 

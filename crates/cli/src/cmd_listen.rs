@@ -257,7 +257,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     };
     for w in &report.workers {
         let last = w.last_error.as_deref().map(|e| format!(" (last: {e})")).unwrap_or_default();
-        println!(
+        crate::emit(format!(
             "{}: {} blocks held, {} batches, {} events, {} gaps, {} replays, {} resets, \
              {} errors{last}",
             w.worker,
@@ -268,7 +268,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
             w.replays_ok + w.replays_failed,
             w.resets,
             w.errors
-        );
+        ))?;
     }
     if let Some(path) = &args.stats_json {
         let json = serde_json::to_string_pretty(&report)?;

@@ -188,7 +188,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         let started = std::time::Instant::now();
         let rep = run_one(&args, kind, &policies)?;
         let cluster = &rep.config["cluster"];
-        println!(
+        crate::emit(format!(
             "workload {} : {} requests, {} workers, {} ({} blocks of {} tokens each), {:.1} s",
             rep.workload,
             rep.config["requests"],
@@ -197,8 +197,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
             cluster["engine"]["num_gpu_blocks"],
             cluster["engine"]["block_size"],
             started.elapsed().as_secs_f64()
-        );
-        println!("{}", table(&rep));
+        ))?;
+        crate::emit(table(&rep))?;
         reports.push(rep);
     }
     if let Some(path) = &args.json {

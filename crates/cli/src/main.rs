@@ -28,6 +28,17 @@ enum Command {
     Listen(cmd_listen::Args),
 }
 
+/// Writes a line to standard output. A closed pipe (`kvroute simulate | head`) is not an
+/// error: the reader has what it wanted, so the rest is dropped quietly.
+pub fn emit(line: impl std::fmt::Display) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError(e.to_string())),
+        _ => Ok(()),
+    }
+}
+
 /// An error that the command line reports as one line and exit code 2.
 #[derive(Debug)]
 pub struct CliError(pub String);
