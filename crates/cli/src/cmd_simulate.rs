@@ -4,9 +4,7 @@
 use crate::CliError;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kvroute_sim::report::{compare, table, Report};
-use kvroute_sim::trace::read_mooncake;
-use kvroute_sim::workload::{self, ChatParams, SeedParams, SharedPrefixParams, TraceOptions};
-use kvroute_sim::{EngineConfig, Prepared, SimConfig, Workload};
+use kvroute_sim::SimulateSpec;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -65,68 +63,31 @@ struct Opts {
     svg: Option<PathBuf>,
 }
 
-const ALL: &[&str] = &[
-    "random",
-    "round-robin",
-    "session-affinity",
-    "prefix-approx",
-    "prefix-precise",
-    "llm-d",
-    "cost",
-    "hybrid",
-    "oracle",
-];
-
-fn build_workload(kind: &str, seed: u64) -> Result<Workload, CliError> {
-    Ok(match kind {
-        "seed" => workload::seed_experiment(&SeedParams { seed, ..SeedParams::default() }),
-        "shared-prefix" => {
-            workload::shared_prefix(&SharedPrefixParams { seed, ..SharedPrefixParams::default() })
+impl Opts {
+    /// The run these flags describe.
+    fn spec(&self) -> SimulateSpec {
+        let defaults = SimulateSpec::default();
+        SimulateSpec {
+            workloads: self.workload.clone().map_or(defaults.workloads, |w| vec![w]),
+            workers: self.workers,
+            policies: self.policies.clone(),
+            model: self.model.clone(),
+            gpu: self.gpu.clone(),
+            capacity_blocks: self.capacity_blocks,
+            block_size: self.block_size,
+            rate: self.rate,
+            requests: self.requests,
+            seed: self.seed,
+            event_delay: self.event_delay,
         }
-        "chat" => workload::chat(&ChatParams { seed, ..ChatParams::default() }),
-        _ => match kind.strip_prefix("trace:") {
-            Some(path) if !path.is_empty() => {
-                let trace = read_mooncake(path)?;
-                workload::from_mooncake(
-                    kind,
-                    &trace,
-                    &TraceOptions { pad_partial_blocks: false, seed },
-                )
-            }
-            _ => {
-                return Err(CliError(format!(
-                    "unknown workload {kind:?} (expected seed, shared-prefix, chat or trace:PATH)"
-                )))
-            }
-        },
-    })
+    }
 }
 
-fn run_one(args: &Opts, kind: &str, policies: &[String]) -> Result<Report, CliError> {
-    let mut w = build_workload(kind, args.seed)?;
-    if let Some(n) = args.requests {
-        w.truncate(n);
-    }
-    if args.rate != 1.0 {
-        w.scale_rate(args.rate);
-    }
-    let bs = args.block_size as usize;
-    let model = args.model.clone().unwrap_or_else(|| {
-        if kind == "shared-prefix" {
-            "qwen3-32b".into()
-        } else {
-            "llama-3-8b".into()
-        }
-    });
-    let mut engine = EngineConfig::preset(&model, &args.gpu, bs)?;
-    if let Some(c) = args.capacity_blocks {
-        engine.num_gpu_blocks = c;
-    }
-    let workers = args.workers.map_or(if kind == "seed" { 5 } else { 8 }, |n| n as usize);
-    let cfg = SimConfig { workers, engine, event_delay_s: args.event_delay, seed: args.seed };
-    let n = w.requests.len();
-    let prepared = Prepared::new(w, bs)?;
-    // Hidden at first; shown on stderr (if it is a terminal) once a run takes over a second.
+/// Runs one workload with a progress bar that appears on stderr (if it is a terminal)
+/// once the run takes over a second.
+fn run_one(spec: &SimulateSpec, kind: &str, policies: &[String]) -> Result<Report, CliError> {
+    let (prepared, cfg) = spec.prepare(kind)?;
+    let n = prepared.workload.requests.len();
     let bar = ProgressBar::with_draw_target(
         Some((n * policies.len()) as u64),
         ProgressDrawTarget::hidden(),
@@ -150,43 +111,15 @@ fn run_one(args: &Opts, kind: &str, policies: &[String]) -> Result<Report, CliEr
     Ok(report?)
 }
 
-fn check(args: &Opts) -> Result<Vec<String>, CliError> {
-    if !(args.rate.is_finite() && args.rate > 0.0) {
-        return Err(CliError(format!("--rate must be positive, got {}", args.rate)));
-    }
-    if !(args.event_delay.is_finite() && args.event_delay >= 0.0) {
-        return Err(CliError("--event-delay must be >= 0".into()));
-    }
-    if args.requests == Some(0) {
-        return Err(CliError("--requests must be at least 1".into()));
-    }
-    let policies: Vec<String> = match &args.policies {
-        Some(p) => p.iter().map(|s| s.trim().to_string()).collect(),
-        None => ALL.iter().map(|s| s.to_string()).collect(),
-    };
-    for p in &policies {
-        if !ALL.contains(&p.as_str()) {
-            return Err(CliError(format!("unknown policy {p:?} (known: {})", ALL.join(", "))));
-        }
-    }
-    if policies.is_empty() {
-        return Err(CliError("--policies is empty".into()));
-    }
-    Ok(policies)
-}
-
 /// Runs `kvroute simulate`.
 pub fn run(args: Args) -> Result<(), CliError> {
     let args = *args.opts;
-    let policies = check(&args)?;
-    let kinds: Vec<String> = match &args.workload {
-        Some(k) => vec![k.clone()],
-        None => vec!["seed".into(), "shared-prefix".into()],
-    };
+    let spec = args.spec();
+    let policies = spec.validate()?;
     let mut reports = Vec::new();
-    for kind in &kinds {
+    for kind in &spec.workloads {
         let started = std::time::Instant::now();
-        let rep = run_one(&args, kind, &policies)?;
+        let rep = run_one(&spec, kind, &policies)?;
         let cluster = &rep.config["cluster"];
         crate::emit(format!(
             "workload {} : {} requests, {} workers, {} ({} blocks of {} tokens each), {:.1} s",

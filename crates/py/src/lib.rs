@@ -6,6 +6,7 @@
 //! - `router`: `Router`, `Decision`, `Candidate`
 //! - `hashing`: `hash_blocks`
 //! - `events`: `decode_vllm_batch`
+//! - `sim`: `simulate` (the simulator behind `kvroute simulate`)
 //! - `zmq`: `ZmqSubscriber` (the `kvroute-zmq` subscriber feeding a `Router`)
 //! - `errors`: `KvrouteError` and one subclass per core error kind
 //! - `convert`: token ids, byte payloads and JSON values between Python and Rust
@@ -15,6 +16,7 @@ mod errors;
 mod events;
 mod hashing;
 mod router;
+mod sim;
 mod zmq;
 
 use pyo3::prelude::*;
@@ -30,5 +32,6 @@ fn _kvroute(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<zmq::PyZmqSubscriber>()?;
     m.add_function(wrap_pyfunction!(hashing::hash_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(events::decode_vllm_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(sim::simulate, m)?)?;
     Ok(())
 }

@@ -20,6 +20,7 @@ pub mod policy;
 pub mod report;
 pub mod router_policy;
 pub mod sim;
+pub mod spec;
 pub mod trace;
 pub mod workload;
 
@@ -27,4 +28,5 @@ pub use engine::{CacheEvent, EngineConfig};
 pub use policy::{ClusterView, Policy, Routed, WorkerView};
 pub use router_policy::RouterPolicy;
 pub use sim::{run, run_oracle, Prepared, RunResult, SimConfig};
+pub use spec::{simulate, simulate_json, SimulateSpec};
 pub use workload::{SimRequest, Workload};

@@ -45,6 +45,7 @@ from kvroute._kvroute import (
     __version__,
     decode_vllm_batch,
     hash_blocks,
+    simulate,
 )
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "ZmqSubscriber",
     "hash_blocks",
     "decode_vllm_batch",
+    "simulate",
     "KvrouteError",
     "ConfigError",
     "InvalidInputError",

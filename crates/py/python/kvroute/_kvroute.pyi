@@ -246,3 +246,27 @@ def decode_vllm_batch(payload: BytesLike) -> Dict[str, Any]:
 
     Raises ``DecodeError`` on a malformed payload.
     """
+
+
+def simulate(
+    *,
+    workload: str = ...,
+    workloads: List[str] = ...,
+    workers: Optional[int] = ...,
+    policies: Optional[List[str]] = ...,
+    model: Optional[str] = ...,
+    gpu: str = ...,
+    capacity_blocks: Optional[int] = ...,
+    block_size: int = ...,
+    rate: float = ...,
+    requests: Optional[int] = ...,
+    seed: int = ...,
+    event_delay: float = ...,
+) -> Any:
+    """Runs the simulator behind ``kvroute simulate``.
+
+    Returns what ``kvroute simulate --json`` writes: a dict ``{"workload", "config",
+    "results": [...]}`` for one workload, a list of them for several. Raises
+    ``ConfigError`` on unknown names or bad values and ``DecodeError`` on a malformed trace.
+    """
+    ...
