@@ -101,7 +101,7 @@ fn precise_sha256_follows_vllm_events() {
             assert_eq!(d.worker.name, "pod-a");
             assert_eq!(d.matched_blocks, 6);
             assert_eq!(d.total_blocks, 6);
-            let b = d.candidates.iter().find(|c| c.worker.name == "pod-b").unwrap();
+            let b = d.explain().into_iter().find(|c| c.worker.name == "pod-b").unwrap();
             assert_eq!(b.matched_blocks, 0);
         }
     }
@@ -318,7 +318,7 @@ fn hybrid_mode_switches_to_events() {
     let batches = recorded_batches();
     r.apply_vllm_batch(&d.worker.name, &batches[0].1).unwrap();
     let again = r.route(&Request::new(&t)).unwrap();
-    assert!(again.candidates.iter().all(|c| c.worker != d.worker || c.matched_blocks == 0));
+    assert!(again.explain().iter().all(|c| c.worker != d.worker || c.matched_blocks == 0));
     let hundred = r.route(&Request::new(&tokens(100))).unwrap();
     assert_eq!((hundred.worker.clone(), hundred.matched_blocks), (d.worker.clone(), 6));
 }
@@ -355,6 +355,21 @@ fn lifecycle_tracks_load_and_rejects_misuse() {
     for _ in 0..10 {
         assert_eq!(r.route(&Request::new(&t)).unwrap().worker.name, "b");
     }
+    // The explanation: named scores per candidate whose weighted sum is the total.
+    let d = r.route(&Request::new(&t)).unwrap();
+    assert_eq!(d.score_names(), ["prefix", "queue", "kv-utilization"]);
+    let ex = d.explain();
+    assert_eq!(ex.len(), 2);
+    for (i, c) in ex.iter().enumerate() {
+        let s = d.candidate_scores(i);
+        assert!((3.0 * s[0] + 2.0 * s[1] + 2.0 * s[2] - c.total).abs() < 1e-9, "{c:?}");
+        assert_eq!(d.candidate_worker(i), Some(&c.worker));
+    }
+    let b = ex.iter().find(|c| c.worker.name == "b").unwrap();
+    assert_eq!(b.scores[1], ("queue".to_string(), 1.0));
+    assert!(d.candidate_scores(5).is_empty() && d.candidate_worker(5).is_none());
+    let json = serde_json::to_value(&d).unwrap();
+    assert_eq!(json["candidates"].as_array().unwrap().len(), 2);
     assert!(matches!(
         r.report_load("a", 0, &LoadReport { kv_usage: Some(1.5), ..LoadReport::default() }),
         Err(Error::InvalidInput(_))

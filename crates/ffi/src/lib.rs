@@ -157,11 +157,13 @@ pub struct kvroute_router {
 pub struct kvroute_decision {
     decision: Decision,
     worker: CString,
-    candidates: Vec<CandidateStrings>,
+    /// C strings of the candidates' workers and of the score names, made on the first
+    /// call that needs them (routing itself builds none).
+    strings: std::sync::OnceLock<DecisionStrings>,
 }
 
-struct CandidateStrings {
-    worker: CString,
+struct DecisionStrings {
+    workers: Vec<CString>,
     score_names: Vec<CString>,
 }
 
@@ -174,15 +176,19 @@ fn c_name(s: &str) -> CString {
 impl kvroute_decision {
     fn new(decision: Decision) -> Self {
         let worker = c_name(&decision.worker.name);
-        let candidates = decision
-            .candidates
-            .iter()
-            .map(|c| CandidateStrings {
-                worker: c_name(&c.worker.name),
-                score_names: c.scores.iter().map(|(n, _)| c_name(n)).collect(),
-            })
-            .collect();
-        kvroute_decision { decision, worker, candidates }
+        kvroute_decision { decision, worker, strings: std::sync::OnceLock::new() }
+    }
+
+    fn strings(&self) -> &DecisionStrings {
+        self.strings.get_or_init(|| {
+            let d = &self.decision;
+            DecisionStrings {
+                workers: (0..d.candidates.len())
+                    .map(|i| c_name(d.candidate_worker(i).map_or("", |w| w.name.as_str())))
+                    .collect(),
+                score_names: d.score_names().iter().map(|n| c_name(n)).collect(),
+            }
+        })
     }
 
     fn info(&self) -> kvroute_decision_info {
@@ -859,12 +865,12 @@ pub unsafe extern "C" fn kvroute_decision_candidate(
             Error::invalid(format!("candidate index {index} out of range (have {n})"))
         })?;
         let out = kvroute_candidate {
-            worker: d.candidates[index].worker.as_ptr(),
-            dp_rank: c.worker.dp_rank,
+            worker: d.strings().workers[index].as_ptr(),
+            dp_rank: d.decision.candidate_worker(index).map_or(0, |w| w.dp_rank),
             matched_blocks: c.matched_blocks,
             matched_by_tier: c.matched_by_tier,
             total: c.total,
-            num_scores: c.scores.len(),
+            num_scores: d.decision.score_names().len(),
         };
         unsafe { write_out(candidate_out, out, "candidate_out") }
     })
@@ -889,15 +895,15 @@ pub unsafe extern "C" fn kvroute_decision_score(
         let d = unsafe { try_ref(decision, "decision") }?;
         check_out(name_out, "name_out")?;
         check_out(value_out, "value_out")?;
-        let c =
-            d.decision.candidates.get(candidate).ok_or_else(|| {
-                Error::invalid(format!("candidate index {candidate} out of range"))
-            })?;
-        let (_, value) = c
-            .scores
+        if candidate >= d.decision.candidates.len() {
+            return Err(Error::invalid(format!("candidate index {candidate} out of range")).into());
+        }
+        let value = d
+            .decision
+            .candidate_scores(candidate)
             .get(score)
             .ok_or_else(|| Error::invalid(format!("score index {score} out of range")))?;
-        let name = d.candidates[candidate].score_names[score].as_ptr();
+        let name = d.strings().score_names[score].as_ptr();
         unsafe { write_out(value_out, *value, "value_out") }?;
         unsafe { write_out(name_out, name, "name_out") }
     })

@@ -4,7 +4,7 @@
 use crate::convert::{extract_bytes, extract_tokens, to_py_via_json};
 use crate::errors::OrRaise;
 use crate::hashing::extras;
-use kvroute::router::{CandidateScore, Decision, LoadReport, Request, Router};
+use kvroute::router::{CandidateExplanation, Decision, LoadReport, Request, Router};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};
@@ -32,7 +32,7 @@ pub(crate) struct PyDecision {
 /// One candidate worker of a decision, with each scorer's score.
 #[pyclass(module = "kvroute", name = "Candidate", frozen)]
 pub(crate) struct PyCandidate {
-    inner: CandidateScore,
+    inner: CandidateExplanation,
 }
 
 fn config_json(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<String> {
@@ -300,7 +300,7 @@ impl PyDecision {
     /// Every candidate that passed the filters, with its scores.
     #[getter]
     fn candidates(&self) -> Vec<PyCandidate> {
-        self.inner.candidates.iter().map(|c| PyCandidate { inner: c.clone() }).collect()
+        self.inner.explain().into_iter().map(|c| PyCandidate { inner: c }).collect()
     }
 
     /// The decision as a plain dict (candidates as dicts).
@@ -314,7 +314,7 @@ impl PyDecision {
         d.set_item("prompt_tokens", self.inner.prompt_tokens)?;
         let cands = self
             .inner
-            .candidates
+            .explain()
             .iter()
             .map(|c| candidate_dict(py, c))
             .collect::<PyResult<Vec<_>>>()?;
@@ -334,7 +334,7 @@ impl PyDecision {
     }
 }
 
-fn scores_dict<'py>(py: Python<'py>, c: &CandidateScore) -> PyResult<Bound<'py, PyDict>> {
+fn scores_dict<'py>(py: Python<'py>, c: &CandidateExplanation) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     for (name, v) in &c.scores {
         d.set_item(name, v)?;
@@ -342,7 +342,7 @@ fn scores_dict<'py>(py: Python<'py>, c: &CandidateScore) -> PyResult<Bound<'py, 
     Ok(d)
 }
 
-fn candidate_dict(py: Python<'_>, c: &CandidateScore) -> PyResult<Py<PyAny>> {
+fn candidate_dict(py: Python<'_>, c: &CandidateExplanation) -> PyResult<Py<PyAny>> {
     let d = PyDict::new(py);
     d.set_item("worker", &c.worker.name)?;
     d.set_item("dp_rank", c.worker.dp_rank)?;

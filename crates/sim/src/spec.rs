@@ -128,9 +128,11 @@ impl SimulateSpec {
                     &read_mooncake(path)?,
                     &TraceOptions { pad_partial_blocks: false, seed },
                 ),
-                _ => return Err(Error::config(format!(
+                _ => {
+                    return Err(Error::config(format!(
                     "unknown workload {kind:?} (expected seed, shared-prefix, chat or trace:PATH)"
-                ))),
+                )))
+                }
             },
         };
         if let Some(n) = self.requests {

@@ -68,7 +68,7 @@ fn wait_positions(r: &Router, want: &[(&str, u64)]) {
 fn route(r: &Router, tokens: &[u32]) -> (String, u32, Vec<(String, u32)>) {
     let d = r.route(&Request { now_ms: Some(1), ..Request::new(tokens) }).expect("route");
     let mut cands: Vec<(String, u32)> =
-        d.candidates.iter().map(|c| (c.worker.name.clone(), c.matched_blocks)).collect();
+        d.explain().into_iter().map(|c| (c.worker.name, c.matched_blocks)).collect();
     cands.sort();
     (d.worker.name, d.matched_blocks, cands)
 }

@@ -342,6 +342,28 @@ fn marker_name(m: Marker) -> &'static str {
     }
 }
 
+/// Encoded length of an unsigned int that fits in u32, by marker byte (0 = other).
+const U32_LEN: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 0x80 {
+        t[i] = 1;
+        i += 1;
+    }
+    t[0xcc] = 2;
+    t[0xcd] = 3;
+    t[0xce] = 5;
+    t
+};
+
+/// Right shift of the 4 bytes after the marker that gives the value (u8, u16, u32).
+const U32_SHIFT: [u8; 256] = {
+    let mut t = [0u8; 256];
+    t[0xcc] = 24;
+    t[0xcd] = 16;
+    t
+};
+
 /// A cursor over the payload. `event` is the index of the event being read, for messages.
 struct Reader<'a> {
     buf: &'a [u8],
@@ -558,9 +580,29 @@ impl<'a> Reader<'a> {
     fn read_u32_array(&mut self, field: &str) -> Result<Vec<u32>> {
         let (n, _) = self.read_array_len(field)?;
         let mut v = Vec::with_capacity(n);
+        // Fast path for the encodings msgspec writes for token ids (fixint, u8, u16,
+        // u32), decoded without data-dependent branches: token ids of a real vocabulary mix
+        // u16 and u32 encodings at random, which a `match` on the marker mispredicts about
+        // every other token. Anything else (signed or u64 markers, the last few bytes,
+        // truncation, wrong types) goes through `read_u32`, which also builds the errors.
+        let buf = self.buf;
+        let mut pos = self.pos;
         for _ in 0..n {
+            if let Some(&[b, b1, b2, b3, b4]) = buf.get(pos..pos + 5) {
+                let len = U32_LEN[usize::from(b)];
+                if len != 0 {
+                    let w = u32::from_be_bytes([b1, b2, b3, b4]);
+                    let wide = w >> U32_SHIFT[usize::from(b)];
+                    v.push(if b < 0x80 { u32::from(b) } else { wide });
+                    pos += usize::from(len);
+                    continue;
+                }
+            }
+            self.pos = pos;
             v.push(self.read_u32(field)?);
+            pos = self.pos;
         }
+        self.pos = pos;
         Ok(v)
     }
 

@@ -34,8 +34,8 @@ pub struct ApplyReport {
     pub hash_mismatches: u32,
 }
 
-/// A validated, ready-to-apply operation.
-enum Op {
+/// A validated, ready-to-apply operation, borrowing the batch's tokens.
+enum Op<'a> {
     Store {
         tier: Tier,
         parent: Option<u64>,
@@ -45,7 +45,7 @@ enum Op {
         keys: Option<Vec<u64>>,
         /// Event-form extra keys per block and tokens, for native re-keying at apply time
         /// (the parent's router key is only known then).
-        tokens: Vec<u32>,
+        tokens: &'a [u32],
         extra: Vec<Option<Vec<ExtraKey>>>,
     },
     Remove {
@@ -156,7 +156,11 @@ impl Router {
     }
 
     /// Checks every event and turns it into an operation, touching no state.
-    fn validate(&self, batch: &KvEventBatch, report: &mut ApplyReport) -> Result<Vec<Op>> {
+    fn validate<'a>(
+        &self,
+        batch: &'a KvEventBatch,
+        report: &mut ApplyReport,
+    ) -> Result<Vec<Op<'a>>> {
         let bs = self.cfg.block_size;
         let vllm = self.cfg.hash_algo.is_vllm();
         let mut ops = Vec::with_capacity(batch.events.len());
@@ -247,7 +251,7 @@ impl Router {
                             parent,
                             engine,
                             keys: None,
-                            tokens: Vec::new(),
+                            tokens: &[],
                             extra: Vec::new(),
                         });
                     } else {
@@ -260,7 +264,7 @@ impl Router {
                             parent,
                             engine,
                             keys: Some(Vec::new()),
-                            tokens: s.token_ids.clone(),
+                            tokens: &s.token_ids,
                             extra,
                         });
                     }
@@ -288,7 +292,7 @@ impl Router {
     fn apply_ops(
         &self,
         worker: &Arc<WorkerState>,
-        ops: Vec<Op>,
+        ops: Vec<Op<'_>>,
         report: &mut ApplyReport,
         stream: Option<(&str, u64)>,
     ) {
@@ -309,7 +313,7 @@ impl Router {
                         None => index.store(id, tier, parent, &engine),
                         Some(mut keys) => {
                             let parent_key = parent.map(|p| index.engine_key(id, p).unwrap_or(p));
-                            self.hasher.native_keys_from(parent_key, &tokens, &extra, &mut keys);
+                            self.hasher.native_keys_from(parent_key, tokens, &extra, &mut keys);
                             index.store_mapped(id, tier, parent, &engine, &keys)
                         }
                     };

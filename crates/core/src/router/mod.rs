@@ -73,9 +73,24 @@ impl<'a> Request<'a> {
     }
 }
 
-/// One candidate's part of a decision, for logs and explanations.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One candidate's part of a decision. Its worker's name and its per-scorer scores are on
+/// the [`Decision`] ([`Decision::candidate_worker`], [`Decision::candidate_scores`]), so
+/// that routing does not allocate per candidate.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CandidateScore {
+    /// The worker's dense id.
+    pub worker_id: WorkerId,
+    /// Blocks of the prompt the worker holds (longest prefix).
+    pub matched_blocks: u32,
+    /// Of those, by best tier: GPU, CPU, disk.
+    pub matched_by_tier: [u32; 3],
+    /// The combined total.
+    pub total: f64,
+}
+
+/// One candidate, spelled out with names (see [`Decision::explain`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CandidateExplanation {
     /// The worker.
     pub worker: WorkerKey,
     /// Blocks of the prompt the worker holds (longest prefix).
@@ -88,8 +103,8 @@ pub struct CandidateScore {
     pub total: f64,
 }
 
-/// The router's choice for one request.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The router's choice for one request, with every candidate's scores.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
     /// An id for lifecycle calls ([`Router::on_routed`] and after).
     pub request_id: u64,
@@ -103,12 +118,76 @@ pub struct Decision {
     pub total_blocks: u32,
     /// Tokens in the prompt.
     pub prompt_tokens: u32,
-    /// Every candidate that passed the filters, with its scores.
+    /// Every candidate that passed the filters.
     pub candidates: Vec<CandidateScore>,
     /// The prompt's block keys (kept only in approximate and hybrid modes, where
     /// [`Router::on_routed`] feeds them to the cache model).
-    #[serde(skip)]
     pub keys: Vec<BlockKey>,
+    /// Worker names by dense id, as the registry had them at decision time (shared).
+    names: Arc<[Option<WorkerKey>]>,
+    /// Names of the score rows (shared by every decision of a router).
+    score_names: Arc<[String]>,
+    /// `candidates.len() x score_names.len()` scores, candidate-major.
+    scores: Vec<f64>,
+}
+
+impl Decision {
+    /// The names of the per-candidate scores (the profile's scorers, or the cost policy's
+    /// rows), in the order of [`candidate_scores`](Self::candidate_scores).
+    pub fn score_names(&self) -> &[String] {
+        &self.score_names
+    }
+
+    /// Candidate `i`'s scores, aligned with [`score_names`](Self::score_names); empty if
+    /// `i` is out of range.
+    pub fn candidate_scores(&self, i: usize) -> &[f64] {
+        let n = self.score_names.len();
+        self.scores.get(i * n..(i + 1) * n).unwrap_or(&[])
+    }
+
+    /// Candidate `i`'s worker.
+    pub fn candidate_worker(&self, i: usize) -> Option<&WorkerKey> {
+        let c = self.candidates.get(i)?;
+        self.names.get(c.worker_id.index())?.as_ref()
+    }
+
+    /// Every candidate with its worker name and named scores, for logs.
+    pub fn explain(&self) -> Vec<CandidateExplanation> {
+        (0..self.candidates.len())
+            .map(|i| {
+                let c = &self.candidates[i];
+                CandidateExplanation {
+                    worker: self
+                        .candidate_worker(i)
+                        .cloned()
+                        .unwrap_or_else(|| WorkerKey::new(format!("#{}", c.worker_id.0), 0)),
+                    matched_blocks: c.matched_blocks,
+                    matched_by_tier: c.matched_by_tier,
+                    scores: self
+                        .score_names
+                        .iter()
+                        .cloned()
+                        .zip(self.candidate_scores(i).iter().copied())
+                        .collect(),
+                    total: c.total,
+                }
+            })
+            .collect()
+    }
+}
+
+impl Serialize for Decision {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Decision", 7)?;
+        st.serialize_field("request_id", &self.request_id)?;
+        st.serialize_field("worker", &self.worker)?;
+        st.serialize_field("matched_blocks", &self.matched_blocks)?;
+        st.serialize_field("total_blocks", &self.total_blocks)?;
+        st.serialize_field("prompt_tokens", &self.prompt_tokens)?;
+        st.serialize_field("candidates", &self.explain())?;
+        st.end()
+    }
 }
 
 /// A load report pushed by the host, for example scraped from vLLM's `/metrics`.
@@ -199,6 +278,8 @@ impl WorkerState {
 pub(crate) struct Registry {
     pub(crate) slots: Vec<Option<Arc<WorkerState>>>,
     pub(crate) by_key: HashMap<WorkerKey, WorkerId>,
+    /// Worker names by id, rebuilt when workers come and go; decisions share it.
+    names: Arc<[Option<WorkerKey>]>,
 }
 
 impl Registry {
@@ -208,6 +289,9 @@ impl Registry {
     }
     fn live(&self) -> impl Iterator<Item = &Arc<WorkerState>> {
         self.slots.iter().flatten()
+    }
+    fn rebuild_names(&mut self) {
+        self.names = self.slots.iter().map(|s| s.as_ref().map(|w| w.key.clone())).collect();
     }
 }
 
@@ -238,6 +322,7 @@ pub struct Router {
     cfg: RouterConfig,
     hasher: BlockHasher,
     profile: Profile,
+    score_names: Arc<[String]>,
     pub(crate) index: RwLock<PrefixIndex>,
     pub(crate) registry: RwLock<Registry>,
     sessions: RwLock<SessionTable>,
@@ -279,9 +364,11 @@ impl Router {
             // Validate the default capacity now rather than at the first worker.
             cfg.capacity.num_gpu_blocks(cfg.block_size)?;
         }
+        let score_names = profile.row_names().into_iter().map(String::from).collect();
         let router = Router {
             hasher,
             profile,
+            score_names,
             index: RwLock::new(PrefixIndex::new(cfg.index.clone())),
             registry: RwLock::new(Registry::default()),
             sessions: RwLock::new(sessions),
@@ -353,6 +440,7 @@ impl Router {
             None => reg.slots.push(Some(state)),
         }
         reg.by_key.insert(key, id);
+        reg.rebuild_names();
         Ok(id)
     }
 
@@ -364,6 +452,7 @@ impl Router {
             let id =
                 reg.by_key.remove(&key).ok_or_else(|| Error::UnknownWorker(key.to_string()))?;
             reg.slots[id.index()] = None;
+            reg.rebuild_names();
             id
         };
         // The id is free only once the index holds nothing for it; the registry slot is
@@ -516,7 +605,6 @@ impl Router {
             }
             let reg = self.registry.read();
             s.cands.clear();
-            let mut states: Vec<&Arc<WorkerState>> = Vec::with_capacity(reg.slots.len());
             for w in reg.live() {
                 let m = s.matches.get(w.id);
                 let last = w.last_routed_ms.load(Ordering::Relaxed);
@@ -535,7 +623,6 @@ impl Router {
                     healthy: w.healthy.load(Ordering::Relaxed)
                         && !w.draining.load(Ordering::Relaxed),
                 });
-                states.push(w);
             }
             if s.cands.is_empty() {
                 return Err(Error::NoWorkers("no workers are registered".into()));
@@ -554,27 +641,24 @@ impl Router {
                 let ctx = ScoreContext::new(&sessions);
                 self.profile.decide(&info, &s.cands, &ctx, &mut rng, &mut s.score)?
             };
-            let chosen = states[decision.index];
-            let explain = self.profile.explain(&s.score);
-            let candidates = explain
-                .kept
-                .iter()
-                .enumerate()
-                .map(|(pos, &ci)| {
-                    let c = &s.cands[ci];
-                    CandidateScore {
-                        worker: states[ci].key.clone(),
-                        matched_blocks: c.matched_blocks,
-                        matched_by_tier: c.matched_by_tier,
-                        scores: explain
-                            .rows
-                            .iter()
-                            .map(|(name, row)| (name.to_string(), row[pos]))
-                            .collect(),
-                        total: explain.totals[pos],
-                    }
-                })
-                .collect();
+            let chosen = reg.slots[decision.worker.index()]
+                .as_ref()
+                .ok_or_else(|| Error::Internal("chosen worker vanished".into()))?;
+            // The explanation: one Copy entry per kept candidate and one flat score matrix,
+            // so a decision costs two allocations however many workers there are.
+            let (kept, totals, rows) = (s.score.kept(), s.score.totals(), s.score.n_rows());
+            let mut candidates = Vec::with_capacity(kept.len());
+            let mut scores = Vec::with_capacity(kept.len() * rows);
+            for (pos, &ci) in kept.iter().enumerate() {
+                let c = &s.cands[ci];
+                candidates.push(CandidateScore {
+                    worker_id: c.worker,
+                    matched_blocks: c.matched_blocks,
+                    matched_by_tier: c.matched_by_tier,
+                    total: totals[pos],
+                });
+                scores.extend((0..rows).map(|j| s.score.row(j)[pos]));
+            }
             let matched = s.cands[decision.index].matched_blocks;
             chosen.decisions.fetch_add(1, Ordering::Relaxed);
             chosen.last_routed_ms.store(now, Ordering::Relaxed);
@@ -593,6 +677,9 @@ impl Router {
                 prompt_tokens: info.prompt_tokens,
                 candidates,
                 keys: if keep_keys { s.keys.clone() } else { Vec::new() },
+                names: reg.names.clone(),
+                score_names: self.score_names.clone(),
+                scores,
             })
         })
     }
