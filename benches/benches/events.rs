@@ -93,6 +93,11 @@ fn bench_events(c: &mut Criterion) {
         convs[0].remove_msg.len()
     );
 
+    for c in &convs[..8] {
+        assert_eq!(vllm::decode(&c.store_msg).unwrap(), c.store, "store batch round trip");
+        assert_eq!(vllm::decode(&c.remove_msg).unwrap(), c.remove, "remove batch round trip");
+    }
+
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Elements(blocks));
     g.bench_function("store", |b| {
