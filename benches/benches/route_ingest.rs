@@ -12,9 +12,13 @@
 //! earlier on that slot is removed as one batch of 4 `BlockRemoved` events of 64 hashes,
 //! tail first. So the index stays at its size and the ingest thread does 512 block
 //! operations a step. It paces itself to `--rate` blocks/s (default 1,000,000; `0` = as
-//! fast as it can) and reports the achieved rate.
+//! fast as it can) and reports the achieved rate. When ahead of schedule it sleeps in
+//! 100 us steps, like a transport thread blocked on its socket, whose wake-ups can preempt
+//! the routing thread on a busy machine; `--spin` makes it busy-wait instead, so that only
+//! lock and cache interference remain.
 //!
-//! Run: `cargo bench -p kvroute-benches --bench route_ingest -- [--seconds S] [--rate R]`.
+//! Run: `cargo bench -p kvroute-benches --bench route_ingest -- [--seconds S] [--rate R]
+//! [--spin]`.
 
 mod common;
 
@@ -95,6 +99,7 @@ fn report(label: &str, probes: &[Probe], lat: &mut [Vec<u64>]) {
 fn main() {
     let seconds = arg("--seconds", 3.0);
     let rate = arg("--rate", 1e6);
+    let spin = std::env::args().any(|a| a == "--spin");
     let t = Instant::now();
     let router = Arc::new(Router::from_json(&config_json("xxh3", FOUR)).expect("router config"));
     populate(&router);
@@ -164,7 +169,8 @@ fn main() {
                     let due = Duration::from_secs_f64(blocks as f64 / rate);
                     while start.elapsed() < due && !stop.load(Ordering::Relaxed) {
                         std::hint::spin_loop();
-                        if due.saturating_sub(start.elapsed()) > Duration::from_micros(200) {
+                        if !spin && due.saturating_sub(start.elapsed()) > Duration::from_micros(200)
+                        {
                             std::thread::sleep(Duration::from_micros(100));
                         }
                     }
@@ -181,11 +187,12 @@ fn main() {
     let achieved = blocks as f64 / elapsed.as_secs_f64();
     println!(
         "\nroute with ingest: {n} routes in {seconds} s; ingest thread: {blocks} blocks in \
-         {:.2} s = {} blocks/s (target {}), {:.0} ns per block inside apply_events \
+         {:.2} s = {} blocks/s (target {}, {}), {:.0} ns per block inside apply_events \
          (event clones excluded)",
         elapsed.as_secs_f64(),
         fmt_rate(achieved),
         if rate > 0.0 { fmt_rate(rate) } else { "max".into() },
+        if spin { "spin pacing" } else { "sleep pacing" },
         apply_ns as f64 / blocks.max(1) as f64
     );
     report("route latency, while ingesting", &probes, &mut busy);
