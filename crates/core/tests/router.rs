@@ -492,3 +492,39 @@ fn routes_concurrently_while_events_apply_and_workers_churn() {
         assert_eq!((w.running, w.inflight_prefill_tokens), (0, 0), "{:?}", w.worker);
     }
 }
+
+#[test]
+fn long_events_apply_in_chunks_without_orphans() {
+    use kvroute::events::{BlockRemoved, BlockStored, EngineHash, KvEvent, KvEventBatch};
+    let tokens: Vec<u32> = (0..100 * 16).map(|i| (i * 7 + 3) % 50_000).collect();
+    for algo in ["sha256_cbor", "xxh3"] {
+        let r = router(&format!(
+            r#"{{"hash_algo": "{algo}", "profile": "prefix", "workers": [{{"name": "a"}}, {{"name": "b"}}]}}"#
+        ));
+        // Engine hashes: the router's own for the vLLM scheme, arbitrary ones for xxh3.
+        let engine: Vec<u64> = if algo == "xxh3" {
+            (0..100).map(|i| 0xE000 + i).collect()
+        } else {
+            r.block_keys(&tokens, None).unwrap()
+        };
+        let stored = KvEvent::BlockStored(BlockStored {
+            block_hashes: engine.iter().map(|&h| EngineHash::Int(h)).collect(),
+            token_ids: tokens.clone(),
+            block_size: 16,
+            ..BlockStored::default()
+        });
+        let rep = r.apply_events("b", &KvEventBatch::new(1.0, vec![stored])).unwrap();
+        assert_eq!((rep.blocks_stored, rep.orphans), (100, 0), "{algo}");
+        let d = r.route(&Request::new(&tokens)).unwrap();
+        assert_eq!((d.worker.name.as_str(), d.matched_blocks), ("b", 100), "{algo}");
+        // Remove the last 70 (more than two chunks), tail first.
+        let removed = KvEvent::BlockRemoved(BlockRemoved {
+            block_hashes: engine[30..].iter().rev().map(|&h| EngineHash::Int(h)).collect(),
+            ..BlockRemoved::default()
+        });
+        let rep = r.apply_events("b", &KvEventBatch::new(2.0, vec![removed])).unwrap();
+        assert_eq!((rep.blocks_removed, rep.unknown_removals), (70, 0), "{algo}");
+        assert_eq!(r.route(&Request::new(&tokens)).unwrap().matched_blocks, 30, "{algo}");
+        assert_eq!(r.index_stats().holder_blocks, 30);
+    }
+}

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// The most blocks stored or removed under one hold of the index write lock.
+pub const APPLY_CHUNK: usize = 16;
+
 /// What [`Router::apply_events`] did with one batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyReport {
@@ -89,7 +92,7 @@ impl Router {
         let result = crate::events::vllm::decode(payload)
             .and_then(|batch| self.apply_inner(name, &batch, Some((publisher, seq))));
         if result.is_err() {
-            let _index = self.index.write();
+            let _batch = self.apply_lock.lock();
             self.streams.lock().insert(publisher.to_string(), seq);
         }
         result
@@ -289,6 +292,13 @@ impl Router {
         Ok(ops)
     }
 
+    /// Applies validated operations.
+    ///
+    /// Batches are serialized by `apply_lock` (which [`snapshot`](Self::snapshot) also
+    /// takes, so a snapshot never sees half a batch or a stream position that does not
+    /// match the index), but the index write lock is taken per chunk of at most
+    /// [`APPLY_CHUNK`] blocks, and native re-keying hashes tokens outside it, so a route
+    /// never waits behind more than one chunk of one batch.
     fn apply_ops(
         &self,
         worker: &Arc<WorkerState>,
@@ -298,41 +308,55 @@ impl Router {
     ) {
         let id = worker.id;
         let vllm = self.cfg.hash_algo.is_vllm();
-        let mut index = self.index.write();
+        let _batch = self.apply_lock.lock();
         if self.cfg.mode == Mode::Hybrid && !worker.has_events.swap(true, Ordering::Relaxed) {
             // Events win from now on: drop the predictions for this worker.
-            index.clear_worker(id);
+            self.index.write().clear_worker(id);
         } else {
             worker.has_events.store(true, Ordering::Relaxed);
         }
+        let mut keys = Vec::new();
         for op in ops {
             report.events += 1;
             match op {
-                Op::Store { tier, parent, engine, keys, tokens, extra } => {
-                    let r = match keys {
-                        None => index.store(id, tier, parent, &engine),
-                        Some(mut keys) => {
-                            let parent_key = parent.map(|p| index.engine_key(id, p).unwrap_or(p));
-                            self.hasher.native_keys_from(parent_key, tokens, &extra, &mut keys);
-                            index.store_mapped(id, tier, parent, &engine, &keys)
+                Op::Store { tier, parent, engine, keys: rekey, tokens, extra } => {
+                    if rekey.is_some() {
+                        let parent_key =
+                            parent.map(|p| self.index.read().engine_key(id, p).unwrap_or(p));
+                        self.hasher.native_keys_from(parent_key, tokens, &extra, &mut keys);
+                    }
+                    for (c, chunk) in engine.chunks(APPLY_CHUNK).enumerate() {
+                        let start = c * APPLY_CHUNK;
+                        let chunk_parent = if c == 0 { parent } else { Some(engine[start - 1]) };
+                        let mut index = self.index.write();
+                        let r = if rekey.is_some() {
+                            let ks = &keys[start..start + chunk.len()];
+                            index.store_mapped(id, tier, chunk_parent, chunk, ks)
+                        } else {
+                            index.store(id, tier, chunk_parent, chunk)
+                        };
+                        drop(index);
+                        if let Ok(r) = r {
+                            report.blocks_stored += r.blocks;
+                            report.orphans += u32::from(r.orphan);
                         }
-                    };
-                    if let Ok(r) = r {
-                        report.blocks_stored += r.blocks;
-                        report.orphans += u32::from(r.orphan);
                     }
                 }
                 Op::Remove { tier, engine } => {
-                    let r = if vllm {
-                        index.remove(id, tier, &engine)
-                    } else {
-                        index.remove_mapped(id, tier, &engine)
-                    };
-                    report.blocks_removed += r.removed;
-                    report.unknown_removals += r.unknown;
+                    for chunk in engine.chunks(APPLY_CHUNK) {
+                        let mut index = self.index.write();
+                        let r = if vllm {
+                            index.remove(id, tier, chunk)
+                        } else {
+                            index.remove_mapped(id, tier, chunk)
+                        };
+                        drop(index);
+                        report.blocks_removed += r.removed;
+                        report.unknown_removals += r.unknown;
+                    }
                 }
                 Op::Clear => {
-                    index.clear_worker(id);
+                    self.index.write().clear_worker(id);
                 }
             }
         }

@@ -31,7 +31,7 @@ mod metrics;
 mod snapshot;
 
 pub use config::{Mode, OnHashMismatch, ProfileSpec, RouterConfig, WorkerConfig};
-pub use events::ApplyReport;
+pub use events::{ApplyReport, APPLY_CHUNK};
 pub use metrics::{RouterMetrics, WorkerMetrics};
 
 use crate::error::{Error, Result};
@@ -313,6 +313,9 @@ struct Scratch {
     score: ScoreScratch,
 }
 
+/// Attempts at the index read lock before a route blocks (see `Router::read_index`).
+const READ_SPINS: u32 = 4096;
+
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
@@ -330,6 +333,8 @@ pub struct Router {
     next_request: AtomicU64,
     decisions: AtomicU64,
     pub(crate) metrics: metrics::Counters,
+    /// Serializes event batches with each other and with snapshots (see `apply_ops`).
+    pub(crate) apply_lock: Mutex<()>,
     /// Publisher stream positions recorded by the event transport (for snapshots).
     pub(crate) streams: Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -376,6 +381,7 @@ impl Router {
             next_request: AtomicU64::new(1),
             decisions: AtomicU64::new(0),
             metrics: metrics::Counters::default(),
+            apply_lock: Mutex::new(()),
             streams: Mutex::new(Default::default()),
             cfg,
         };
@@ -599,7 +605,7 @@ impl Router {
             }
             let total_blocks = (req.tokens.len() / self.cfg.block_size) as u32;
             if need_prefix && !s.keys.is_empty() {
-                self.index.read().find_matches(&s.keys, MatchOptions::default(), &mut s.matches);
+                self.read_index().find_matches(&s.keys, MatchOptions::default(), &mut s.matches);
             } else {
                 s.matches = Matches::new();
             }
@@ -682,6 +688,24 @@ impl Router {
                 scores,
             })
         })
+    }
+
+    /// The index read lock for the request path. Event batches hold the write lock for at
+    /// most one chunk of [`APPLY_CHUNK`] blocks (a few microseconds), so spinning that long
+    /// is cheaper than parking the thread, whose wake-up alone costs tens of microseconds
+    /// on a virtual machine. Past the spin budget it blocks like any reader.
+    fn read_index(&self) -> parking_lot::RwLockReadGuard<'_, PrefixIndex> {
+        for i in 0..READ_SPINS {
+            if let Some(g) = self.index.try_read() {
+                return g;
+            }
+            if i % 64 == 63 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        self.index.read()
     }
 
     // ----- lifecycle ---------------------------------------------------------------

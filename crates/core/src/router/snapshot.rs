@@ -40,7 +40,9 @@ struct SnapWorker {
 impl Router {
     /// Serializes the index, the worker names and the stream positions.
     pub fn snapshot(&self) -> Vec<u8> {
-        // Hold the index read lock while reading the registry so ids are consistent.
+        // No batch is half applied while we read (apply_lock), and the index read lock is
+        // held while reading the registry so ids are consistent.
+        let _batch = self.apply_lock.lock();
         let index = self.index.read();
         let workers = self
             .registry
@@ -131,7 +133,10 @@ impl Router {
             }
         }
         index.remap_workers(&map).map_err(|e| Error::Snapshot(e.to_string()))?;
-        *self.index.write() = index;
+        {
+            let _batch = self.apply_lock.lock();
+            *self.index.write() = index;
+        }
         {
             let reg = self.registry.read();
             for w in reg.slots.iter().flatten() {
