@@ -366,3 +366,41 @@ fn churn_returns_heap_to_its_starting_size() {
     assert_eq!(end.nodes, start.nodes);
     assert_eq!(end.heap_bytes, start.heap_bytes, "{start:?} -> {end:?}");
 }
+
+#[test]
+fn parents_naming_each_other_never_make_a_cycle() {
+    // Worker 0 stores X under unknown P (orphan), worker 1 stores P under X: relinking X
+    // under P would close a loop. Both must stay removable and the index consistent.
+    let mut idx = PrefixIndex::default();
+    let (x, p) = (splitmix64(1), splitmix64(2));
+    idx.store(WorkerId(0), Tier::Gpu, Some(p), &[x]).unwrap();
+    idx.store(WorkerId(1), Tier::Gpu, Some(x), &[p]).unwrap();
+    let mut m = Matches::new();
+    idx.find_matches(&[x], MatchOptions::default(), &mut m);
+    assert_eq!(m.get(WorkerId(0)).map(|o| o.blocks), Some(1), "X stays a matchable root");
+    idx.remove(WorkerId(0), Tier::Gpu, &[x]);
+    idx.remove(WorkerId(1), Tier::Gpu, &[p]);
+    assert_eq!(idx.stats().blocks, 0);
+    // The table still works (lookups and growth).
+    let keys: Vec<u64> = (10..5000).map(splitmix64).collect();
+    idx.store(WorkerId(0), Tier::Gpu, None, &keys).unwrap();
+    assert!(idx.contains(keys[4000]) && !idx.contains(x));
+}
+
+#[test]
+fn mapped_removals_with_unknown_hashes_keep_the_right_mappings() {
+    let mut idx = PrefixIndex::default();
+    let engine = [101u64, 102, 103];
+    let router: Vec<u64> = (0..3).map(|i| splitmix64(500 + i)).collect();
+    idx.store_mapped(WorkerId(0), Tier::Gpu, None, &engine, &router).unwrap();
+    // Block 101 is also held on CPU, so its mapping must survive the GPU removal.
+    idx.store_mapped(WorkerId(0), Tier::Cpu, None, &engine[..1], &router[..1]).unwrap();
+    let r = idx.remove_mapped(WorkerId(0), Tier::Gpu, &[999, 101, 102]);
+    assert_eq!((r.removed, r.unknown), (2, 1));
+    assert_eq!(idx.engine_key(WorkerId(0), 101), Some(router[0]), "still held on CPU");
+    assert_eq!(idx.engine_key(WorkerId(0), 102), None, "gone");
+    assert_eq!(idx.engine_key(WorkerId(0), 103), Some(router[2]));
+    let r = idx.remove_mapped(WorkerId(0), Tier::Cpu, &[101]);
+    assert_eq!((r.removed, r.unknown), (1, 0));
+    assert_eq!(idx.stats().engine_mappings, 1);
+}

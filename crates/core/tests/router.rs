@@ -1,6 +1,7 @@
 //! The router end to end: vLLM's recorded events, routing, modes, lifecycle, snapshots,
 //! errors and concurrency.
 
+use kvroute::events::vllm;
 use kvroute::router::{LoadReport, Request, Router};
 use kvroute::Error;
 use serde_json::Value as J;
@@ -178,6 +179,17 @@ fn bad_batches_are_rejected_without_change() {
     let r = router(r#"{"auto_add_workers": true}"#);
     r.apply_vllm_batch("10.0.0.9:8000", &batches[0].1).unwrap();
     assert_eq!(r.workers()[0].name, "10.0.0.9:8000");
+    // ... but not for ranks a payload could make up without bound.
+    let mut batch = vllm::decode(&batches[0].1).unwrap();
+    batch.data_parallel_rank = Some(60_000);
+    assert!(matches!(r.apply_events("10.0.0.9:8000", &batch), Err(Error::InvalidInput(_))));
+    assert_eq!(r.workers().len(), 1);
+    // A removed worker's id, reused by the next worker, carries none of its blocks.
+    r.remove_worker("10.0.0.9:8000", 0).unwrap();
+    let id = r.add_worker("fresh", 0).unwrap();
+    assert_eq!(id.0, 0);
+    assert_eq!(r.index_stats().holder_blocks, 0);
+    assert_eq!(r.metrics().workers[0].index_blocks, 0);
 }
 
 #[test]

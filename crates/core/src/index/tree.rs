@@ -383,7 +383,7 @@ impl PrefixIndex {
         }
         // Absorb a single child with the same holders.
         if let Some(c) = self.nodes[n as usize].children.single() {
-            if self.nodes[c as usize].holders == self.nodes[n as usize].holders {
+            if c != n && self.nodes[c as usize].holders == self.nodes[n as usize].holders {
                 self.merge_child(n, c);
             }
         }
@@ -627,24 +627,35 @@ impl PrefixIndex {
             let Some(ploc) = self.lookup(parent) else {
                 continue;
             };
-            let mut pn = ploc.node;
-            if pn == r {
-                continue; // a cycle through inconsistent parents: leave it as a root
+            let pn = ploc.node;
+            // Inconsistent parents (two events each naming the other's block as parent)
+            // would close a cycle: leave the orphan a root if the parent is inside it.
+            if self.is_ancestor_or_self(r, pn) {
+                continue;
             }
             let poff = ploc.off as usize;
             if poff + 1 < self.nodes[pn as usize].keys.len() {
-                self.split(pn, poff + 1);
+                self.split(pn, poff + 1); // pn keeps the head, which ends with `parent`
             }
-            // The parent may have moved if `split` reused... it did not: pn keeps its head.
             if self.nodes[pn as usize].children.get(first).is_some() {
                 continue;
             }
             self.nodes[ROOT as usize].children.remove(first);
             self.nodes[r as usize].parent = pn;
             self.nodes[pn as usize].children.insert(first, r);
-            pn = self.compact(pn);
-            let _ = pn;
+            self.compact(pn);
         }
+    }
+
+    /// True when `a` is `n` or one of its ancestors.
+    fn is_ancestor_or_self(&self, a: u32, mut n: u32) -> bool {
+        while n != NIL {
+            if n == a {
+                return true;
+            }
+            n = if n == ROOT { NIL } else { self.nodes[n as usize].parent };
+        }
+        false
     }
 
     // ----- remove ------------------------------------------------------------------
@@ -788,26 +799,21 @@ impl PrefixIndex {
     /// Removes blocks that the engine names by `engine` hashes for `worker`.
     pub fn remove_mapped(&mut self, worker: WorkerId, tier: Tier, engine: &[u64]) -> RemoveReport {
         let w = worker.index();
-        let mut keys = Vec::with_capacity(engine.len());
-        let mut unknown = 0u32;
+        // (engine hash, router key) for the hashes this worker has a mapping for.
+        let mut pairs = Vec::with_capacity(engine.len());
         if let Some(map) = self.engine_maps.get(w) {
-            for e in engine {
-                match map.get(e) {
-                    Some(&k) => keys.push(k),
-                    None => unknown += 1,
-                }
-            }
-        } else {
-            unknown = engine.len() as u32;
+            pairs.extend(engine.iter().filter_map(|e| map.get(e).map(|&k| (*e, k))));
         }
+        let unknown = (engine.len() - pairs.len()) as u32;
+        let keys: Vec<u64> = pairs.iter().map(|p| p.1).collect();
         let mut report = self.remove(worker, tier, &keys);
         report.unknown += unknown;
         self.unknown_removals += u64::from(unknown);
         // Drop mappings of blocks the worker no longer holds anywhere.
-        for (e, k) in engine.iter().zip(&keys) {
-            if self.holds(worker, *k).is_none() {
+        for (e, k) in pairs {
+            if self.holds(worker, k).is_none() {
                 if let Some(m) = self.engine_maps.get_mut(w) {
-                    m.remove(e);
+                    m.remove(&e);
                 }
             }
         }
@@ -1001,6 +1007,10 @@ impl PrefixIndex {
     /// Evicts least recently used leaf runs until at most `target` holder-blocks remain.
     fn evict_to(&mut self, target: u64) -> u64 {
         let mut evicted = 0u64;
+        // Keys evicted per worker with engine mappings, dropped from the maps in one pass
+        // per worker at the end (not one scan of the map per evicted run).
+        let mut evicted_keys: KeyMap<hashbrown::HashSet<u64, BuildHasherDefault<KeyHasher>>> =
+            KeyMap::default();
         while self.holder_blocks > target {
             let mut leaves: Vec<(u32, u32)> = self
                 .nodes
@@ -1026,16 +1036,20 @@ impl PrefixIndex {
                 let holders = std::mem::take(&mut node.holders);
                 for h in &holders {
                     self.worker_blocks[h.worker as usize] -= len;
-                    if let Some(m) = self.engine_maps.get_mut(h.worker as usize) {
-                        // Drop the worker's mappings that point at these keys.
-                        let keys = &self.nodes[id as usize].keys;
-                        m.retain(|_, k| !keys.contains(k));
+                    if self.engine_maps.get(h.worker as usize).is_some_and(|m| !m.is_empty()) {
+                        let gone = evicted_keys.entry(u64::from(h.worker)).or_default();
+                        gone.extend(self.nodes[id as usize].keys.iter().copied());
                     }
                 }
                 let n = len * holders.len() as u64;
                 self.holder_blocks -= n;
                 evicted += n;
                 self.prune(id);
+            }
+        }
+        for (w, gone) in evicted_keys {
+            if let Some(m) = self.engine_maps.get_mut(w as usize) {
+                m.retain(|_, k| !gone.contains(k));
             }
         }
         self.evictions += evicted;

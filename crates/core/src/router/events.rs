@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// The largest data-parallel rank for which a batch may add a worker by itself
+/// (`auto_add_workers`): the rank comes from the payload, which must not be able to
+/// create workers without bound.
+pub const MAX_AUTO_RANK: u32 = 255;
+
 /// The most blocks stored or removed under one hold of the index write lock.
 pub const APPLY_CHUNK: usize = 16;
 
@@ -124,6 +129,11 @@ impl Router {
         let known = self.registry.read().get(&key).cloned();
         let worker = match known {
             Some(w) => w,
+            None if self.cfg.auto_add_workers && rank > MAX_AUTO_RANK => {
+                return Err(Error::invalid(format!(
+                    "data_parallel_rank {rank} above {MAX_AUTO_RANK}: not adding a worker for it"
+                )))
+            }
             None if self.cfg.auto_add_workers => {
                 let _ = self.add_worker(name, rank);
                 self.worker(name, rank)?
@@ -309,6 +319,9 @@ impl Router {
         let id = worker.id;
         let vllm = self.cfg.hash_algo.is_vllm();
         let _batch = self.apply_lock.lock();
+        if !self.is_registered(worker) {
+            return; // removed while the batch was validated; its id may be reused
+        }
         if self.cfg.mode == Mode::Hybrid && !worker.has_events.swap(true, Ordering::Relaxed) {
             // Events win from now on: drop the predictions for this worker.
             self.index.write().clear_worker(id);

@@ -31,7 +31,7 @@ mod metrics;
 mod snapshot;
 
 pub use config::{Mode, OnHashMismatch, ProfileSpec, RouterConfig, WorkerConfig};
-pub use events::{ApplyReport, APPLY_CHUNK};
+pub use events::{ApplyReport, APPLY_CHUNK, MAX_AUTO_RANK};
 pub use metrics::{RouterMetrics, WorkerMetrics};
 
 use crate::error::{Error, Result};
@@ -461,10 +461,13 @@ impl Router {
             reg.rebuild_names();
             id
         };
-        // The id is free only once the index holds nothing for it; the registry slot is
-        // reused only after this (add_worker takes the registry lock, the index is cleared
-        // before any new worker can store under the id because stores need the registry).
-        self.index.write().remove_worker(id);
+        // Under apply_lock, so that no event batch or prediction for the removed worker
+        // is half way through: those re-check the registry under the same lock and drop
+        // their work if their worker is gone, so a reused id never inherits blocks.
+        {
+            let _batch = self.apply_lock.lock();
+            self.index.write().remove_worker(id);
+        }
         self.sessions.write().remove_worker(id);
         self.inflight.lock().retain(|_, f| f.worker.id != id);
         Ok(())
@@ -749,9 +752,11 @@ impl Router {
                     modelled: predict,
                 },
             );
+            // Inside the lock: on_first_token/on_finished for this id (which take it too)
+            // must never subtract before these adds.
+            worker.running.fetch_add(1, Ordering::Relaxed);
+            worker.inflight_prefill.fetch_add(prefill, Ordering::Relaxed);
         }
-        worker.running.fetch_add(1, Ordering::Relaxed);
-        worker.inflight_prefill.fetch_add(prefill, Ordering::Relaxed);
         if predict {
             self.predict(&worker, decision);
         }
@@ -780,14 +785,23 @@ impl Router {
         }
         let events = model.pool.drain_events();
         drop(guard);
-        self.apply_pool_events(worker.id, events);
+        self.apply_pool_events(worker, events);
     }
 
-    fn apply_pool_events(&self, id: WorkerId, events: Vec<crate::model::PoolEvent>) {
+    fn apply_pool_events(&self, worker: &WorkerState, events: Vec<crate::model::PoolEvent>) {
         use crate::model::PoolEvent;
         if events.is_empty() {
             return;
         }
+        let _batch = self.apply_lock.lock();
+        // The worker may have been removed (its id possibly reused), or, in hybrid mode,
+        // its first events may have arrived since the prediction was made: events win.
+        if !self.is_registered(worker)
+            || (self.cfg.mode == Mode::Hybrid && worker.has_events.load(Ordering::Relaxed))
+        {
+            return;
+        }
+        let id = worker.id;
         let mut index = self.index.write();
         for e in events {
             match e {
@@ -802,6 +816,16 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// True when `worker` is still the registered worker of its id.
+    pub(crate) fn is_registered(&self, worker: &WorkerState) -> bool {
+        self.registry
+            .read()
+            .slots
+            .get(worker.id.index())
+            .and_then(|s| s.as_deref())
+            .is_some_and(|w| std::ptr::eq(w, worker))
     }
 
     /// The first token of the request came back: its prefill is done.
@@ -838,7 +862,7 @@ impl Router {
                 m.pool.free(request_id);
                 let events = m.pool.drain_events();
                 drop(guard);
-                self.apply_pool_events(f.worker.id, events);
+                self.apply_pool_events(&f.worker, events);
             }
         }
         Ok(())
