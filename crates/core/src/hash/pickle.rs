@@ -210,18 +210,7 @@ impl<'o, 'k> Pickler<'o, 'k> {
                 return;
             }
         }
-        let n = data.len();
-        if n <= 0xff {
-            self.write_payload(&[SHORT_BINBYTES, n as u8], data);
-        } else if n as u64 <= 0xffff_ffff {
-            let l = (n as u32).to_le_bytes();
-            self.write_payload(&[BINBYTES, l[0], l[1], l[2], l[3]], data);
-        } else {
-            let l = (n as u64).to_le_bytes();
-            let mut h = [BINBYTES8; 9];
-            h[1..].copy_from_slice(&l);
-            self.write_payload(&h, data);
-        }
+        self.sized(SHORT_BINBYTES, BINBYTES, BINBYTES8, data);
         let idx = self.memoize();
         if let Some(kind) = shared {
             self.shared.push((kind, data, idx));
@@ -229,15 +218,25 @@ impl<'o, 'k> Pickler<'o, 'k> {
         self.boundary();
     }
 
-    /// Pickles bytes that are not shared with anything else (the parent hash).
-    fn unshared_bytes(&mut self, data: &[u8]) {
+    /// Writes `data` after the smallest of the three length-prefixed opcodes that fits
+    /// (1-byte, 4-byte or 8-byte little-endian length), as CPython chooses them.
+    fn sized(&mut self, short: u8, long: u8, huge: u8, data: &[u8]) {
         let n = data.len();
         if n <= 0xff {
-            self.write_payload(&[SHORT_BINBYTES, n as u8], data);
-        } else {
+            self.write_payload(&[short, n as u8], data);
+        } else if n as u64 <= 0xffff_ffff {
             let l = (n as u32).to_le_bytes();
-            self.write_payload(&[BINBYTES, l[0], l[1], l[2], l[3]], data);
+            self.write_payload(&[long, l[0], l[1], l[2], l[3]], data);
+        } else {
+            let mut h = [huge; 9];
+            h[1..].copy_from_slice(&(n as u64).to_le_bytes());
+            self.write_payload(&h, data);
         }
+    }
+
+    /// Pickles bytes that are not shared with anything else (the parent hash).
+    fn unshared_bytes(&mut self, data: &[u8]) {
+        self.sized(SHORT_BINBYTES, BINBYTES, BINBYTES8, data);
         self.memoize();
         self.boundary();
     }
@@ -264,18 +263,7 @@ impl<'o, 'k> Pickler<'o, 'k> {
             }
         }
         let data = s.as_bytes();
-        let n = data.len();
-        if n <= 0xff {
-            self.write_payload(&[SHORT_BINUNICODE, n as u8], data);
-        } else if n as u64 <= 0xffff_ffff {
-            let l = (n as u32).to_le_bytes();
-            self.write_payload(&[BINUNICODE, l[0], l[1], l[2], l[3]], data);
-        } else {
-            let l = (n as u64).to_le_bytes();
-            let mut h = [BINUNICODE8; 9];
-            h[1..].copy_from_slice(&l);
-            self.write_payload(&h, data);
-        }
+        self.sized(SHORT_BINUNICODE, BINUNICODE, BINUNICODE8, data);
         let idx = self.memoize();
         if let Some(kind) = shared {
             self.shared.push((kind, data, idx));
