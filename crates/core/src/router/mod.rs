@@ -614,8 +614,14 @@ impl Router {
             }
             let reg = self.registry.read();
             s.cands.clear();
+            // Live workers come in id order and overlaps are sorted by id: merge them.
+            let overlaps = s.matches.overlaps();
+            let mut j = 0;
             for w in reg.live() {
-                let m = s.matches.get(w.id);
+                while j < overlaps.len() && overlaps[j].worker < w.id {
+                    j += 1;
+                }
+                let m = overlaps.get(j).filter(|o| o.worker == w.id);
                 let last = w.last_routed_ms.load(Ordering::Relaxed);
                 let usage = if self.cfg.mode == Mode::Precise {
                     None
