@@ -478,7 +478,10 @@ func (r *Router) Snapshot() ([]byte, error) {
 		return nil, err
 	}
 	defer C.kvroute_bytes_free(data, n)
-	return C.GoBytes(unsafe.Pointer(data), C.int(n)), nil
+	// Copied with a size_t length (C.GoBytes takes a C int, which caps it at 2 GiB).
+	out := make([]byte, int(n))
+	copy(out, unsafe.Slice((*byte)(unsafe.Pointer(data)), int(n)))
+	return out, nil
 }
 
 // Restore replaces the index with a snapshot's; on error nothing changes.
