@@ -330,8 +330,8 @@ pub struct Router {
     pub(crate) registry: RwLock<Registry>,
     sessions: RwLock<SessionTable>,
     inflight: Mutex<HashMap<u64, Inflight>>,
+    /// The next request id; also numbers the decisions for their random streams.
     next_request: AtomicU64,
-    decisions: AtomicU64,
     pub(crate) metrics: metrics::Counters,
     /// Serializes event batches with each other and with snapshots (see `apply_ops`).
     pub(crate) apply_lock: Mutex<()>,
@@ -378,8 +378,7 @@ impl Router {
             registry: RwLock::new(Registry::default()),
             sessions: RwLock::new(sessions),
             inflight: Mutex::new(HashMap::new()),
-            next_request: AtomicU64::new(1),
-            decisions: AtomicU64::new(0),
+            next_request: AtomicU64::new(0),
             metrics: metrics::Counters::default(),
             apply_lock: Mutex::new(()),
             streams: Mutex::new(Default::default()),
@@ -649,8 +648,8 @@ impl Router {
                 lora: req.lora,
                 now_ms: now,
             };
-            let n = self.decisions.fetch_add(1, Ordering::Relaxed);
-            let mut rng = SplitMix64::new(splitmix64(self.cfg.seed ^ splitmix64(n)));
+            let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+            let mut rng = SplitMix64::new(splitmix64(self.cfg.seed ^ splitmix64(request_id)));
             let decision = {
                 let sessions = self.sessions.read();
                 let ctx = ScoreContext::new(&sessions);
@@ -684,7 +683,7 @@ impl Router {
                 self.sessions.write().record(key, chosen.id, now);
             }
             Ok(Decision {
-                request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
+                request_id,
                 worker: chosen.key.clone(),
                 worker_id: chosen.id,
                 matched_blocks: matched,
