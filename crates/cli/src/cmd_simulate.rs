@@ -135,12 +135,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
         reports.push(rep);
     }
     if let Some(path) = &args.json {
-        let text = if reports.len() == 1 {
-            serde_json::to_string_pretty(&reports[0])
-        } else {
-            serde_json::to_string_pretty(&reports)
-        }
-        .map_err(|e| CliError(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&kvroute_sim::reports_json(&reports)?)
+            .map_err(|e| CliError(e.to_string()))?;
         std::fs::write(path, text + "\n")
             .map_err(|e| CliError(format!("{}: {e}", path.display())))?;
     }

@@ -35,16 +35,10 @@ pub(crate) fn simulate(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> Py
             }
         }
     }
-    let spec: kvroute_sim::SimulateSpec = serde_json::from_value(serde_json::Value::Object(spec))
-        .map_err(|e| kvroute::Error::config(format!("simulate spec: {e}")))
+    let spec = kvroute_sim::SimulateSpec::from_json(&serde_json::Value::Object(spec).to_string())
         .or_raise(py)?;
     let reports = py.detach(|| kvroute_sim::simulate(&spec)).or_raise(py)?;
     // Straight to a JSON value: no text round trip, so floats stay bit-exact.
-    let value = if reports.len() == 1 {
-        serde_json::to_value(&reports[0])
-    } else {
-        serde_json::to_value(&reports)
-    }
-    .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
+    let value = kvroute_sim::reports_json(&reports).or_raise(py)?;
     json_to_py(py, &value)
 }

@@ -28,5 +28,5 @@ pub use engine::{CacheEvent, EngineConfig};
 pub use policy::{ClusterView, Policy, Routed, WorkerView};
 pub use router_policy::RouterPolicy;
 pub use sim::{run, run_oracle, Prepared, RunResult, SimConfig};
-pub use spec::{simulate, simulate_json, SimulateSpec};
+pub use spec::{reports_json, simulate, SimulateSpec};
 pub use workload::{SimRequest, Workload};

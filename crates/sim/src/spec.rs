@@ -177,15 +177,13 @@ pub fn simulate(spec: &SimulateSpec) -> Result<Vec<Report>> {
         .collect()
 }
 
-/// [`simulate`] with a JSON spec, returning what `kvroute simulate --json` writes: one
-/// report object for one workload, an array of them for several.
-pub fn simulate_json(spec_json: &str) -> Result<String> {
-    let spec = SimulateSpec::from_json(spec_json)?;
-    let reports = simulate(&spec)?;
-    let text = if reports.len() == 1 {
-        serde_json::to_string(&reports[0])
+/// What `kvroute simulate --json` writes for `reports`: one report object for one
+/// workload, an array of them for several.
+pub fn reports_json(reports: &[Report]) -> Result<serde_json::Value> {
+    let v = if reports.len() == 1 {
+        serde_json::to_value(&reports[0])
     } else {
-        serde_json::to_string(&reports)
+        serde_json::to_value(reports)
     };
-    text.map_err(|e| Error::Internal(e.to_string()))
+    v.map_err(|e| Error::Internal(e.to_string()))
 }
