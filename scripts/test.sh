@@ -7,10 +7,14 @@ ROOT=$PWD
 
 step() { printf '\n==> %s\n' "$*"; }
 
-if [ ! -d ../shared/vectors/vllm ]; then
-  echo "error: ../shared/vectors/vllm not found next to the checkout (the vLLM test vectors)" >&2
+step "self-contained checkout"
+# Everything the tests read is inside the repository (testdata/, provenance in its README);
+# no tracked file may point at a folder beside the checkout.
+if git ls-files -z 2>/dev/null | xargs -0 grep -lF -- "..""/shared" 2>/dev/null; then
+  echo "error: the files above refer to a folder outside the checkout; use testdata/" >&2
   exit 1
 fi
+(cd testdata && sha256sum --quiet -c SHA256SUMS) || { echo "error: testdata/ differs from its recorded sha256" >&2; exit 1; }
 
 step "toolchain"
 command -v cargo >/dev/null || { echo "error: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }

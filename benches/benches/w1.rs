@@ -1,4 +1,4 @@
-//! Workload W1 (`../shared/bench/W1.md`): a 12,812,288 holder-block index over 256
+//! Workload W1 (`benches/W1.md`): a 12,812,288 holder-block index over 256
 //! holders, warm probes, a cycled set, two reader threads, churn and drain.
 //!
 //! A `harness = false` bench with its own `main`: W1 asks for p50/p99 of individual calls

@@ -1,4 +1,4 @@
-//! Shared helpers for the kvroute benchmarks: the W1 key scheme (`../shared/bench/W1.md`),
+//! Shared helpers for the kvroute benchmarks: the W1 key scheme (`benches/W1.md`),
 //! event-shaped store and removal helpers, a counting global allocator, process RSS and
 //! percentiles.
 //!

@@ -1,7 +1,7 @@
 //! The block-pool model against vLLM's own behaviour.
 //!
 //! 1. A replay of the scripted run of vLLM 0.33.0's real `BlockPool` recorded in
-//!    `../shared/vectors/vllm/kv_events.json`. The block keys come from the independent
+//!    `testdata/vllm/kv_events.json`. The block keys come from the independent
 //!    `block_hashes.json` vectors (vLLM's own hash function on the same token inputs), and
 //!    the pool must reproduce the recorded events (keys and parents), block ids, hit tokens
 //!    and free queues.
@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 
 fn vectors_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors/vllm")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/vllm")
 }
 
 fn load(name: &str) -> Value {

@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-fn shared(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared").join(path)
+fn testdata(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(path)
 }
 
 fn kv_events() -> J {
-    let text = std::fs::read_to_string(shared("vectors/vllm/kv_events.json")).unwrap();
+    let text = std::fs::read_to_string(testdata("vllm/kv_events.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 

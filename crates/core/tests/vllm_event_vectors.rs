@@ -1,5 +1,5 @@
 //! The vLLM KV event decoder and encoder against vLLM's own payloads
-//! (`../shared/vectors/vllm/kv_events*.json`), plus malformed and unusual inputs.
+//! (`testdata/vllm/kv_events*.json`), plus malformed and unusual inputs.
 
 use kvroute::events::vllm::{batch_to_json, decode, encode, MAX_DEPTH};
 use kvroute::events::{BlockRemoved, BlockStored, EngineHash, KvEvent, KvEventBatch, Value};
@@ -8,7 +8,7 @@ use serde_json::Value as J;
 use std::path::PathBuf;
 
 fn vectors_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors/vllm")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/vllm")
 }
 
 fn load(name: &str) -> J {

@@ -1,4 +1,4 @@
-//! Every vector of vLLM's own block hashes (`../shared/vectors/vllm/block_hashes*.json`)
+//! Every vector of vLLM's own block hashes (`testdata/vllm/block_hashes*.json`)
 //! must come out byte for byte: none-hash, every pre-image, digest, event u64, and the
 //! extra keys in hash and event form.
 
@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn vectors_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors/vllm")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/vllm")
 }
 
 fn load(name: &str) -> Value {

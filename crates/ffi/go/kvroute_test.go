@@ -14,7 +14,7 @@ import (
 )
 
 // The vLLM test vectors, relative to this package's directory.
-var vectorsPath = filepath.Join("..", "..", "..", "..", "shared", "vectors", "vllm", "kv_events.json")
+var vectorsPath = filepath.Join("..", "..", "..", "testdata", "vllm", "kv_events.json")
 
 type recordedBatch struct {
 	step    string

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turns ../shared/vectors/vllm/kv_events.json into a line format the C tests read.
+"""Turns testdata/vllm/kv_events.json into a line format the C tests read.
 
 Lines:
   P <step> <held> <payload hex>   recorded vLLM 0.33 batches, in order; <held> is the number

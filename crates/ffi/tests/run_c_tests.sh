@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../../.."
 ROOT=$PWD
 FFI=$ROOT/crates/ffi
 OUT=$ROOT/target/c-tests
-VECTORS=$ROOT/../shared/vectors/vllm/kv_events.json
+VECTORS=$ROOT/testdata/vllm/kv_events.json
 mkdir -p "$OUT"
 
 if ! command -v valgrind >/dev/null; then

@@ -1,4 +1,4 @@
-"""Shared fixtures: the vLLM test vectors next to the checkout (``../shared/vectors/vllm``)."""
+"""Shared fixtures: the vLLM test vectors in the repository (``testdata/vllm``)."""
 
 import json
 import pathlib
@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
-VECTORS = ROOT / ".." / "shared" / "vectors" / "vllm"
+VECTORS = ROOT / "testdata" / "vllm"
 
 
 def load(name):

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 #[test]
 fn unbounded_cache_in_arrival_order_hits_the_readme_ceiling() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/traces/mooncake/conversation_trace.jsonl");
+        .join("../../testdata/mooncake/conversation_trace.jsonl");
     let reqs = read_mooncake(&path).unwrap();
 
     // README: 12,031 requests, every one starting with id 0, 288,500 blocks, 182,790 distinct.

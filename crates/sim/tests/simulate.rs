@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 fn trace_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/traces/mooncake/conversation_trace.jsonl")
+        .join("../../testdata/mooncake/conversation_trace.jsonl")
 }
 
 fn llama(block_size: usize) -> EngineConfig {

@@ -6,7 +6,7 @@
 //! freeing parts of `KVCacheManager` and `SingleTypeKVCacheManager` do, including the KV
 //! events they publish. It is checked step by step against a recorded run of vLLM 0.33.0's
 //! own `BlockPool` (`tests/model_vllm_scenario.rs`, data in
-//! `../shared/vectors/vllm/kv_events.json`).
+//! `testdata/vllm/kv_events.json`).
 //!
 //! # Capacity ([`CapacitySpec`])
 //!

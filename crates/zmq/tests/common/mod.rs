@@ -18,9 +18,9 @@ fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `../shared/vectors/vllm/kv_events.json`, relative to the project root.
+/// `testdata/vllm/kv_events.json`, relative to the project root.
 pub fn kv_events_path() -> PathBuf {
-    manifest_dir().join("../../../shared/vectors/vllm/kv_events.json")
+    manifest_dir().join("../../testdata/vllm/kv_events.json")
 }
 
 /// The Python interpreter: `$KVROUTE_PYTHON`, else `<root>/.venv/bin/python`, else `python3`.

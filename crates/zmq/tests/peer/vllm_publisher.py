@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A scriptable stand-in for vLLM's ZmqEventPublisher (vLLM 0.33), for kvroute-zmq's tests.
 
-Wire protocol, as vLLM speaks it (see ../shared/vectors/vllm/zmq_wire.json):
+Wire protocol, as vLLM speaks it (see testdata/vllm/zmq_wire.json):
   * live messages on a publisher socket: [topic, seq (8 bytes big-endian), payload],
     seq counting from 0;
   * a ROUTER replay socket: a request [identity, "", start_seq (8 bytes BE)] is answered
