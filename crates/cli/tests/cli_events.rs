@@ -9,8 +9,7 @@ fn kvroute(args: &[&str]) -> Output {
 }
 
 fn vector_batch(step_prefix: &str) -> J {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/vllm/kv_events.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/vllm/kv_events.json");
     let doc: J = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let step = doc["steps"]
         .as_array()

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 fn vectors() -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/vllm/block_hashes.json");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/vllm/block_hashes.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 

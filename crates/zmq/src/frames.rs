@@ -106,8 +106,7 @@ mod tests {
     use super::*;
 
     fn vectors() -> serde_json::Value {
-        let path =
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/vllm/zmq_wire.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/vllm/zmq_wire.json");
         let text = std::fs::read_to_string(path).expect("zmq_wire.json");
         serde_json::from_str(&text).expect("json")
     }

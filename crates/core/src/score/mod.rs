@@ -57,7 +57,7 @@ pub use builtin::{
 pub use filters::{HealthyFilter, LoraLoadedFilter, MaxQueueFilter};
 pub use picker::{MaxPicker, RoundRobinPicker, SoftmaxPicker, WeightedRandomPicker};
 pub use profile::{
-    Decision, Explanation, FilterConfig, PickerConfig, Profile, ProfileConfig, ProfileKind,
+    Explanation, FilterConfig, Pick, PickerConfig, Profile, ProfileConfig, ProfileKind,
     ScorerConfig,
 };
 pub use session::SessionTable;

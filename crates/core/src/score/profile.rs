@@ -461,9 +461,10 @@ impl fmt::Debug for Profile {
     }
 }
 
-/// The outcome of [`Profile::decide`].
+/// The outcome of [`Profile::decide`]: which candidate was picked (the router turns it into
+/// a [`crate::router::Decision`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Decision {
+pub struct Pick {
     /// Index of the chosen candidate in the `cands` slice given to `decide`.
     pub index: usize,
     /// Position of the chosen candidate among the kept ones (index into
@@ -573,7 +574,7 @@ impl Profile {
         ctx: &ScoreContext,
         rng: &mut SplitMix64,
         scratch: &mut ScoreScratch,
-    ) -> Result<Decision> {
+    ) -> Result<Pick> {
         let ScoreScratch { kept, filtered, rows, n_rows, totals } = scratch;
         kept.clear();
         rows.clear();
@@ -626,12 +627,7 @@ impl Profile {
         if pos >= n {
             return Err(Error::Internal(format!("picker returned index {pos} of {n} candidates")));
         }
-        Ok(Decision {
-            index: kept[pos],
-            kept_pos: pos,
-            worker: view[pos].worker,
-            total: totals[pos],
-        })
+        Ok(Pick { index: kept[pos], kept_pos: pos, worker: view[pos].worker, total: totals[pos] })
     }
 
     /// The explanation of the last decision made with `scratch` by this profile.

@@ -1,0 +1,180 @@
+//! The lifecycle of a routed request: sent, first token, finished; and, in approximate
+//! and hybrid modes, the cache-model prediction that `on_routed` makes.
+
+use super::{Decision, Mode, Router, WorkerState};
+use crate::error::{Error, Result};
+use crate::types::Tier;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// A request in flight, for lifecycle load tracking.
+#[derive(Debug, Clone)]
+pub(crate) struct Inflight {
+    pub(crate) worker: Arc<WorkerState>,
+    pub(crate) prefill_tokens: u64,
+    pub(crate) blocks: u64,
+    pub(crate) prefill_done: bool,
+    pub(crate) modelled: bool,
+}
+
+impl Router {
+    /// The request of `decision` was sent to its worker. Tracks load, and in approximate
+    /// and hybrid modes runs the request through the worker's cache model, whose stores
+    /// and evictions update the index. Calling it twice for one request is an error.
+    pub fn on_routed(&self, decision: &Decision) -> Result<()> {
+        let worker = self
+            .registry
+            .read()
+            .slots
+            .get(decision.worker_id.index())
+            .and_then(|s| s.clone())
+            .filter(|w| w.key == decision.worker)
+            .ok_or_else(|| Error::UnknownWorker(decision.worker.to_string()))?;
+        let prompt = u64::from(decision.prompt_tokens);
+        let cached = u64::from(decision.matched_blocks) * self.cfg.block_size as u64;
+        let prefill = prompt.saturating_sub(cached.min(prompt.saturating_sub(1)));
+        let blocks = prompt.div_ceil(self.cfg.block_size as u64);
+        let predict = match self.cfg.mode {
+            Mode::Precise => false,
+            Mode::Approximate => true,
+            Mode::Hybrid => !worker.has_events.load(Ordering::Relaxed),
+        };
+        {
+            let mut inflight = self.inflight.lock();
+            if inflight.contains_key(&decision.request_id) {
+                return Err(Error::invalid(format!(
+                    "request {} was already reported as routed",
+                    decision.request_id
+                )));
+            }
+            inflight.insert(
+                decision.request_id,
+                Inflight {
+                    worker: worker.clone(),
+                    prefill_tokens: prefill,
+                    blocks,
+                    prefill_done: false,
+                    modelled: predict,
+                },
+            );
+            // Inside the lock: on_first_token/on_finished for this id (which take it too)
+            // must never subtract before these adds.
+            worker.running.fetch_add(1, Ordering::Relaxed);
+            worker.inflight_prefill.fetch_add(prefill, Ordering::Relaxed);
+        }
+        if predict {
+            self.predict(&worker, decision);
+        }
+        Ok(())
+    }
+
+    /// Runs a routed request through the worker's cache model and applies its events.
+    fn predict(&self, worker: &WorkerState, decision: &Decision) {
+        let mut guard = worker.model.lock();
+        let Some(model) = guard.as_mut() else {
+            return;
+        };
+        let tokens = decision.prompt_tokens as usize;
+        if tokens == 0 {
+            return;
+        }
+        match model.pool.allocate(decision.request_id, &decision.keys, tokens) {
+            Ok(Some(_)) => {
+                let n = decision.keys.len();
+                let _ = model.pool.cache_blocks(decision.request_id, &decision.keys, n);
+            }
+            _ => {
+                model.predictions_skipped += 1;
+                return;
+            }
+        }
+        let events = model.pool.drain_events();
+        drop(guard);
+        self.apply_pool_events(worker, events);
+    }
+
+    fn apply_pool_events(&self, worker: &WorkerState, events: Vec<crate::model::PoolEvent>) {
+        use crate::model::PoolEvent;
+        if events.is_empty() {
+            return;
+        }
+        let _batch = self.apply_lock.lock();
+        // The worker may have been removed (its id possibly reused), or, in hybrid mode,
+        // its first events may have arrived since the prediction was made: events win.
+        if !self.is_registered(worker)
+            || (self.cfg.mode == Mode::Hybrid && worker.has_events.load(Ordering::Relaxed))
+        {
+            return;
+        }
+        let id = worker.id;
+        let mut index = self.index.write();
+        for e in events {
+            match e {
+                PoolEvent::Stored { keys, parent } => {
+                    let _ = index.store(id, Tier::Gpu, parent, &keys);
+                }
+                PoolEvent::Removed { keys } => {
+                    index.remove(id, Tier::Gpu, &keys);
+                }
+                PoolEvent::Cleared => {
+                    index.clear_worker(id);
+                }
+            }
+        }
+    }
+
+    /// True when `worker` is still the registered worker of its id.
+    pub(crate) fn is_registered(&self, worker: &WorkerState) -> bool {
+        self.registry
+            .read()
+            .slots
+            .get(worker.id.index())
+            .and_then(|s| s.as_deref())
+            .is_some_and(|w| std::ptr::eq(w, worker))
+    }
+
+    /// The first token of the request came back: its prefill is done.
+    pub fn on_first_token(&self, request_id: u64) -> Result<()> {
+        let mut inflight = self.inflight.lock();
+        let f = inflight
+            .get_mut(&request_id)
+            .ok_or_else(|| Error::invalid(format!("unknown request id {request_id}")))?;
+        if !f.prefill_done {
+            f.prefill_done = true;
+            f.worker.inflight_prefill.fetch_sub(f.prefill_tokens, Ordering::Relaxed);
+            f.worker.decode_blocks.fetch_add(f.blocks, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The request finished (or failed): it leaves the worker's load, and its model blocks
+    /// are freed.
+    pub fn on_finished(&self, request_id: u64) -> Result<()> {
+        let f = self
+            .inflight
+            .lock()
+            .remove(&request_id)
+            .ok_or_else(|| Error::invalid(format!("unknown request id {request_id}")))?;
+        if f.prefill_done {
+            f.worker.decode_blocks.fetch_sub(f.blocks, Ordering::Relaxed);
+        } else {
+            f.worker.inflight_prefill.fetch_sub(f.prefill_tokens, Ordering::Relaxed);
+        }
+        f.worker.running.fetch_sub(1, Ordering::Relaxed);
+        if f.modelled {
+            let mut guard = f.worker.model.lock();
+            if let Some(m) = guard.as_mut() {
+                m.pool.free(request_id);
+                let events = m.pool.drain_events();
+                drop(guard);
+                self.apply_pool_events(&f.worker, events);
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests reported routed and not yet finished.
+    pub fn inflight_requests(&self) -> usize {
+        self.inflight.lock().len()
+    }
+}

@@ -1,0 +1,195 @@
+//! The request path: hashing a prompt and choosing a worker for it.
+
+use super::{wall_ms, CandidateScore, Decision, Mode, Request, Router};
+use crate::error::{Error, Result};
+use crate::hash::RequestExtras;
+use crate::index::{MatchOptions, Matches, PrefixIndex};
+use crate::rng::{splitmix64, SplitMix64};
+use crate::score::{Candidate, LoraSet, RequestInfo, ScoreContext, ScoreScratch};
+use crate::types::BlockKey;
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+
+#[derive(Default)]
+struct Scratch {
+    keys: Vec<BlockKey>,
+    matches: Matches,
+    cands: Vec<Candidate>,
+    score: ScoreScratch,
+}
+
+/// Attempts at the index read lock before a route blocks (see `Router::read_index`).
+const READ_SPINS: u32 = 4096;
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+impl Router {
+    /// The block keys the router uses for `tokens` (full blocks only).
+    pub fn block_keys(&self, tokens: &[u32], extras: Option<&RequestExtras>) -> Result<Vec<u64>> {
+        self.check_tokens(tokens)?;
+        let mut out = Vec::new();
+        self.hash_into(tokens, None, extras, &mut out);
+        Ok(out)
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if let Some(v) = self.cfg.vocab_size {
+            if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t >= v) {
+                return Err(Error::invalid(format!(
+                    "token id {t} at position {i} is outside the vocabulary (size {v})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn hash_into(
+        &self,
+        tokens: &[u32],
+        lora: Option<&str>,
+        extras: Option<&RequestExtras>,
+        out: &mut Vec<u64>,
+    ) {
+        static NONE: std::sync::OnceLock<RequestExtras> = std::sync::OnceLock::new();
+        match (extras, lora) {
+            (Some(e), _) => self.hasher.block_keys(tokens, e, out),
+            (None, Some(name)) => {
+                let e = RequestExtras {
+                    lora: Some(crate::hash::Lora { name: name.to_string(), path: None }),
+                    ..RequestExtras::default()
+                };
+                self.hasher.block_keys(tokens, &e, out)
+            }
+            (None, None) => {
+                self.hasher.block_keys(tokens, NONE.get_or_init(RequestExtras::default), out)
+            }
+        }
+    }
+
+    /// Chooses a worker for `req`. See the [module documentation](self).
+    pub fn route(&self, req: &Request) -> Result<Decision> {
+        self.check_tokens(req.tokens)?;
+        let now = req.now_ms.unwrap_or_else(wall_ms);
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let s = &mut *s;
+            let need_prefix = self.profile.needs_prefix();
+            let keep_keys = self.cfg.mode != Mode::Precise;
+            if need_prefix || keep_keys {
+                self.hash_into(req.tokens, req.lora, req.extras, &mut s.keys);
+            } else {
+                s.keys.clear();
+            }
+            let total_blocks = (req.tokens.len() / self.cfg.block_size) as u32;
+            if need_prefix && !s.keys.is_empty() {
+                self.read_index().find_matches(&s.keys, MatchOptions::default(), &mut s.matches);
+            } else {
+                s.matches = Matches::new();
+            }
+            let reg = self.registry.read();
+            s.cands.clear();
+            // Live workers come in id order and overlaps are sorted by id: merge them.
+            let overlaps = s.matches.overlaps();
+            let mut j = 0;
+            for w in reg.live() {
+                while j < overlaps.len() && overlaps[j].worker < w.id {
+                    j += 1;
+                }
+                let m = overlaps.get(j).filter(|o| o.worker == w.id);
+                let last = w.last_routed_ms.load(Ordering::Relaxed);
+                let usage = if self.cfg.mode == Mode::Precise {
+                    None
+                } else {
+                    w.model.try_lock().and_then(|m| m.as_ref().map(|m| m.pool.usage()))
+                };
+                s.cands.push(Candidate {
+                    worker: w.id,
+                    matched_blocks: m.map_or(0, |o| o.blocks),
+                    matched_by_tier: m.map_or([0; 3], |o| o.by_tier),
+                    load: w.load(usage),
+                    loaded_loras: if req.lora.is_some() { *w.loras.read() } else { LoraSet::new() },
+                    last_routed_ms: (last != u64::MAX).then_some(last),
+                    healthy: w.healthy.load(Ordering::Relaxed)
+                        && !w.draining.load(Ordering::Relaxed),
+                });
+            }
+            if s.cands.is_empty() {
+                return Err(Error::NoWorkers("no workers are registered".into()));
+            }
+            let info = RequestInfo {
+                prompt_tokens: req.tokens.len() as u32,
+                total_blocks,
+                session: req.session,
+                lora: req.lora,
+                now_ms: now,
+            };
+            let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+            let mut rng = SplitMix64::new(splitmix64(self.cfg.seed ^ splitmix64(request_id)));
+            let decision = {
+                let sessions = self.sessions.read();
+                let ctx = ScoreContext::new(&sessions);
+                self.profile.decide(&info, &s.cands, &ctx, &mut rng, &mut s.score)?
+            };
+            let chosen = reg.slots[decision.worker.index()]
+                .as_ref()
+                .ok_or_else(|| Error::Internal("chosen worker vanished".into()))?;
+            // The explanation: one Copy entry per kept candidate and one flat score matrix,
+            // so a decision costs two allocations however many workers there are.
+            let (kept, totals, rows) = (s.score.kept(), s.score.totals(), s.score.n_rows());
+            let mut candidates = Vec::with_capacity(kept.len());
+            let mut scores = Vec::with_capacity(kept.len() * rows);
+            for (pos, &ci) in kept.iter().enumerate() {
+                let c = &s.cands[ci];
+                candidates.push(CandidateScore {
+                    worker_id: c.worker,
+                    matched_blocks: c.matched_blocks,
+                    matched_by_tier: c.matched_by_tier,
+                    total: totals[pos],
+                });
+                scores.extend((0..rows).map(|j| s.score.row(j)[pos]));
+            }
+            let matched = s.cands[decision.index].matched_blocks;
+            chosen.decisions.fetch_add(1, Ordering::Relaxed);
+            chosen.last_routed_ms.store(now, Ordering::Relaxed);
+            let hit_tokens = u64::from(matched) * self.cfg.block_size as u64;
+            chosen.hit_tokens.fetch_add(hit_tokens, Ordering::Relaxed);
+            self.metrics.record_route(info.prompt_tokens, hit_tokens);
+            if let Some(key) = req.session {
+                self.sessions.write().record(key, chosen.id, now);
+            }
+            Ok(Decision {
+                request_id,
+                worker: chosen.key.clone(),
+                worker_id: chosen.id,
+                matched_blocks: matched,
+                total_blocks,
+                prompt_tokens: info.prompt_tokens,
+                candidates,
+                keys: if keep_keys { s.keys.clone() } else { Vec::new() },
+                names: reg.names.clone(),
+                score_names: self.score_names.clone(),
+                scores,
+            })
+        })
+    }
+
+    /// The index read lock for the request path. Event batches hold the write lock for at
+    /// most one chunk of [`APPLY_CHUNK`](super::APPLY_CHUNK) blocks (a few microseconds), so spinning that long
+    /// is cheaper than parking the thread, whose wake-up alone costs tens of microseconds
+    /// on a virtual machine. Past the spin budget it blocks like any reader.
+    fn read_index(&self) -> parking_lot::RwLockReadGuard<'_, PrefixIndex> {
+        for i in 0..READ_SPINS {
+            if let Some(g) = self.index.try_read() {
+                return g;
+            }
+            if i % 64 == 63 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        self.index.read()
+    }
+}
