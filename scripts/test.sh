@@ -37,6 +37,22 @@ export KVROUTE_PYTHON="$ROOT/.venv/bin/python"
 step "Rust tests"
 cargo test --workspace --release
 
+step "API docs (rustdoc, warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
+
+step "cargo install --path crates/cli"
+# What the README tells users; reuses the release build above.
+CLI_ROOT=$(mktemp -d)
+cargo install --quiet --locked --path crates/cli --root "$CLI_ROOT" --target-dir "$ROOT/target"
+"$CLI_ROOT/bin/kvroute" --version
+echo '[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16]' | "$CLI_ROOT/bin/kvroute" hash --algo xxh3 >/dev/null
+rm -rf "$CLI_ROOT"
+
+step "crates.io packages (cargo package, verified)"
+# Packs the publishable crates together (workspace dependencies resolve through a temporary
+# local registry) and builds each from its packaged files alone.
+cargo package --quiet --locked --allow-dirty -p kvroute -p kvroute-zmq -p kvroute-sim -p kvroute-cli
+
 step "C tests"
 crates/ffi/tests/run_c_tests.sh
 

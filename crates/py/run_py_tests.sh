@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds and tests the kvroute Python package: the project venv (.venv at the repo root),
-# `pip install ./crates/py` (maturin compiles the extension in release into the repo's
-# target/, so rebuilds are incremental), pytest on crates/py/tests and examples/python,
-# and one wheel file built the way a user would (`pip wheel`).
+# Builds and tests the kvroute Python package: one wheel file built by maturin with its
+# manylinux compliance check (`--compatibility pypi`: the lowest manylinux tag the wheel
+# complies with, audited; a wheel that links a library outside the policy fails here),
+# installed from that file into a brand-new virtualenv and imported there (not from the
+# source tree), then installed into the project venv (.venv) where pytest runs
+# crates/py/tests and examples/python against the installed package.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -15,15 +17,30 @@ PY="$ROOT/.venv/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 "${PIP[@]}" install --quiet maturin pytest numpy aiohttp pyzmq msgpack
 
-echo "pip install ./crates/py"
+echo "maturin build (manylinux audit)"
 start=$(date +%s)
-"${PIP[@]}" install --quiet --force-reinstall --no-deps ./crates/py
-echo "built and installed in $(( $(date +%s) - start )) s"
+rm -f target/wheels/kvroute-*.whl
+"$PY" -m maturin build --quiet --release -m crates/py/Cargo.toml --compatibility pypi -o target/wheels
+WHEEL=$(ls target/wheels/kvroute-*-abi3-manylinux*.whl)
+echo "built $(basename "$WHEEL") in $(( $(date +%s) - start )) s"
 
+echo "install the wheel file into a clean virtualenv"
+CLEAN="$ROOT/target/wheel-venv"
+rm -rf "$CLEAN"
+python3 -m venv "$CLEAN"
+"$CLEAN/bin/python" -m pip install --quiet --disable-pip-version-check --no-index "$WHEEL"
+# Run from a folder outside the checkout so that nothing but the installed wheel can be imported.
+(cd "$(mktemp -d)" && "$CLEAN/bin/python" - <<'PY'
+import kvroute, pathlib, sys
+where = pathlib.Path(kvroute.__file__).resolve()
+assert "site-packages" in where.parts, f"kvroute imported from {where}, not the installed wheel"
+r = kvroute.Router({"workers": [{"name": "a:1"}, {"name": "b:1"}]})
+d = r.route(list(range(64)))
+assert d.worker in ("a:1", "b:1"), d.worker
+print(f"clean venv: kvroute {kvroute.__version__} imported from {where.parent}")
+PY
+)
+
+"${PIP[@]}" install --quiet --force-reinstall --no-deps "$WHEEL"
 # pytest exits 5 when it collected no test: that is a failure here too.
 "$PY" -m pytest -q -p no:cacheprovider crates/py/tests examples/python
-
-echo "pip wheel ./crates/py"
-rm -f target/wheels/kvroute-*.whl
-"${PIP[@]}" wheel --quiet --no-deps ./crates/py -w target/wheels
-ls target/wheels/kvroute-*-abi3-*.whl

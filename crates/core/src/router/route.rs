@@ -68,7 +68,7 @@ impl Router {
         }
     }
 
-    /// Chooses a worker for `req`. See the [module documentation](self).
+    /// Chooses a worker for `req`. See the [module documentation](crate::router).
     pub fn route(&self, req: &Request) -> Result<Decision> {
         self.check_tokens(req.tokens)?;
         let now = req.now_ms.unwrap_or_else(wall_ms);
