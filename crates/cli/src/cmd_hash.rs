@@ -1,7 +1,7 @@
 //! `kvroute hash`: chained block hashes of a JSON array of token ids.
 
 use crate::CliError;
-use kvroute::hash::{BlockHasher, HashAlgo, HashConfig, Lora, RequestExtras};
+use kvroute::hash::{to_hex as hex, BlockHasher, HashAlgo, HashConfig, RequestExtras};
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -67,10 +67,6 @@ struct BlockOut {
     event_hash: u64,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Runs `kvroute hash`.
 pub fn run(args: Args) -> Result<(), CliError> {
     let text = match &args.tokens {
@@ -92,11 +88,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
         native_seed: args.native_seed,
         ..Default::default()
     })?;
-    let extras = RequestExtras {
-        lora: args.lora_name.map(|name| Lora { name, path: args.lora_path }),
-        cache_salt: args.cache_salt,
-        ..Default::default()
-    };
+    let extras = RequestExtras::from_lora_and_salt(
+        args.lora_name.as_deref(),
+        args.lora_path.as_deref(),
+        args.cache_salt.as_deref(),
+    )?
+    .unwrap_or_default();
     let out = Output {
         none_hash: hex(hasher.none_hash()),
         blocks: hasher

@@ -192,13 +192,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
         Some(d) => return Err(CliError(format!("--duration must be a positive number, got {d}"))),
     };
     let sub_cfg = build_config(&args)?;
-    let router_cfg = RouterConfig {
-        block_size: args.block_size,
-        hash_algo: args.hash_algo,
-        hash_seed: args.hash_seed.clone(),
-        auto_add_workers: true,
-        ..RouterConfig::default()
-    };
+    let router_cfg = RouterConfig::builder()
+        .block_size(args.block_size)
+        .hash_algo(args.hash_algo)
+        .hash_seed(args.hash_seed.clone())
+        .auto_add_workers(true)
+        .build()?;
     let router = Arc::new(Router::new(router_cfg)?);
     let stop = Arc::new(AtomicBool::new(false));
     {

@@ -30,7 +30,7 @@ use boundary::{
     into_handle, opt_str, owned_c_string, try_ref, try_slice, try_slice_mut, try_str, write_out,
     FfiError,
 };
-use kvroute_core::hash::{Lora, RequestExtras};
+use kvroute_core::hash::RequestExtras;
 use kvroute_core::router::{ApplyReport, Decision, LoadReport, Request, Router};
 use kvroute_core::Error;
 use std::ffi::{c_char, CString};
@@ -420,16 +420,6 @@ pub unsafe extern "C" fn kvroute_router_free(router: *mut kvroute_router) {
     guard_void(|| unsafe { free_handle(router) })
 }
 
-/// The extras for an optional LoRA name and cache salt (`None` when neither is set, so
-/// the router takes its fast path).
-fn extras_for(lora: Option<&str>, salt: Option<&str>) -> Option<RequestExtras> {
-    salt.map(|s| RequestExtras {
-        lora: lora.map(|name| Lora { name: name.to_string(), path: None }),
-        cache_salt: Some(s.to_string()),
-        ..RequestExtras::default()
-    })
-}
-
 /// Routes a request: chooses a worker for `tokens` (`tokens_len` token ids).
 ///
 /// `session` (a session key such as the client IP), `lora` (a LoRA adapter name) and
@@ -461,7 +451,7 @@ pub unsafe extern "C" fn kvroute_router_route(
         let lora = unsafe { opt_str(lora, "lora") }?;
         let salt = unsafe { opt_str(cache_salt, "cache_salt") }?;
         check_out(info_out, "info_out")?;
-        let extras = extras_for(lora, salt);
+        let extras = RequestExtras::from_lora_and_salt(lora, None, salt)?;
         let req = Request { tokens, session, lora, extras: extras.as_ref(), now_ms: None };
         let decision = kvroute_decision::new(r.inner.route(&req)?);
         unsafe { write_out(info_out, decision.info(), "info_out") }?;
@@ -698,13 +688,7 @@ pub unsafe extern "C" fn kvroute_router_block_keys(
         let lora = unsafe { opt_str(lora, "lora") }?;
         let salt = unsafe { opt_str(cache_salt, "cache_salt") }?;
         let cap = *unsafe { try_ref(keys_len.cast_const(), "keys_len") }?;
-        let extras = match extras_for(lora, salt) {
-            Some(e) => Some(e),
-            None => lora.map(|name| RequestExtras {
-                lora: Some(Lora { name: name.to_string(), path: None }),
-                ..RequestExtras::default()
-            }),
-        };
+        let extras = RequestExtras::from_lora_and_salt(lora, None, salt)?;
         let keys = r.inner.block_keys(tokens, extras.as_ref())?;
         if keys.len() > cap {
             unsafe { keys_len.write(keys.len()) };

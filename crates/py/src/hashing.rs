@@ -3,7 +3,7 @@
 use crate::convert::extract_tokens;
 use crate::errors::{invalid, OrRaise};
 use kvroute::hash::{
-    BlockHasher, ExtraKeysStyle, HashAlgo, HashConfig, Lora, MmFeature, PromptEmbeds, RequestExtras,
+    BlockHasher, ExtraKeysStyle, HashAlgo, HashConfig, MmFeature, PromptEmbeds, RequestExtras,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -19,12 +19,13 @@ pub(crate) fn extras(
     lora_path: Option<String>,
     cache_salt: Option<String>,
 ) -> PyResult<RequestExtras> {
-    let lora = match (lora_name, lora_path) {
-        (Some(name), path) => Some(Lora { name, path }),
-        (None, Some(_)) => return Err(invalid(py, "lora_path was given without lora_name")),
-        (None, None) => None,
-    };
-    Ok(RequestExtras { lora, cache_salt, ..RequestExtras::default() })
+    RequestExtras::from_lora_and_salt(
+        lora_name.as_deref(),
+        lora_path.as_deref(),
+        cache_salt.as_deref(),
+    )
+    .map(Option::unwrap_or_default)
+    .or_raise(py)
 }
 
 fn mm_feature(item: &Bound<'_, PyAny>) -> PyResult<MmFeature> {
@@ -137,8 +138,7 @@ pub(crate) fn hash_blocks(
     let out = PyList::empty(py);
     for h in hashes {
         let d = PyDict::new(py);
-        let hex: String = h.digest.iter().map(|b| format!("{b:02x}")).collect();
-        d.set_item("hash", hex)?;
+        d.set_item("hash", kvroute::hash::to_hex(&h.digest))?;
         d.set_item("event_hash", h.event_hash)?;
         out.append(d)?;
     }

@@ -95,20 +95,21 @@ impl RouterPolicy {
         }
         let names: Vec<String> = (0..workers).map(|i| format!("w{i}")).collect();
         let needs_prefix = Profile::preset(preset)?.needs_prefix();
-        let cfg = RouterConfig {
-            block_size: engine.block_size,
-            hash_algo: HashAlgo::Xxh3,
-            mode,
-            profile: ProfileSpec::Preset(preset.to_string()),
-            workers: names
-                .iter()
-                .map(|n| WorkerConfig { name: n.clone(), dp_rank: 0, capacity: None })
-                .collect(),
-            capacity: CapacitySpec::blocks(engine.num_gpu_blocks),
-            session_ttl_s: SESSION_TTL_S,
-            seed,
-            ..RouterConfig::default()
-        };
+        let cfg = RouterConfig::builder()
+            .block_size(engine.block_size)
+            .hash_algo(HashAlgo::Xxh3)
+            .mode(mode)
+            .profile(ProfileSpec::Preset(preset.to_string()))
+            .workers(
+                names
+                    .iter()
+                    .map(|n| WorkerConfig { name: n.clone(), dp_rank: 0, capacity: None })
+                    .collect(),
+            )
+            .capacity(CapacitySpec::blocks(engine.num_gpu_blocks))
+            .session_ttl_s(SESSION_TTL_S)
+            .seed(seed)
+            .build()?;
         Ok(RouterPolicy {
             name: name.to_string(),
             router: Router::new(cfg)?,

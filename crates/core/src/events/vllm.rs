@@ -225,13 +225,7 @@ fn float_json(f: f64) -> serde_json::Value {
 }
 
 fn hex_lower(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    s
+    crate::hash::to_hex(bytes)
 }
 
 fn hash_json(h: &EngineHash) -> serde_json::Value {

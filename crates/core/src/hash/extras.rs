@@ -212,6 +212,36 @@ impl ExtraKeysCursor {
 }
 
 impl RequestExtras {
+    /// The extras of a request with LoRA adapter `name` (and its `path`, which vLLM 0.33
+    /// folds into the hash; `None` hashes as `""`) and nothing else.
+    pub fn with_lora(name: &str, path: Option<&str>) -> Self {
+        RequestExtras {
+            lora: Some(Lora { name: name.to_string(), path: path.map(str::to_string) }),
+            ..RequestExtras::default()
+        }
+    }
+
+    /// The extras of a request given the way the C ABI, the Python module and the CLI
+    /// take them: an optional LoRA adapter name, its optional path and an optional cache
+    /// salt. `None` when none is set (the request has no extras). A path without a name
+    /// is an [`Error::InvalidInput`](crate::Error::InvalidInput).
+    pub fn from_lora_and_salt(
+        lora_name: Option<&str>,
+        lora_path: Option<&str>,
+        cache_salt: Option<&str>,
+    ) -> crate::Result<Option<Self>> {
+        let mut ex = match (lora_name, lora_path) {
+            (Some(name), path) => RequestExtras::with_lora(name, path),
+            (None, Some(_)) => {
+                return Err(crate::Error::invalid("a LoRA path was given without a LoRA name"))
+            }
+            (None, None) if cache_salt.is_none() => return Ok(None),
+            (None, None) => RequestExtras::default(),
+        };
+        ex.cache_salt = cache_salt.map(str::to_string);
+        Ok(Some(ex))
+    }
+
     /// True when no block of the request gets extra keys.
     pub fn is_empty(&self) -> bool {
         self.lora.is_none()
@@ -250,6 +280,26 @@ impl RequestExtras {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lora_and_salt_make_the_same_extras_as_written_out() {
+        assert_eq!(RequestExtras::from_lora_and_salt(None, None, None).unwrap(), None);
+        let full = RequestExtras::from_lora_and_salt(Some("sql"), Some("/a/sql"), Some("t1"));
+        assert_eq!(
+            full.unwrap(),
+            Some(RequestExtras {
+                lora: Some(Lora { name: "sql".into(), path: Some("/a/sql".into()) }),
+                cache_salt: Some("t1".into()),
+                ..RequestExtras::default()
+            })
+        );
+        let salt_only = RequestExtras::from_lora_and_salt(None, None, Some("t1")).unwrap();
+        assert_eq!(salt_only.unwrap().cache_salt.as_deref(), Some("t1"));
+        let lora_only = RequestExtras::from_lora_and_salt(Some("sql"), None, None).unwrap();
+        assert_eq!(lora_only, Some(RequestExtras::with_lora("sql", None)));
+        let err = RequestExtras::from_lora_and_salt(None, Some("/a/sql"), None).unwrap_err();
+        assert!(matches!(err, crate::Error::InvalidInput(_)), "{err:?}");
+    }
 
     fn mm(id: &str, offset: usize, length: usize) -> MmFeature {
         MmFeature { identifier: id.into(), offset, length }

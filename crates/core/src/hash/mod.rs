@@ -177,6 +177,18 @@ pub struct BlockHash {
     pub event_hash: u64,
 }
 
+/// Lowercase hex of `bytes` (digests in JSON output, the CLI and Python): the one
+/// encoder every front end uses.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
 /// The u64 vLLM puts in KV events for a block digest: its last 8 bytes, big-endian
 /// (fewer bytes are zero-extended on the left).
 pub fn event_hash_u64(digest: &[u8]) -> u64 {

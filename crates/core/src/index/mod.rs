@@ -42,7 +42,7 @@
 //! ([`PrefixIndex::store_mapped`], [`PrefixIndex::remove_mapped`]), so removals and parent
 //! links, which only carry engine hashes, still find their blocks.
 
-mod snapshot;
+pub(crate) mod snapshot;
 mod tree;
 
 pub use tree::{PrefixIndex, MAX_WORKER};

@@ -1,9 +1,9 @@
 //! Snapshot and restore of a [`PrefixIndex`] to bytes.
 //!
-//! Format version 1, all integers little-endian:
+//! Format version 2, all integers little-endian:
 //!
 //! ```text
-//! magic   b"KVRIDX\0\x01"
+//! magic   b"KVRIDX\0\x02"
 //! u64     node count N (root excluded), nodes in pre-order:
 //!           u32 parent ordinal (0 = root, i = the i-th node written, 1-based)
 //!           u32 key count K (>= 1), K x u64 keys
@@ -11,9 +11,15 @@
 //! u64     orphan count, each (u64 first key, u64 declared parent)
 //! u32     engine-map count, each: u32 worker, u64 entries E, E x (u64 engine, u64 key)
 //! u64 x 3 counters: orphan stores, unknown removals, evictions
+//! u64     checksum: XXH3-64 of every byte before it (magic included)
 //! ```
 //!
-//! Restore validates everything (lengths against the remaining bytes, parent ordinals,
+//! Restore first checks the magic and the checksum over the whole snapshot, so a
+//! corrupted snapshot (a flipped bit anywhere, a truncation, bytes appended) is rejected
+//! before any of it is parsed. Version 1 (the same layout without the checksum) is not
+//! read: it is rejected with an error that says so (take a new snapshot).
+//!
+//! Restore then validates everything (lengths against the remaining bytes, parent ordinals,
 //! duplicate keys, holder order, zero reference counts) and builds a fresh index, so a
 //! corrupt snapshot yields [`Error::Snapshot`] and never a half-built index.
 
@@ -21,10 +27,40 @@ use super::tree::{Holder, KeyMap, Loc, PrefixIndex, MAX_WORKER, ROOT};
 use super::IndexConfig;
 use crate::error::{Error, Result};
 
-const MAGIC: &[u8; 8] = b"KVRIDX\0\x01";
+const MAGIC: &[u8; 8] = b"KVRIDX\0\x02";
+/// Version 1: no checksum; recognized only to say why it is refused.
+const MAGIC_V1: &[u8; 8] = b"KVRIDX\0\x01";
+
+/// Bytes of the checksum trailer that ends index and router snapshots.
+pub(crate) const CHECKSUM_LEN: usize = 8;
+
+/// Appends the checksum trailer (XXH3-64 of everything in `out` so far, little-endian).
+pub(crate) fn seal(out: &mut Vec<u8>) {
+    let sum = xxhash_rust::xxh3::xxh3_64(out);
+    out.extend_from_slice(&sum.to_le_bytes());
+}
+
+/// Checks the checksum trailer of sealed `bytes` and returns what it covers (`what` names
+/// the kind of snapshot in the error).
+pub(crate) fn unseal<'a>(bytes: &'a [u8], what: &str) -> Result<&'a [u8]> {
+    let Some(body_len) = bytes.len().checked_sub(CHECKSUM_LEN) else {
+        return Err(Error::Snapshot(format!("truncated {what} snapshot ({} bytes)", bytes.len())));
+    };
+    let (body, trailer) = bytes.split_at(body_len);
+    let stored = u64::from_le_bytes(trailer.try_into().expect("8 bytes"));
+    let actual = xxhash_rust::xxh3::xxh3_64(body);
+    if stored != actual {
+        return Err(Error::Snapshot(format!(
+            "{what} snapshot is corrupted: checksum {actual:#018x} over {body_len} bytes does \
+             not match the stored {stored:#018x}"
+        )));
+    }
+    Ok(body)
+}
 
 impl PrefixIndex {
-    /// Serializes the whole index (tree, holders, engine mappings, orphans, counters).
+    /// Serializes the whole index (tree, holders, engine mappings, orphans, counters),
+    /// ending with a checksum over all of it.
     pub fn snapshot(&self) -> Vec<u8> {
         let stats_nodes = self.nodes.iter().skip(1).filter(|n| n.live).count();
         let mut out = Vec::with_capacity(64 + self.table.len() * 8 + stats_nodes * 24);
@@ -81,11 +117,27 @@ impl PrefixIndex {
         for c in [self.orphan_stores, self.unknown_removals, self.evictions] {
             out.extend_from_slice(&c.to_le_bytes());
         }
+        seal(&mut out);
         out
     }
 
-    /// Rebuilds an index from [`snapshot`](Self::snapshot) bytes.
+    /// Rebuilds an index from [`snapshot`](Self::snapshot) bytes. The checksum is checked
+    /// before anything is parsed; any corruption or inconsistency is an
+    /// [`Error::Snapshot`].
     pub fn restore(bytes: &[u8], config: IndexConfig) -> Result<PrefixIndex> {
+        if bytes.len() >= 8 && &bytes[..8] == MAGIC_V1 {
+            return Err(Error::Snapshot(
+                "index snapshot format version 1 (no checksum) is no longer read; take a new \
+                 snapshot"
+                    .into(),
+            ));
+        }
+        if bytes.len() < 8 || &bytes[..8] != MAGIC {
+            return Err(Error::Snapshot(
+                "not a kvroute index snapshot (bad magic or unsupported version)".into(),
+            ));
+        }
+        let bytes = unseal(bytes, "index")?;
         let mut r = Reader { b: bytes, pos: 0 };
         if r.take(8)? != MAGIC {
             return Err(Error::Snapshot(

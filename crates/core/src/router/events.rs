@@ -135,7 +135,15 @@ impl Router {
                 )))
             }
             None if self.cfg.auto_add_workers => {
-                let _ = self.add_worker(name, rank);
+                // Another batch may have added it meanwhile; any other failure (an empty
+                // name, too many workers) is the batch's error, not "unknown worker".
+                match self.add_worker(name, rank) {
+                    Ok(_) | Err(Error::WorkerExists(_)) => {}
+                    Err(e) => {
+                        self.metrics.event_errors.fetch_add(1, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
                 self.worker(name, rank)?
             }
             None => return Err(Error::UnknownWorker(key.to_string())),
@@ -149,7 +157,14 @@ impl Router {
                 return Err(e);
             }
         };
-        self.apply_ops(&worker, ops, &mut report, stream);
+        let store_errors = match self.apply_ops(&worker, ops, &mut report, stream) {
+            Ok(n) => n,
+            Err(e) => {
+                // The worker was removed while the batch was validated: nothing applied.
+                self.metrics.event_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         {
             let mut c = worker.counters.lock();
             c.batches += 1;
@@ -160,6 +175,7 @@ impl Router {
             c.orphans += u64::from(report.orphans);
             c.placeholders_skipped += u64::from(report.placeholders_skipped);
             c.hash_mismatches += u64::from(report.hash_mismatches);
+            c.store_errors += store_errors;
             c.skipped_fields += u64::from(batch.skipped_fields);
             c.skipped_events += u64::from(batch.skipped_events);
             c.last_event_ts = batch.ts;
@@ -211,18 +227,32 @@ impl Router {
                             )));
                         }
                     }
+                    // A block's extra keys must convert whole: dropping them would key
+                    // the block as if it had none. Native keys cannot be computed then
+                    // (an error); with engine hashes the block only skips verification.
                     let extra: Vec<Option<Vec<ExtraKey>>> = match &s.extra_keys {
                         None => Vec::new(),
                         Some(list) => list
                             .iter()
-                            .map(|e| match e {
-                                None => None,
-                                Some(Value::Array(a)) => {
-                                    a.iter().map(to_extra_key).collect::<Option<Vec<_>>>()
+                            .enumerate()
+                            .map(|(b, e)| {
+                                let keys = match e {
+                                    None => return Ok(None),
+                                    Some(Value::Array(a)) => {
+                                        a.iter().map(to_extra_key).collect::<Option<Vec<_>>>()
+                                    }
+                                    Some(v) => to_extra_key(v).map(|k| vec![k]),
+                                };
+                                match keys {
+                                    Some(k) => Ok(Some(k)),
+                                    None if vllm => Ok(Some(Vec::new())),
+                                    None => Err(Error::invalid(format!(
+                                        "event {i}: extra keys of block {b} hold a value vLLM \
+                                         does not hash (only str, int, bytes and tuples): {e:?}"
+                                    ))),
                                 }
-                                Some(v) => to_extra_key(v).map(|k| vec![k]),
                             })
-                            .collect(),
+                            .collect::<Result<_>>()?,
                     };
                     if vllm {
                         if self.cfg.verify_engine_hashes
@@ -302,7 +332,11 @@ impl Router {
         Ok(ops)
     }
 
-    /// Applies validated operations.
+    /// Applies validated operations. Fails with [`Error::UnknownWorker`], having applied
+    /// nothing, when the worker was removed after validation (its id may be reused).
+    /// Stores the index refuses after validation are counted (`store_errors` in the
+    /// worker's and the router's metrics), never dropped silently; the function returns
+    /// how many blocks those were.
     ///
     /// Batches are serialized by `apply_lock` (which [`snapshot`](Self::snapshot) also
     /// takes, so a snapshot never sees half a batch or a stream position that does not
@@ -315,13 +349,17 @@ impl Router {
         ops: Vec<Op<'_>>,
         report: &mut ApplyReport,
         stream: Option<(&str, u64)>,
-    ) {
+    ) -> Result<u64> {
         let id = worker.id;
         let vllm = self.cfg.hash_algo.is_vllm();
         let _batch = self.apply_lock.lock();
         if !self.is_registered(worker) {
-            return; // removed while the batch was validated; its id may be reused
+            return Err(Error::UnknownWorker(format!(
+                "{} (removed while its batch was being applied)",
+                worker.key
+            )));
         }
+        let mut store_errors = 0u64;
         if self.cfg.mode == Mode::Hybrid && !worker.has_events.swap(true, Ordering::Relaxed) {
             // Events win from now on: drop the predictions for this worker.
             self.index.write().clear_worker(id);
@@ -349,9 +387,12 @@ impl Router {
                             index.store(id, tier, chunk_parent, chunk)
                         };
                         drop(index);
-                        if let Ok(r) = r {
-                            report.blocks_stored += r.blocks;
-                            report.orphans += u32::from(r.orphan);
+                        match r {
+                            Ok(r) => {
+                                report.blocks_stored += r.blocks;
+                                report.orphans += u32::from(r.orphan);
+                            }
+                            Err(_) => store_errors += chunk.len() as u64,
                         }
                     }
                 }
@@ -376,5 +417,109 @@ impl Router {
         if let Some((publisher, seq)) = stream {
             self.streams.lock().insert(publisher.to_string(), seq);
         }
+        if store_errors > 0 {
+            self.metrics.store_errors.fetch_add(store_errors, Ordering::Relaxed);
+        }
+        Ok(store_errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! White-box tests of errors that the public API cannot provoke on purpose: a worker
+    //! removed between validation and application, and an index that refuses a store.
+
+    use super::*;
+    use crate::events::{BlockStored, EngineHash};
+    use crate::router::Request;
+
+    fn stored(hashes: &[u64]) -> KvEvent {
+        KvEvent::BlockStored(BlockStored {
+            block_hashes: hashes.iter().map(|&h| EngineHash::Int(h)).collect(),
+            block_size: 16,
+            ..Default::default()
+        })
+    }
+
+    fn vllm_router() -> Router {
+        Router::from_json(r#"{"hash_algo": "sha256", "workers": [{"name": "a"}]}"#).unwrap()
+    }
+
+    #[test]
+    fn a_batch_for_a_worker_removed_mid_batch_is_an_error_not_an_empty_success() {
+        let r = std::sync::Arc::new(vllm_router());
+        let batch = KvEventBatch::new(1.0, vec![stored(&[1, 2, 3])]);
+        // Hold the apply lock so the batch stops after validation, remove the worker's
+        // registration meanwhile, then let the batch go on.
+        let hold = r.apply_lock.lock();
+        let applier = {
+            let r = r.clone();
+            std::thread::spawn(move || r.apply_events("a", &batch))
+        };
+        // Give the batch time to look its worker up and validate (it then waits on the
+        // lock; if it were later, it would fail the lookup, an error just the same).
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let remover = {
+            let r = r.clone();
+            std::thread::spawn(move || r.remove_worker("a", 0))
+        };
+        while !r.workers().is_empty() {
+            std::thread::yield_now();
+        }
+        drop(hold);
+        remover.join().unwrap().unwrap();
+        let result = applier.join().unwrap();
+        assert!(matches!(result, Err(Error::UnknownWorker(_))), "{result:?}");
+        let m = r.metrics();
+        assert_eq!((m.event_batches, m.event_errors), (0, 1));
+        assert_eq!(m.index.holder_blocks, 0);
+    }
+
+    /// Registers worker `name` under an id the index refuses (above `MAX_WORKER`).
+    fn register_out_of_range(r: &Router, name: &str) -> Arc<WorkerState> {
+        let id = crate::types::WorkerId(crate::index::MAX_WORKER + 1);
+        let model = if r.cfg.mode == Mode::Precise {
+            None
+        } else {
+            Some(crate::model::BlockPool::new(64, r.cfg.block_size, true).unwrap())
+        };
+        let state = Arc::new(WorkerState::new(WorkerKey::new(name, 0), id, model));
+        let mut reg = r.registry.write();
+        reg.slots.resize(id.index() + 1, None);
+        reg.slots[id.index()] = Some(state.clone());
+        reg.by_key.insert(state.key.clone(), id);
+        reg.rebuild_names();
+        state
+    }
+
+    #[test]
+    fn stores_the_index_refuses_after_validation_are_counted() {
+        let r = vllm_router();
+        register_out_of_range(&r, "huge");
+        let batch = KvEventBatch::new(1.0, vec![stored(&[1, 2, 3]), stored(&[4])]);
+        let report = r.apply_events("huge", &batch).unwrap();
+        assert_eq!(report.blocks_stored, 0);
+        let m = r.metrics();
+        assert_eq!(m.store_errors, 4);
+        let w = m.workers.iter().find(|w| w.worker.name == "huge").unwrap();
+        assert_eq!(w.events.store_errors, 4);
+        assert!(r.prometheus().contains("kvroute_store_errors_total 4"));
+    }
+
+    #[test]
+    fn predictions_the_index_refuses_are_counted() {
+        let r = Router::from_json(r#"{"mode": "approximate"}"#).unwrap();
+        r.add_worker("a", 0).unwrap();
+        let tokens: Vec<u32> = (0..64).collect();
+        let mut d = r.route(&Request::new(&tokens)).unwrap();
+        assert_eq!(d.keys.len(), 4);
+        let huge = register_out_of_range(&r, "huge");
+        d.worker = huge.key.clone();
+        d.worker_id = huge.id;
+        r.on_routed(&d).unwrap();
+        let m = r.metrics();
+        assert_eq!(m.prediction_errors, 1, "the refused store of the predicted blocks");
+        assert_eq!(m.index.holder_blocks, 0);
+        assert!(r.prometheus().contains("kvroute_prediction_errors_total 1"));
     }
 }

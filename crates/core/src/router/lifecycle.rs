@@ -39,6 +39,18 @@ impl Router {
             Mode::Approximate => true,
             Mode::Hybrid => !worker.has_events.load(Ordering::Relaxed),
         };
+        // The cache model caches one key per full block: more keys than that is a
+        // decision that was not made for this prompt (the model would refuse it later).
+        let full_blocks = prompt / self.cfg.block_size as u64;
+        if self.cfg.mode != Mode::Precise && decision.keys.len() as u64 > full_blocks {
+            return Err(Error::invalid(format!(
+                "decision of request {} has {} block keys for {} full blocks of its {prompt} \
+                 prompt tokens",
+                decision.request_id,
+                decision.keys.len(),
+                full_blocks
+            )));
+        }
         {
             let mut inflight = self.inflight.lock();
             if inflight.contains_key(&decision.request_id) {
@@ -69,6 +81,9 @@ impl Router {
     }
 
     /// Runs a routed request through the worker's cache model and applies its events.
+    /// A request the model has no room for is counted as skipped (`predictions_skipped`
+    /// in the worker's metrics); a refusal by the model or the index is counted in
+    /// `prediction_errors`.
     fn predict(&self, worker: &WorkerState, decision: &Decision) {
         let mut guard = worker.model.lock();
         let Some(model) = guard.as_mut() else {
@@ -81,10 +96,17 @@ impl Router {
         match model.pool.allocate(decision.request_id, &decision.keys, tokens) {
             Ok(Some(_)) => {
                 let n = decision.keys.len();
-                let _ = model.pool.cache_blocks(decision.request_id, &decision.keys, n);
+                if model.pool.cache_blocks(decision.request_id, &decision.keys, n).is_err() {
+                    // Whatever the allocation evicted is still drained and applied below.
+                    self.metrics.prediction_errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            _ => {
+            Ok(None) => {
                 model.predictions_skipped += 1;
+                return;
+            }
+            Err(_) => {
+                self.metrics.prediction_errors.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
@@ -108,10 +130,13 @@ impl Router {
         }
         let id = worker.id;
         let mut index = self.index.write();
+        let mut errors = 0;
         for e in events {
             match e {
                 PoolEvent::Stored { keys, parent } => {
-                    let _ = index.store(id, Tier::Gpu, parent, &keys);
+                    if index.store(id, Tier::Gpu, parent, &keys).is_err() {
+                        errors += 1;
+                    }
                 }
                 PoolEvent::Removed { keys } => {
                     index.remove(id, Tier::Gpu, &keys);
@@ -120,6 +145,9 @@ impl Router {
                     index.clear_worker(id);
                 }
             }
+        }
+        if errors > 0 {
+            self.metrics.prediction_errors.fetch_add(errors, Ordering::Relaxed);
         }
     }
 

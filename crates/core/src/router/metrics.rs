@@ -16,6 +16,8 @@ pub(crate) struct Counters {
     pub(crate) event_batches: AtomicU64,
     pub(crate) event_errors: AtomicU64,
     pub(crate) hash_mismatches: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) prediction_errors: AtomicU64,
 }
 
 impl Counters {
@@ -49,8 +51,12 @@ pub struct EventCounters {
     pub skipped_fields: u64,
     /// Unknown event types the decoder skipped.
     pub skipped_events: u64,
-    /// Batches rejected (bad block size, malformed, hash mismatch).
+    /// Batches rejected (bad block size, malformed, hash mismatch, worker removed).
     pub errors: u64,
+    /// Blocks of validated events that the index refused to store (0 unless something
+    /// is wrong; counted rather than dropped silently).
+    #[serde(default)]
+    pub store_errors: u64,
     /// The `ts` of the last batch applied (seconds since the epoch; 0 = none yet).
     pub last_event_ts: f64,
 }
@@ -79,6 +85,10 @@ pub struct WorkerMetrics {
     pub has_events: bool,
     /// Its event counters.
     pub events: EventCounters,
+    /// Routed requests its cache model had no room for, so no blocks were predicted
+    /// (approximate and hybrid modes).
+    #[serde(default)]
+    pub predictions_skipped: u64,
     /// The last sequence number applied from its event stream, if a transport recorded
     /// one ([`Router::set_stream_position`] under the worker's name).
     pub last_seq: Option<u64>,
@@ -99,6 +109,13 @@ pub struct RouterMetrics {
     pub event_errors: u64,
     /// Engine hashes that disagreed with the router's computation.
     pub hash_mismatches: u64,
+    /// Blocks of validated events that the index refused to store (all workers).
+    #[serde(default)]
+    pub store_errors: u64,
+    /// Cache-model predictions the model or the index refused (approximate and hybrid
+    /// modes).
+    #[serde(default)]
+    pub prediction_errors: u64,
     /// Requests in flight.
     pub inflight_requests: u64,
     /// Index statistics.
@@ -132,6 +149,11 @@ impl Router {
                     draining: w.draining.load(Ordering::Relaxed),
                     has_events: w.has_events.load(Ordering::Relaxed),
                     events: w.counters.lock().clone(),
+                    predictions_skipped: w
+                        .model
+                        .lock()
+                        .as_ref()
+                        .map_or(0, |m| m.predictions_skipped),
                     last_seq: streams.get(&w.key.name).copied(),
                 }
             })
@@ -146,6 +168,8 @@ impl Router {
             event_batches: c.event_batches.load(Ordering::Relaxed),
             event_errors: c.event_errors.load(Ordering::Relaxed),
             hash_mismatches: c.hash_mismatches.load(Ordering::Relaxed),
+            store_errors: c.store_errors.load(Ordering::Relaxed),
+            prediction_errors: c.prediction_errors.load(Ordering::Relaxed),
             inflight_requests: self.inflight_requests() as u64,
             index: stats,
             workers,
@@ -184,6 +208,18 @@ impl Router {
             "counter",
             "Engine block hashes that disagree with the router's own.",
             &one(m.hash_mismatches),
+        );
+        family(
+            "store_errors_total",
+            "counter",
+            "Blocks of validated KV events the index refused to store.",
+            &one(m.store_errors),
+        );
+        family(
+            "prediction_errors_total",
+            "counter",
+            "Cache-model predictions refused by the model or the index.",
+            &one(m.prediction_errors),
         );
         family(
             "inflight_requests",
@@ -271,6 +307,12 @@ impl Router {
             "counter",
             "KV event batches rejected for the worker.",
             &per(&|w| w.events.errors as f64),
+        );
+        family(
+            "worker_predictions_skipped_total",
+            "counter",
+            "Routed requests the worker's cache model had no room for.",
+            &per(&|w| w.predictions_skipped as f64),
         );
         out
     }

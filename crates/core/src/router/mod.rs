@@ -35,7 +35,10 @@ mod route;
 mod snapshot;
 mod workers;
 
-pub use config::{Mode, OnHashMismatch, ProfileSpec, RouterConfig, WorkerConfig};
+pub use config::{
+    Mode, OnHashMismatch, ProfileSpec, RouterConfig, RouterConfigBuilder, WorkerConfig,
+    MAX_SESSION_TTL_S,
+};
 pub use events::{ApplyReport, APPLY_CHUNK, MAX_AUTO_RANK};
 pub use metrics::{RouterMetrics, WorkerMetrics};
 pub use request::{CandidateExplanation, CandidateScore, Decision, LoadReport, Request};
@@ -90,6 +93,7 @@ pub(crate) fn wall_ms() -> u64 {
 impl Router {
     /// Builds a router from a configuration.
     pub fn new(cfg: RouterConfig) -> Result<Router> {
+        cfg.validate()?;
         let hasher = BlockHasher::new(cfg.hash_config())?;
         let profile = cfg.profile.resolve()?.build()?;
         if cfg.session_capacity == 0 {

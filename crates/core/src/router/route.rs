@@ -56,11 +56,7 @@ impl Router {
         match (extras, lora) {
             (Some(e), _) => self.hasher.block_keys(tokens, e, out),
             (None, Some(name)) => {
-                let e = RequestExtras {
-                    lora: Some(crate::hash::Lora { name: name.to_string(), path: None }),
-                    ..RequestExtras::default()
-                };
-                self.hasher.block_keys(tokens, &e, out)
+                self.hasher.block_keys(tokens, &RequestExtras::with_lora(name, None), out)
             }
             (None, None) => {
                 self.hasher.block_keys(tokens, NONE.get_or_init(RequestExtras::default), out)

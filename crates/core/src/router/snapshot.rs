@@ -2,20 +2,27 @@
 //! publishers' stream positions, so a late router replica starts warm and asks for replay
 //! from where the snapshot was taken.
 //!
-//! Format: `b"KVRSNAP\x01"`, a little-endian u32 length, a JSON header of that length
-//! (`version`, `block_size`, `hash_algo`, `native_seed`, `hash_seed`, `workers` as
-//! `[{name, dp_rank, id}]`, `streams` as `{publisher: last_seq}`), then the index snapshot
-//! ([`PrefixIndex::snapshot`]).
-
-use super::Router;
+//! Format version 2: `b"KVRSNAP\x02"`, a little-endian u32 length, a JSON header of that
+//! length (`version`, `block_size`, `hash_algo`, `native_seed`, `hash_seed`, `workers` as
+//! `[{name, dp_rank, id}]`, `streams` as `{publisher: last_seq}`), the index snapshot
+//! ([`PrefixIndex::snapshot`], which carries its own checksum), then a little-endian u64
+//! checksum: XXH3-64 of every byte before it. The checksum is checked before anything is
+//! parsed, so a corrupted snapshot is rejected whole. Version 1 (`b"KVRSNAP\x01"`, no
+//! checksum) is not read: it is rejected with an error that says so.
+use super::{Router, WorkerState};
 use crate::error::{Error, Result};
 use crate::hash::HashAlgo;
+use crate::index::snapshot::{seal, unseal};
 use crate::index::PrefixIndex;
-use crate::types::WorkerKey;
+use crate::types::{WorkerId, WorkerKey};
+use parking_lot::RwLockUpgradableReadGuard;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-const MAGIC: &[u8; 8] = b"KVRSNAP\x01";
+const MAGIC: &[u8; 8] = b"KVRSNAP\x02";
+const MAGIC_V1: &[u8; 8] = b"KVRSNAP\x01";
+const VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +45,16 @@ struct SnapWorker {
 }
 
 impl Router {
+    /// A cache model with the default capacity for a worker added by a restore (none in
+    /// precise mode), as [`add_worker`](Self::add_worker) makes it.
+    fn default_model(&self) -> Result<Option<crate::model::BlockPool>> {
+        if self.cfg.mode == super::Mode::Precise {
+            return Ok(None);
+        }
+        let blocks = self.cfg.capacity.num_gpu_blocks(self.cfg.block_size)?;
+        Ok(Some(crate::model::BlockPool::new(blocks, self.cfg.block_size, true)?))
+    }
+
     /// Serializes the index, the worker names and the stream positions.
     pub fn snapshot(&self) -> Vec<u8> {
         // No batch is half applied while we read (apply_lock), and the index read lock is
@@ -53,7 +70,7 @@ impl Router {
             .map(|w| SnapWorker { name: w.key.name.clone(), dp_rank: w.key.dp_rank, id: w.id.0 })
             .collect();
         let header = Header {
-            version: 1,
+            version: VERSION,
             block_size: self.cfg.block_size,
             hash_algo: self.cfg.hash_algo,
             native_seed: self.cfg.native_seed,
@@ -68,24 +85,44 @@ impl Router {
         out.extend_from_slice(&(json.len() as u32).to_le_bytes());
         out.extend_from_slice(&json);
         out.extend_from_slice(&body);
+        seal(&mut out);
         out
     }
 
     /// Replaces the index with a snapshot's. Workers named in the snapshot but unknown
     /// here are added; ids are renumbered to this router's. The snapshot must come from a
-    /// router with the same block size and hash scheme. On error nothing changes.
-    /// Returns the snapshot's stream positions (also recorded in this router).
+    /// router with the same block size and hash scheme. Returns the snapshot's stream
+    /// positions (also recorded in this router).
+    ///
+    /// On error nothing changes: the checksum, the header and the whole index are checked,
+    /// the new workers' ids are planned and the index is renumbered before any worker is
+    /// added. The plan, the additions and the swap of the index happen under the lock that
+    /// serializes event batches and worker removal's index cleanup, so a worker removed
+    /// concurrently either is not in the plan (and is added back from the snapshot) or has
+    /// its entries dropped from the restored index afterwards; a reused id never inherits
+    /// a removed worker's entries.
     pub fn restore(&self, bytes: &[u8]) -> Result<BTreeMap<String, u64>> {
+        if bytes.len() >= 8 && &bytes[..8] == MAGIC_V1 {
+            return Err(Error::Snapshot(
+                "router snapshot format version 1 (no checksum) is no longer read; take a new \
+                 snapshot"
+                    .into(),
+            ));
+        }
         if bytes.len() < 12 || &bytes[..8] != MAGIC {
             return Err(Error::Snapshot("not a kvroute router snapshot".into()));
         }
+        let bytes = unseal(bytes, "router")?;
+        if bytes.len() < 12 {
+            return Err(Error::Snapshot("truncated router snapshot".into()));
+        }
         let len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
         let json = bytes
-            .get(12..12 + len)
+            .get(12..12usize.saturating_add(len))
             .ok_or_else(|| Error::Snapshot("truncated snapshot header".into()))?;
         let header: Header = serde_json::from_slice(json)
             .map_err(|e| Error::Snapshot(format!("snapshot header: {e}")))?;
-        if header.version != 1 {
+        if header.version != VERSION {
             return Err(Error::Snapshot(format!(
                 "unsupported snapshot version {}",
                 header.version
@@ -109,43 +146,79 @@ impl Router {
                 self.cfg.native_seed
             )));
         }
-        let mut index = PrefixIndex::restore(&bytes[12 + len..], self.cfg.index.clone())?;
-        // Make sure every worker exists, then renumber.
+        let mut keys = hashbrown::HashSet::new();
         for w in &header.workers {
-            if self.registry.read().get(&WorkerKey::new(&w.name, w.dp_rank)).is_none() {
-                match self.add_worker(&w.name, w.dp_rank) {
-                    Ok(_) | Err(Error::WorkerExists(_)) => {}
-                    Err(e) => return Err(e),
-                }
+            if w.name.is_empty() {
+                return Err(Error::Snapshot("snapshot names a worker with an empty name".into()));
+            }
+            if !keys.insert(WorkerKey::new(&w.name, w.dp_rank)) {
+                return Err(Error::Snapshot(format!(
+                    "worker {}/{} appears twice",
+                    w.name, w.dp_rank
+                )));
             }
         }
+        let mut index = PrefixIndex::restore(&bytes[12 + len..], self.cfg.index.clone())?;
+
+        // From here on: plan, renumber, then commit, all under apply_lock (event batches,
+        // predictions and remove_worker's index cleanup wait) and with the registry
+        // reserved against other writers (add/remove) while routes may still read it.
+        let _batch = self.apply_lock.lock();
+        let reg = self.registry.upgradable_read();
+        let mut free = reg
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_none())
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .chain(reg.slots.len()..);
         let mut map = hashbrown::HashMap::new();
-        {
-            let reg = self.registry.read();
-            for w in &header.workers {
-                let id = reg
-                    .by_key
-                    .get(&WorkerKey::new(&w.name, w.dp_rank))
-                    .ok_or_else(|| Error::Snapshot(format!("worker {} vanished", w.name)))?;
-                if map.insert(w.id, id.0).is_some() {
-                    return Err(Error::Snapshot(format!("worker id {} appears twice", w.id)));
+        let mut added: Vec<Arc<WorkerState>> = Vec::new();
+        for w in &header.workers {
+            let key = WorkerKey::new(&w.name, w.dp_rank);
+            let id = match reg.by_key.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let id = WorkerId(free.next().expect("unbounded") as u32);
+                    if id.0 > crate::index::MAX_WORKER {
+                        return Err(Error::invalid(format!(
+                            "too many workers: restoring this snapshot needs worker ids above {}",
+                            crate::index::MAX_WORKER
+                        )));
+                    }
+                    added.push(Arc::new(WorkerState::new(key, id, self.default_model()?)));
+                    id
                 }
+            };
+            if map.insert(w.id, id.0).is_some() {
+                return Err(Error::Snapshot(format!("worker id {} appears twice", w.id)));
             }
         }
         index.remap_workers(&map).map_err(|e| Error::Snapshot(e.to_string()))?;
-        {
-            let _batch = self.apply_lock.lock();
-            *self.index.write() = index;
+
+        // Commit: nothing below fails.
+        let added_none = added.is_empty();
+        let mut reg = RwLockUpgradableReadGuard::upgrade(reg);
+        for state in added {
+            let i = state.id.index();
+            reg.by_key.insert(state.key.clone(), state.id);
+            if i >= reg.slots.len() {
+                reg.slots.resize(i + 1, None);
+            }
+            reg.slots[i] = Some(state);
         }
-        {
-            let reg = self.registry.read();
-            for w in reg.slots.iter().flatten() {
-                if header.workers.iter().any(|s| s.name == w.key.name && s.dp_rank == w.key.dp_rank)
-                {
-                    w.has_events.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+        if !added_none {
+            reg.rebuild_names();
+        }
+        for w in reg.slots.iter().flatten() {
+            if keys.contains(&w.key) {
+                w.has_events.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        drop(reg);
+        *self.index.write() = index;
         let mut streams = self.streams.lock();
         streams.extend(header.streams.iter().map(|(k, v)| (k.clone(), *v)));
         Ok(header.streams)
