@@ -10,7 +10,8 @@
 //!
 //! Groups (every timed region covers exactly one batch; the opposite operation that keeps
 //! the index at its size runs untimed between timed calls, via `iter_custom`):
-//! - `decode/{store,remove}`: `vllm::decode` alone.
+//! - `decode/{store,remove}`: `vllm::decode` alone; `decode/store_tokens_for_roots`:
+//!   `vllm::decode_with` keeping only root events' token ids, as a vLLM-keyed router does.
 //! - `<mode>/decode_apply/{store,remove}`: `Router::apply_vllm_batch(worker, &payload)`.
 //! - `<mode>/apply/{store,remove}`: `Router::apply_events` on the pre-decoded batch.
 //!
@@ -112,6 +113,16 @@ fn bench_events(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             vllm::decode(black_box(&convs[i % CONVS].remove_msg)).unwrap()
+        })
+    });
+    // What a router keyed by the engine's hashes decodes (`Router::apply_vllm_batch`):
+    // token ids checked and counted, stored only for events that start a sequence.
+    g.bench_function("store_tokens_for_roots", |b| {
+        let opts = vllm::DecodeOptions { token_ids: vllm::TokenIds::KeepForRoots };
+        let mut i = 0;
+        b.iter(|| {
+            i += 1;
+            vllm::decode_with(black_box(&convs[i % CONVS].store_msg), opts).unwrap()
         })
     });
     g.finish();

@@ -3,14 +3,31 @@
 //! Decoding must never panic. When it succeeds, the encoding must be stable: encoding the
 //! batch, decoding that and encoding again gives the same bytes (decoding normalizes, for
 //! example a float32 `ts` becomes float64, so only the second generation is compared).
+//! Decoding with token ids skipped (what a router keyed by the engine's hashes does) must
+//! accept and reject exactly the same inputs, with the same error, and count the tokens.
 
 #![no_main]
 
-use kvroute::events::vllm::{decode, encode};
+use kvroute::events::vllm::{decode, decode_with, encode, DecodeOptions, TokenIds};
+use kvroute::events::KvEvent;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(batch) = decode(data) {
+    let full = decode(data);
+    let skip = decode_with(data, DecodeOptions { token_ids: TokenIds::Skip });
+    match (&full, &skip) {
+        (Ok(f), Ok(s)) => {
+            assert_eq!(f.events.len(), s.events.len());
+            for (a, b) in f.events.iter().zip(&s.events) {
+                if let (KvEvent::BlockStored(a), KvEvent::BlockStored(b)) = (a, b) {
+                    assert_eq!(a.token_ids.len(), b.token_count(), "skipped tokens miscounted");
+                }
+            }
+        }
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "different errors"),
+        _ => panic!("skipping token ids changed the outcome: {full:?} vs {skip:?}"),
+    }
+    if let Ok(batch) = full {
         let once = encode(&batch);
         let again = match decode(&once) {
             Ok(b) => b,

@@ -23,9 +23,13 @@ pub struct Args {
     /// order: none, or one per --endpoint.
     #[arg(long = "replay-endpoint", value_name = "tcp://HOST:PORT")]
     replay_endpoints: Vec<String>,
-    /// The topic to subscribe to ("" for every topic).
+    /// The topic to subscribe to (a prefix; "", the default, receives every topic: vLLM's
+    /// default topic is "", llm-d's is kv@<pod-ip>:<port>@<model>).
     #[arg(long, default_value = kvroute_zmq::DEFAULT_TOPIC)]
     topic: String,
+    /// Warn when a publisher has been connected this long without sending a batch.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    idle_warning: f64,
     /// Worker names, in --endpoint order: none (each worker is named HOST:PORT) or one
     /// per --endpoint.
     #[arg(long = "worker", value_name = "NAME")]
@@ -49,37 +53,22 @@ pub struct Args {
     stats_json: Option<PathBuf>,
 }
 
-/// One worker's statistics at the end of the run.
+/// One worker's statistics at the end of the run: the subscriber's [`PublisherStats`]
+/// (its serialization, field for field) and what the router made of the batches.
 #[derive(Serialize, Debug)]
 struct WorkerReport {
-    worker: String,
-    endpoint: String,
-    connected: bool,
+    #[serde(flatten)]
+    publisher: PublisherStats,
     /// (block, worker) pairs the index holds for the worker (all data-parallel ranks).
     blocks_held: u64,
-    /// Batches received and handed to the router (applied or rejected).
-    batches: u64,
-    /// Batches the router applied.
+    /// Batches the router applied (`batches` counts those received, applied or rejected).
     batches_applied: u64,
     /// Events in the applied batches.
     events: u64,
     blocks_stored: u64,
     blocks_removed: u64,
-    last_seq: Option<u64>,
-    gaps: u64,
-    replays_ok: u64,
-    replays_failed: u64,
-    restarts: u64,
-    resets: u64,
     blocks_dropped: u64,
-    /// Batches the router rejected (and sink panics).
-    errors: u64,
-    last_error: Option<String>,
     last_reset: Option<String>,
-    frame_errors: u64,
-    foreign_topic: u64,
-    duplicates: u64,
-    reconnects: u64,
 }
 
 /// The statistics file.
@@ -121,7 +110,11 @@ fn build_config(args: &Args) -> Result<SubscriberConfig, CliError> {
             p
         })
         .collect();
-    Ok(SubscriberConfig { publishers, ..SubscriberConfig::default() })
+    let idle_warning = match args.idle_warning {
+        d if d.is_finite() && d > 0.0 && d < 1e9 => Duration::from_secs_f64(d),
+        d => return Err(CliError(format!("--idle-warning must be a positive number, got {d}"))),
+    };
+    Ok(SubscriberConfig { publishers, idle_warning, ..SubscriberConfig::default() })
 }
 
 /// Blocks held in the index, by worker name (all data-parallel ranks).
@@ -165,23 +158,21 @@ fn worker_report(
         blocks_removed: s.blocks_removed,
         blocks_dropped: s.blocks_dropped,
         last_reset: s.last_reset.clone(),
-        worker: st.worker,
-        endpoint: st.endpoint,
-        connected: st.connected,
-        batches: st.batches,
-        last_seq: st.last_seq,
-        gaps: st.gaps,
-        replays_ok: st.replays_ok,
-        replays_failed: st.replays_failed,
-        restarts: st.restarts,
-        resets: st.resets,
-        errors: st.sink_errors,
-        last_error: st.last_error,
-        frame_errors: st.frame_errors,
-        foreign_topic: st.foreign_topic,
-        duplicates: st.duplicates,
-        reconnects: st.reconnects,
+        publisher: st,
     }
+}
+
+/// The warning for a publisher that is connected but has sent nothing for a while.
+fn idle_warning(st: &PublisherStats, topic: &str, after: Duration) -> String {
+    format!(
+        "kvroute listen: warning: {} ({}) has been connected for {:.0}s without sending a \
+         batch on topic {topic:?}; check --topic (\"\" receives every topic; llm-d publishes \
+         on kv@<pod-ip>:<port>@<model>) and that the engine publishes KV events \
+         (vLLM --kv-events-config)",
+        st.worker,
+        st.endpoint,
+        after.as_secs_f64()
+    )
 }
 
 /// Runs `kvroute listen`.
@@ -192,6 +183,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         Some(d) => return Err(CliError(format!("--duration must be a positive number, got {d}"))),
     };
     let sub_cfg = build_config(&args)?;
+    let idle_after = sub_cfg.idle_warning;
     let router_cfg = RouterConfig::builder()
         .block_size(args.block_size)
         .hash_algo(args.hash_algo)
@@ -213,6 +205,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let refresh = if tty { Duration::from_millis(200) } else { Duration::from_secs(1) };
     let mut next_status = start + refresh;
     let mut stderr = std::io::stderr();
+    // Publishers warned about as idle; cleared when they send again, to warn once per
+    // silent spell.
+    let mut warned = vec![false; args.endpoints.len()];
     let interrupted = loop {
         if stop.load(Ordering::SeqCst) {
             break true;
@@ -222,7 +217,16 @@ pub fn run(args: Args) -> Result<(), CliError> {
             break false;
         }
         if now >= next_status {
-            let line = status_line(&router, &sub.stats(), now.duration_since(start));
+            let stats = sub.stats();
+            for (st, warned) in stats.iter().zip(warned.iter_mut()) {
+                if st.idle && !*warned {
+                    let w = idle_warning(st, &args.topic, idle_after);
+                    let _ =
+                        if tty { writeln!(stderr, "\r{w}\x1b[K") } else { writeln!(stderr, "{w}") };
+                }
+                *warned = st.idle;
+            }
+            let line = status_line(&router, &stats, now.duration_since(start));
             // A broken stderr must not stop the run; the statistics still get written.
             let _ = if tty { write!(stderr, "\r{line}\x1b[K") } else { writeln!(stderr, "{line}") };
             let _ = stderr.flush();
@@ -255,18 +259,19 @@ pub fn run(args: Args) -> Result<(), CliError> {
         workers: stats.into_iter().map(|st| worker_report(st, &sink_stats, &blocks)).collect(),
     };
     for w in &report.workers {
-        let last = w.last_error.as_deref().map(|e| format!(" (last: {e})")).unwrap_or_default();
+        let p = &w.publisher;
+        let last = p.last_error.as_deref().map(|e| format!(" (last: {e})")).unwrap_or_default();
         crate::emit(format!(
             "{}: {} blocks held, {} batches, {} events, {} gaps, {} replays, {} resets, \
              {} errors{last}",
-            w.worker,
+            p.worker,
             w.blocks_held,
-            w.batches,
+            p.batches,
             w.events,
-            w.gaps,
-            w.replays_ok + w.replays_failed,
-            w.resets,
-            w.errors
+            p.gaps,
+            p.replays_ok + p.replays_failed,
+            p.resets,
+            p.sink_errors
         ))?;
     }
     if let Some(path) = &args.stats_json {

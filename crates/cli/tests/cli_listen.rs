@@ -81,7 +81,7 @@ fn first_payload_leaves_six_blocks_held() {
     assert_eq!((w["batches"].as_u64(), w["batches_applied"].as_u64()), (Some(1), Some(1)));
     assert_eq!((w["events"].as_u64(), w["blocks_stored"].as_u64()), (Some(1), Some(6)));
     assert_eq!(w["last_seq"], 0);
-    for k in ["gaps", "replays_ok", "replays_failed", "resets", "errors", "frame_errors"] {
+    for k in ["gaps", "replays_ok", "replays_failed", "resets", "sink_errors", "frame_errors"] {
         assert_eq!(w[k], 0, "{k}");
     }
     assert_eq!(w["last_error"], J::Null);
@@ -146,7 +146,7 @@ fn rejected_batches_and_an_unfillable_gap_are_reported() {
     assert_eq!(w["blocks_held"].as_u64(), Some(held));
     assert_eq!(w["batches"].as_u64(), Some(n + 2));
     assert_eq!(w["last_seq"].as_u64(), Some(n + 4));
-    assert_eq!(w["errors"].as_u64(), Some(rejected.len() as u64));
+    assert_eq!(w["sink_errors"].as_u64(), Some(rejected.len() as u64));
     assert_eq!(w["batches_applied"].as_u64(), Some(n + 2 - rejected.len() as u64));
     assert_eq!(w["last_error"].as_str(), rejected.last().map(String::as_str));
     assert!(w["last_error"].as_str().unwrap().contains("hash"), "{w}");
@@ -225,7 +225,67 @@ fn bad_flags_exit_with_code_two_and_one_line() {
     );
     one_line(&["--endpoint", "tcp://127.0.0.1:1", "--duration", "0"], "--duration");
     one_line(&["--endpoint", "tcp://127.0.0.1:1", "--block-size", "0"], "block");
+    one_line(&["--endpoint", "tcp://127.0.0.1:1", "--idle-warning", "0"], "--idle-warning");
     // Parse errors come from clap: exit 2 too.
     assert_usage_error(&["--duration", "1"], "--endpoint");
     assert_usage_error(&["--endpoint", "tcp://127.0.0.1:1", "--hash-algo", "md5"], "md5");
+}
+
+#[test]
+fn llm_d_topic_is_received_by_default() {
+    // llm-d publishes on kv@<pod-ip>:<port>@<model>; no --topic needed.
+    let mut peer = Peer::spawn(&["--topic", "kv@10.0.0.7:8000@Qwen/Qwen3-0.6B"]);
+    let out = temp_json("llmd");
+    let child = spawn_listen(&[
+        "--endpoint",
+        &peer.pub_ep,
+        "--worker",
+        "w0",
+        "--duration",
+        "2",
+        "--stats-json",
+        out.to_str().unwrap(),
+    ]);
+    peer.cmd("waitsub");
+    peer.cmd("pub 1");
+    let o = finish(child);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "stderr: {stderr}");
+    assert!(!stderr.contains("warning"), "stderr: {stderr}");
+    let j = read_stats(&out);
+    let w = &j["workers"][0];
+    assert_eq!((w["batches"].as_u64(), w["blocks_held"].as_u64()), (Some(1), Some(6)));
+    assert_eq!(w["idle"], false);
+}
+
+#[test]
+fn connected_publisher_that_sends_nothing_is_warned_about() {
+    let mut peer = Peer::spawn(&["--topic", "kv@10.0.0.7:8000@m"]);
+    let out = temp_json("idle");
+    let child = spawn_listen(&[
+        "--endpoint",
+        &peer.pub_ep,
+        "--worker",
+        "w0",
+        "--topic",
+        "kv-events",
+        "--idle-warning",
+        "0.5",
+        "--duration",
+        "2.5",
+        "--stats-json",
+        out.to_str().unwrap(),
+    ]);
+    peer.cmd("waitsub");
+    peer.cmd("pub 2"); // on a topic the listener does not subscribe to
+    let o = finish(child);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "stderr: {stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "one warning per silent spell; stderr: {stderr}");
+    assert!(warnings[0].contains("w0") && warnings[0].contains("--topic"), "{stderr}");
+    let j = read_stats(&out);
+    let w = &j["workers"][0];
+    assert_eq!((w["batches"].as_u64(), w["idle"].as_bool()), (Some(0), Some(true)));
+    assert!(w["connected_at"].as_f64().is_some(), "{w}");
 }

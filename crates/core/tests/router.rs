@@ -540,3 +540,52 @@ fn long_events_apply_in_chunks_without_orphans() {
         assert_eq!(r.index_stats().holder_blocks, 30);
     }
 }
+
+#[test]
+fn lazily_decoded_tokens_give_the_same_reports_and_index() {
+    // apply_vllm_batch skips the token ids a vLLM-keyed router does not use; what it
+    // applies must equal applying the fully decoded batch, with and without verification.
+    for cfg in [
+        r#"{"hash_algo": "sha256", "workers": [{"name": "w"}]}"#,
+        r#"{"hash_algo": "sha256", "verify_engine_hashes": false, "workers": [{"name": "w"}]}"#,
+        r#"{"hash_algo": "sha256", "vocab_size": 1000, "workers": [{"name": "w"}]}"#,
+        r#"{"hash_algo": "xxh3", "workers": [{"name": "w"}]}"#,
+    ] {
+        let (lazy, full) = (router(cfg), router(cfg));
+        let mut verified = 0;
+        for (step, payload, _) in recorded_batches() {
+            let a = lazy.apply_vllm_batch("w", &payload).map_err(|e| e.to_string());
+            let batch = vllm::decode(&payload).unwrap();
+            let b = full.apply_events("w", &batch).map_err(|e| e.to_string());
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "{cfg} {step}");
+            verified += a.map(|r| r.hashes_verified).unwrap_or(0);
+        }
+        assert_eq!(lazy.index_stats(), full.index_stats(), "{cfg}");
+        if cfg.contains("sha256") && !cfg.contains("verify") {
+            assert!(verified > 0, "{cfg}: root events were verified from their tokens");
+        }
+    }
+}
+
+#[test]
+fn a_batch_without_its_tokens_is_rejected_where_they_are_needed() {
+    use kvroute::events::vllm::{decode_with, DecodeOptions, TokenIds};
+    let payload = &recorded_batches()[0].1;
+    let skipped = decode_with(payload, DecodeOptions { token_ids: TokenIds::Skip }).unwrap();
+    for cfg in [
+        r#"{"hash_algo": "xxh3", "workers": [{"name": "w"}]}"#,
+        r#"{"hash_algo": "sha256", "workers": [{"name": "w"}]}"#,
+        r#"{"hash_algo": "sha256", "vocab_size": 1000, "workers": [{"name": "w"}]}"#,
+    ] {
+        let r = router(cfg);
+        let err = r.apply_events("w", &skipped).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{cfg}: {err}");
+        assert!(err.to_string().contains("skipped"), "{err}");
+        assert_eq!(r.index_stats().holder_blocks, 0, "{cfg}: nothing applied");
+    }
+    // Keyed by the engine's hashes without verification, the tokens are not needed.
+    let r = router(
+        r#"{"hash_algo": "sha256", "verify_engine_hashes": false, "workers": [{"name": "w"}]}"#,
+    );
+    assert_eq!(r.apply_events("w", &skipped).unwrap().blocks_stored, 6);
+}

@@ -1,7 +1,9 @@
 //! The vLLM KV event decoder and encoder against vLLM's own payloads
 //! (`testdata/vllm/kv_events*.json`), plus malformed and unusual inputs.
 
-use kvroute::events::vllm::{batch_to_json, decode, encode, MAX_DEPTH};
+use kvroute::events::vllm::{
+    batch_to_json, decode, decode_with, encode, DecodeOptions, TokenIds, MAX_DEPTH,
+};
 use kvroute::events::{BlockRemoved, BlockStored, EngineHash, KvEvent, KvEventBatch, Value};
 use kvroute::{Error, Tier};
 use serde_json::Value as J;
@@ -341,6 +343,64 @@ fn json_view_matches_the_decoded_vectors() {
     }
 }
 
+/// `full` with each `BlockStored`'s token ids moved to `tokens_skipped` where `skip` says.
+fn with_tokens_skipped(full: &KvEventBatch, skip: impl Fn(&BlockStored) -> bool) -> KvEventBatch {
+    let mut b = full.clone();
+    for e in &mut b.events {
+        if let KvEvent::BlockStored(s) = e {
+            if skip(s) {
+                s.tokens_skipped = s.token_ids.len();
+                s.token_ids = Vec::new();
+            }
+        }
+    }
+    b
+}
+
+#[test]
+fn skipping_token_ids_keeps_everything_else_and_counts_them() {
+    let mut roots = 0;
+    for file in ["kv_events.json", "kv_events_legacy_v0.22.json"] {
+        for (step, payload, _) in batches(file) {
+            let full = decode(&payload).unwrap();
+            let keep = decode_with(&payload, DecodeOptions { token_ids: TokenIds::Keep }).unwrap();
+            assert_eq!(keep, full, "{file} {step}");
+            let skip = decode_with(&payload, DecodeOptions { token_ids: TokenIds::Skip }).unwrap();
+            assert_eq!(skip, with_tokens_skipped(&full, |_| true), "{file} {step}");
+            let opts = DecodeOptions { token_ids: TokenIds::KeepForRoots };
+            let for_roots = decode_with(&payload, opts).unwrap();
+            let want = with_tokens_skipped(&full, |s| s.parent_block_hash.is_some());
+            assert_eq!(for_roots, want, "{file} {step}");
+            for (a, b) in skip.events.iter().zip(&full.events) {
+                if let (KvEvent::BlockStored(a), KvEvent::BlockStored(b)) = (a, b) {
+                    assert_eq!(a.token_count(), b.token_ids.len());
+                    assert_eq!(a.is_placeholder(), b.is_placeholder(), "{file} {step}");
+                    roots += usize::from(b.parent_block_hash.is_none() && !b.token_ids.is_empty());
+                }
+            }
+        }
+    }
+    assert!(roots > 0, "the vectors have root events with tokens");
+}
+
+#[test]
+fn tokens_before_the_parent_are_kept_for_roots() {
+    // A map whose token_ids come before parent_block_hash: when the tokens are read it is
+    // not known yet whether the event starts a sequence, so they are kept.
+    let tokens_first = |parent: Option<u64>| {
+        let m = batch_head(1).stored_head(1).s("parent_block_hash");
+        match parent {
+            Some(p) => m.u(p).nil().0,
+            None => m.nil().nil().0,
+        }
+    };
+    let opts = DecodeOptions { token_ids: TokenIds::KeepForRoots };
+    for parent in [None, Some(9)] {
+        let p = tokens_first(parent);
+        assert_eq!(decode_with(&p, opts).unwrap(), decode(&p).unwrap());
+    }
+}
+
 // ----- malformed input -----
 
 fn all_payloads() -> Vec<Vec<u8>> {
@@ -349,13 +409,21 @@ fn all_payloads() -> Vec<Vec<u8>> {
     v
 }
 
+const TOKEN_MODES: [TokenIds; 3] = [TokenIds::Keep, TokenIds::KeepForRoots, TokenIds::Skip];
+
 fn expect_decode_err(payload: &[u8], needle: &str) {
-    match decode(payload) {
+    let full = decode(payload);
+    match &full {
         Err(Error::Decode(msg)) => {
             assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
             assert!(msg.contains("at byte "), "message {msg:?} has no offset");
         }
         other => panic!("expected a decode error containing {needle:?}, got {other:?}"),
+    }
+    // Skipping token ids checks them all the same: the same error, word for word.
+    for token_ids in TOKEN_MODES {
+        let lazy = decode_with(payload, DecodeOptions { token_ids });
+        assert_eq!(format!("{lazy:?}"), format!("{full:?}"), "{token_ids:?}");
     }
 }
 
@@ -368,6 +436,8 @@ fn every_truncation_of_every_payload_is_an_error() {
                 Err(Error::Decode(_)) => {}
                 other => panic!("prefix of {len}/{} bytes gave {other:?}", p.len()),
             }
+            let skip = decode_with(&p[..len], DecodeOptions { token_ids: TokenIds::Skip });
+            assert_eq!(format!("{skip:?}"), format!("{:?}", decode(&p[..len])));
         }
         let mut longer = p.clone();
         longer.push(0xc0);

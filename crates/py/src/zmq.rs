@@ -17,12 +17,14 @@ use std::time::Duration;
 /// publishers' replay endpoints and dropping a worker's entries when its engine restarts.
 ///
 /// `publishers` is a list of PUB endpoints (`"tcp://10.0.0.7:5557"`) or dicts with
-/// `endpoint` and optionally `replay_endpoint`, `topic` (default `"kv-events"`; `""` for
-/// all), `worker` (the router's worker name; default `host:port` of the endpoint) and
+/// `endpoint` and optionally `replay_endpoint`, `topic` (a prefix; default `""`, every
+/// topic: vLLM's default is `""`, llm-d's `kv@<pod-ip>:<port>@<model>`), `worker` (the router's worker name; default `host:port` of the endpoint) and
 /// `start_seq` (replay from this sequence number on the first message, e.g. from the
 /// positions `Router.restore` returned). The subscriber runs on background threads
 /// (one per publisher) that never take the GIL; stop it with `shutdown()` or a `with`
-/// block. Times are in seconds.
+/// block. Times are in seconds. A publisher connected for `idle_warning` seconds without
+/// sending a batch is flagged `idle` in `stats()`. At most `max_pending` live batches are
+/// buffered while a replay is in progress (more wait in the socket's queue).
 #[pyclass(module = "kvroute", name = "ZmqSubscriber", frozen)]
 pub(crate) struct PyZmqSubscriber {
     inner: Mutex<Option<Subscriber>>,
@@ -66,38 +68,14 @@ fn duration(py: Python<'_>, what: &str, secs: f64) -> PyResult<Duration> {
         .map_err(|_| invalid(py, format!("{what} must be a non-negative number of seconds")))
 }
 
-fn stats_dict<'py>(py: Python<'py>, s: &PublisherStats) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("worker", &s.worker)?;
-    d.set_item("endpoint", &s.endpoint)?;
-    d.set_item("connected", s.connected)?;
-    d.set_item("batches", s.batches)?;
-    d.set_item("last_seq", s.last_seq)?;
-    d.set_item("gaps", s.gaps)?;
-    d.set_item("replays_ok", s.replays_ok)?;
-    d.set_item("replays_failed", s.replays_failed)?;
-    d.set_item("restarts", s.restarts)?;
-    d.set_item("resets", s.resets)?;
-    d.set_item("sink_errors", s.sink_errors)?;
-    d.set_item("frame_errors", s.frame_errors)?;
-    d.set_item("foreign_topic", s.foreign_topic)?;
-    d.set_item("duplicates", s.duplicates)?;
-    d.set_item("reconnects", s.reconnects)?;
-    let at = s
-        .last_batch_at
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs_f64());
-    d.set_item("last_batch_at", at)?;
-    Ok(d)
-}
-
 #[pymethods]
 impl PyZmqSubscriber {
     #[new]
     #[pyo3(signature = (
         router, publishers, *, replay_timeout = 2.0, rcvhwm = 10_000, poll_interval = 0.05,
-        reconnect_interval = 0.1
+        reconnect_interval = 0.1, idle_warning = 10.0, max_pending = 100_000
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         router: &Bound<'_, PyRouter>,
@@ -106,6 +84,8 @@ impl PyZmqSubscriber {
         rcvhwm: i32,
         poll_interval: f64,
         reconnect_interval: f64,
+        idle_warning: f64,
+        max_pending: usize,
     ) -> PyResult<Self> {
         let pubs = publishers.try_iter()?.map(|x| publisher(&x?)).collect::<PyResult<Vec<_>>>()?;
         let cfg = SubscriberConfig {
@@ -114,25 +94,28 @@ impl PyZmqSubscriber {
             rcvhwm,
             poll_interval: duration(py, "poll_interval", poll_interval)?,
             reconnect_interval: duration(py, "reconnect_interval", reconnect_interval)?,
+            idle_warning: duration(py, "idle_warning", idle_warning)?,
+            max_pending,
         };
         let sink = Arc::new(RouterSink::new(Arc::clone(&router.get().inner)));
         let sub = py.detach(|| Subscriber::start(cfg, sink)).or_raise(py)?;
         Ok(PyZmqSubscriber { inner: Mutex::new(Some(sub)) })
     }
 
-    /// Each publisher's counters, in configuration order: `worker`, `endpoint`,
-    /// `connected`, `batches`, `last_seq`, `gaps`, `replays_ok`, `replays_failed`,
-    /// `restarts`, `resets`, `sink_errors`, `frame_errors`, `foreign_topic`,
-    /// `duplicates`, `reconnects`, `last_batch_at` (seconds since the epoch or None).
-    /// Empty once shut down.
+    /// Each publisher's counters, in configuration order: the fields of the Rust
+    /// `kvroute_zmq::PublisherStats` (`worker`, `endpoint`, `connected`, `batches`,
+    /// `last_seq`, `gaps`, `replays_ok`, `replays_failed`, `restarts`, `resets`,
+    /// `sink_errors`, `last_error`, `frame_errors`, `foreign_topic`, `duplicates`,
+    /// `reconnects`, `last_batch_at`, `connected_at` (seconds since the epoch or None),
+    /// `idle`), as serialized there. Empty once shut down.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let stats = match self.inner.lock() {
+        let stats: Vec<PublisherStats> = match self.inner.lock() {
             Ok(g) => g.as_ref().map(Subscriber::stats).unwrap_or_default(),
             Err(_) => Vec::new(),
         };
         let out = PyList::empty(py);
         for s in &stats {
-            out.append(stats_dict(py, s)?)?;
+            out.append(crate::convert::to_py_via_json(py, s)?)?;
         }
         Ok(out)
     }

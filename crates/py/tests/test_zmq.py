@@ -120,3 +120,41 @@ def test_bad_subscriber_configs():
         kvroute.ZmqSubscriber(r, [42])
     with pytest.raises(TypeError):
         kvroute.ZmqSubscriber("not a router", ["tcp://127.0.0.1:1"])
+
+
+def test_default_topic_receives_llm_d_topics(publisher, kv_events):
+    # llm-d publishes on kv@<pod-ip>:<port>@<model>; the default topic ("") receives it.
+    r = two_pods()
+    batches = recorded_batches(kv_events)
+    clear = next(p for s, p, _ in batches if s.startswith("reset_prefix_cache"))
+    topic = b"kv@10.0.0.7:8000@Qwen/Qwen3-0.6B"
+    with kvroute.ZmqSubscriber(r, [{"endpoint": publisher.endpoint, "worker": "pod-a"}], poll_interval=0.01) as sub:
+        seq = 0
+        for _ in range(500):
+            publisher.send(seq, clear, topic=topic)
+            seq += 1
+            if sub.stats()[0]["batches"] > 0:
+                break
+            time.sleep(0.01)
+        publisher.send(seq, batches[0][1], topic=topic)
+        assert wait_for(lambda: sub.stats()[0]["last_seq"] == seq)
+        assert r.route(list(range(100))).matched_blocks == 6
+        st = sub.stats()[0]
+        assert st["foreign_topic"] == 0 and st["idle"] is False
+
+
+def test_stats_are_the_rust_serialization_and_flag_idle_publishers(publisher):
+    r = two_pods()
+    cfg = [{"endpoint": publisher.endpoint, "worker": "pod-a", "topic": "kv-events"}]
+    with kvroute.ZmqSubscriber(r, cfg, poll_interval=0.01, idle_warning=0.3) as sub:
+        assert wait_for(lambda: sub.stats()[0]["idle"])
+        st = sub.stats()[0]
+        assert set(st) == {
+            "worker", "endpoint", "connected", "batches", "last_seq", "gaps", "replays_ok",
+            "replays_failed", "restarts", "resets", "sink_errors", "last_error", "frame_errors",
+            "foreign_topic", "duplicates", "reconnects", "last_batch_at", "connected_at", "idle",
+        }
+        assert st["connected"] and st["batches"] == 0 and st["last_error"] is None
+        assert abs(st["connected_at"] - time.time()) < 60
+    with pytest.raises(kvroute.ConfigError):
+        kvroute.ZmqSubscriber(r, cfg, idle_warning=0.0)

@@ -3,7 +3,9 @@
 //! Live PUB messages are `[topic, seq (8 bytes big-endian), payload]`. Replies to a replay
 //! request, as a DEALER receives them, are `["", topic, seq, payload]`, terminated by the
 //! end marker `["", "", 0xFFFF_FFFF_FFFF_FFFF, ""]`. See `zmq_wire.json` in the vLLM
-//! vectors for captured frames.
+//! vectors for captured frames. vLLM before 0.26-0.28 sent replay replies without the topic
+//! frame: `["", seq, payload]`, ended by `["", 0xFFFF_FFFF_FFFF_FFFF, ""]`; both forms are
+//! accepted.
 
 /// The sequence number vLLM puts in the replay end marker.
 pub const END_SEQ: u64 = u64::MAX;
@@ -74,18 +76,34 @@ pub fn parse_live(mut frames: Vec<Vec<u8>>) -> Result<Batch, FrameError> {
 pub enum ReplayReply {
     /// A buffered batch.
     Batch(Batch),
+    /// A buffered batch in the older form without a topic frame (its topic is unknown).
+    Untagged {
+        /// The sequence number.
+        seq: u64,
+        /// The msgpack `KVEventBatch` payload.
+        payload: Vec<u8>,
+    },
     /// The end marker: the publisher has sent everything it buffered.
     End,
 }
 
 /// Parses a reply received on a DEALER socket: `["", topic, seq, payload]` or the end
-/// marker `["", "", END_SEQ, ""]`.
+/// marker `["", "", END_SEQ, ""]`; or, from vLLM before 0.26-0.28, `["", seq, payload]` or
+/// `["", END_SEQ, ""]`.
 pub fn parse_replay(mut frames: Vec<Vec<u8>>) -> Result<ReplayReply, FrameError> {
-    if frames.len() != 4 {
+    if frames.len() != 4 && frames.len() != 3 {
         return Err(FrameError::FrameCount { expected: 4, got: frames.len() });
     }
     if !frames[0].is_empty() {
         return Err(FrameError::MissingDelimiter);
+    }
+    if frames.len() == 3 {
+        let seq = seq_of(&frames[1])?;
+        if seq == END_SEQ {
+            return Ok(ReplayReply::End);
+        }
+        let payload = frames.pop().unwrap_or_default();
+        return Ok(ReplayReply::Untagged { seq, payload });
     }
     let seq = seq_of(&frames[2])?;
     if seq == END_SEQ && frames[1].is_empty() {
@@ -178,8 +196,31 @@ mod tests {
             Err(FrameError::SeqLength(9))
         );
         assert_eq!(
-            parse_replay(vec![vec![], b"t".to_vec(), vec![0; 8]]),
-            Err(FrameError::FrameCount { expected: 4, got: 3 })
+            parse_replay(vec![vec![], vec![0; 8]]),
+            Err(FrameError::FrameCount { expected: 4, got: 2 })
+        );
+        assert_eq!(
+            parse_replay(vec![vec![], b"t".to_vec(), vec![0; 8], vec![], vec![]]),
+            Err(FrameError::FrameCount { expected: 4, got: 5 })
+        );
+        assert_eq!(
+            parse_replay(vec![vec![], b"topic".to_vec(), vec![]]),
+            Err(FrameError::SeqLength(5))
+        );
+    }
+
+    #[test]
+    fn replay_replies_without_topic_frame_parse() {
+        // vLLM before 0.26-0.28: `["", seq, payload]`, end marker `["", END_SEQ, ""]`.
+        let seq7 = 7u64.to_be_bytes().to_vec();
+        assert_eq!(
+            parse_replay(vec![vec![], seq7, b"p".to_vec()]),
+            Ok(ReplayReply::Untagged { seq: 7, payload: b"p".to_vec() })
+        );
+        assert_eq!(parse_replay(vec![vec![], vec![0xff; 8], vec![]]), Ok(ReplayReply::End));
+        assert_eq!(
+            parse_replay(vec![b"x".to_vec(), vec![0; 8], vec![]]),
+            Err(FrameError::MissingDelimiter)
         );
     }
 }

@@ -18,13 +18,20 @@
 //! Sequence rules, per publisher:
 //! - the next expected seq is applied at once;
 //! - a seq above the expected one is a gap: the subscriber asks the replay endpoint for
-//!   everything from the missing seq on, buffers live messages meanwhile, and applies the
-//!   union in order, without duplicates. When it can, it also re-requests the last applied
+//!   everything from the missing seq on, buffers live messages meanwhile (at most
+//!   [`SubscriberConfig::max_pending`]; the rest wait in the socket's queue), and applies
+//!   the union in order, without duplicates. When it can, it also re-requests the last applied
 //!   seq and compares payloads, so a publisher that restarted and ran past the old seq is
 //!   not mistaken for the old stream;
 //! - a gap the replay cannot fill (no replay endpoint, timeout, the publisher no longer has
 //!   the missing batches) and a seq below the expected one (engine restart) both call
-//!   [`EventSink::on_reset`], then continue with the new stream.
+//!   [`EventSink::on_reset`], then continue with the new stream. Live batches buffered
+//!   during a failed replay are applied after the reset, in order, as far as they lead
+//!   without a hole into what the replay returned.
+//!
+//! The default topic is `""` (every topic): vLLM's default topic is the empty string and
+//! llm-d publishes on `kv@<pod-ip>:<port>@<model>`. A publisher that stays connected
+//! without sending anything is flagged [`PublisherStats::idle`].
 
 mod frames;
 mod sink;
@@ -40,8 +47,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-/// The topic vLLM publishes KV events on by default.
-pub const DEFAULT_TOPIC: &str = "kv-events";
+/// The topic subscribed to by default: `""`, every topic. vLLM's own default topic is the
+/// empty string, and llm-d deployments publish on `kv@<pod-ip>:<port>@<model>`; a SUB
+/// socket only filters by prefix, so the empty topic receives both.
+pub const DEFAULT_TOPIC: &str = "";
 
 /// Receives what the subscriber reads. Implemented by the router glue and by tests.
 ///
@@ -132,9 +141,9 @@ pub struct PublisherConfig {
     pub endpoint: String,
     /// The ROUTER replay endpoint (vLLM's `replay_endpoint`), if the publisher has one.
     pub replay_endpoint: Option<String>,
-    /// The topic to subscribe to; `""` subscribes to everything. vLLM's default is
-    /// [`DEFAULT_TOPIC`]. With a non-empty topic, messages whose topic frame differs (a
-    /// longer topic sharing the prefix) are ignored and counted.
+    /// The topic to subscribe to; `""` ([`DEFAULT_TOPIC`]) subscribes to everything. With a
+    /// non-empty topic, messages whose topic frame differs (a longer topic sharing the
+    /// prefix) are ignored and counted.
     pub topic: String,
     /// The worker name handed to the sink. Empty: `host:port` of the endpoint.
     pub worker: String,
@@ -145,7 +154,7 @@ pub struct PublisherConfig {
 }
 
 impl PublisherConfig {
-    /// A publisher on `endpoint` with vLLM's default topic, no replay endpoint, the worker
+    /// A publisher on `endpoint` with every topic, no replay endpoint, the worker
     /// named after the endpoint, and no start seq.
     pub fn new(endpoint: impl Into<String>) -> Self {
         PublisherConfig {
@@ -195,6 +204,13 @@ pub struct SubscriberConfig {
     pub poll_interval: Duration,
     /// The SUB socket's reconnect interval (ZeroMQ reconnects by itself).
     pub reconnect_interval: Duration,
+    /// A publisher that has been connected this long without sending a batch is flagged
+    /// as [`PublisherStats::idle`] (wrong topic, KV events not enabled in the engine, or
+    /// an idle engine).
+    pub idle_warning: Duration,
+    /// How many live batches are buffered at most while a replay is in progress; beyond
+    /// it they wait in the SUB socket's queue (bounded by `rcvhwm`). At least 1.
+    pub max_pending: usize,
 }
 
 impl Default for SubscriberConfig {
@@ -205,12 +221,18 @@ impl Default for SubscriberConfig {
             rcvhwm: 10_000,
             poll_interval: Duration::from_millis(50),
             reconnect_interval: Duration::from_millis(100),
+            idle_warning: Duration::from_secs(10),
+            max_pending: 100_000,
         }
     }
 }
 
 /// Counters of one publisher. Snapshot them with [`Subscriber::stats`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Serializes (serde) to a flat map with these field names; times are seconds since the
+/// Unix epoch (`f64`). The CLI's statistics file and the Python `ZmqSubscriber.stats()`
+/// are this serialization.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PublisherStats {
     /// The worker name.
     pub worker: String,
@@ -245,7 +267,36 @@ pub struct PublisherStats {
     /// Reconnections after the connection to the publisher was lost.
     pub reconnects: u64,
     /// When the last batch was handed to the sink.
+    #[serde(serialize_with = "epoch_secs")]
     pub last_batch_at: Option<SystemTime>,
+    /// When the current connection was established (`None` while disconnected).
+    #[serde(serialize_with = "epoch_secs")]
+    pub connected_at: Option<SystemTime>,
+    /// Connected for at least [`SubscriberConfig::idle_warning`] without a batch in that
+    /// time: the publisher sends nothing this subscriber accepts (check the topic and that
+    /// the engine publishes KV events). Computed when the stats are taken.
+    pub idle: bool,
+}
+
+fn epoch_secs<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    let secs =
+        t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64());
+    s.serialize_some(&secs)
+}
+
+impl PublisherStats {
+    /// Whether the publisher counts as [`idle`](PublisherStats::idle) at `now`: connected
+    /// for at least `after`, with no batch within the last `after`.
+    pub fn is_idle_at(&self, now: SystemTime, after: Duration) -> bool {
+        let Some(since) = self.connected_at.filter(|_| self.connected) else {
+            return false;
+        };
+        let quiet_since = match self.last_batch_at {
+            Some(b) if b > since => b,
+            _ => since,
+        };
+        now.duration_since(quiet_since).is_ok_and(|d| d >= after)
+    }
 }
 
 /// A running subscriber. Stops (and joins its threads) on [`Subscriber::shutdown`] or drop.
@@ -253,6 +304,7 @@ pub struct Subscriber {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     stats: Vec<Arc<Mutex<PublisherStats>>>,
+    idle_warning: Duration,
 }
 
 impl fmt::Debug for Subscriber {
@@ -278,6 +330,7 @@ impl Subscriber {
     /// [`kvroute::Error::Io`] when ZeroMQ refuses a socket or an endpoint.
     pub fn start(cfg: SubscriberConfig, sink: Arc<dyn EventSink>) -> kvroute::Result<Subscriber> {
         validate(&cfg)?;
+        let idle_warning = cfg.idle_warning;
         let ctx = zmq::Context::new();
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::with_capacity(cfg.publishers.len());
@@ -317,12 +370,21 @@ impl Subscriber {
                 }
             }
         }
-        Ok(Subscriber { stop, threads, stats })
+        Ok(Subscriber { stop, threads, stats, idle_warning })
     }
 
-    /// A snapshot of every publisher's counters, in configuration order.
+    /// A snapshot of every publisher's counters, in configuration order, with
+    /// [`PublisherStats::idle`] evaluated now.
     pub fn stats(&self) -> Vec<PublisherStats> {
-        self.stats.iter().map(|s| s.lock().clone()).collect()
+        let now = SystemTime::now();
+        self.stats
+            .iter()
+            .map(|s| {
+                let mut st = s.lock().clone();
+                st.idle = st.is_idle_at(now, self.idle_warning);
+                st
+            })
+            .collect()
     }
 
     /// Stops every thread and waits for them. Takes at most about one
@@ -352,6 +414,9 @@ fn validate(cfg: &SubscriberConfig) -> kvroute::Result<()> {
     }
     if cfg.replay_timeout.is_zero() || cfg.poll_interval.is_zero() {
         return Err(kvroute::Error::config("replay_timeout and poll_interval must be > 0"));
+    }
+    if cfg.idle_warning.is_zero() || cfg.max_pending == 0 {
+        return Err(kvroute::Error::config("idle_warning and max_pending must be > 0"));
     }
     if cfg.rcvhwm < 0 {
         return Err(kvroute::Error::config(format!("rcvhwm must be >= 0, got {}", cfg.rcvhwm)));
@@ -392,6 +457,44 @@ mod tests {
     fn worker_name_defaults_to_host_port() {
         assert_eq!(PublisherConfig::new("tcp://10.0.0.7:5557").worker_name(), "10.0.0.7:5557");
         assert_eq!(PublisherConfig::new("tcp://h:1").with_worker("w").worker_name(), "w");
+    }
+
+    #[test]
+    fn idle_means_connected_and_quiet_for_the_whole_window() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let after = Duration::from_secs(10);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let st = PublisherStats { connected: true, connected_at: Some(t0), ..Default::default() };
+        assert!(!st.is_idle_at(at(9), after));
+        assert!(st.is_idle_at(at(10), after));
+        let fed = PublisherStats { last_batch_at: Some(at(5)), ..st.clone() };
+        assert!(!fed.is_idle_at(at(14), after));
+        assert!(fed.is_idle_at(at(15), after));
+        // A batch from before the current connection does not count.
+        let old = PublisherStats { last_batch_at: Some(at(0) - after), ..st.clone() };
+        assert!(old.is_idle_at(at(10), after));
+        let down = PublisherStats { connected: false, ..st };
+        assert!(!down.is_idle_at(at(100), after));
+    }
+
+    #[test]
+    fn stats_serialize_flat_with_epoch_seconds() {
+        let st = PublisherStats {
+            worker: "w".into(),
+            last_batch_at: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_500)),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["worker"], "w");
+        assert_eq!(v["last_batch_at"], 1.5);
+        assert_eq!(v["connected_at"], serde_json::Value::Null);
+        assert_eq!(v["idle"], false);
+        assert_eq!(v["sink_errors"], 0);
+    }
+
+    #[test]
+    fn default_topic_is_every_topic() {
+        assert_eq!(PublisherConfig::new("tcp://h:1").topic, "");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub(crate) struct Worker {
     topic: Vec<u8>,
     replay_endpoint: Option<String>,
     replay_timeout: Duration,
+    /// How many live batches a replay buffers at most.
+    max_pending: usize,
     poll_ms: i64,
     sink: Arc<dyn EventSink>,
     stats: Arc<Mutex<PublisherStats>>,
@@ -92,6 +94,7 @@ impl Worker {
             topic: p.topic.as_bytes().to_vec(),
             replay_endpoint: p.replay_endpoint.clone(),
             replay_timeout: cfg.replay_timeout,
+            max_pending: cfg.max_pending.max(1),
             poll_ms: ms(cfg.poll_interval),
             sink,
             stats,
@@ -153,6 +156,7 @@ impl Worker {
             match event {
                 e if e == zmq::SocketEvent::HANDSHAKE_SUCCEEDED as u16 => {
                     st.connected = true;
+                    st.connected_at = Some(SystemTime::now());
                     if self.seen_disconnect {
                         self.seen_disconnect = false;
                         self.after_reconnect = true;
@@ -161,6 +165,7 @@ impl Worker {
                 }
                 e if e == zmq::SocketEvent::DISCONNECTED as u16 => {
                     st.connected = false;
+                    st.connected_at = None;
                     self.seen_disconnect = true;
                 }
                 _ => {}
@@ -353,12 +358,23 @@ impl Worker {
         self.after_reconnect = false;
         let first_replayed = replayed.iter().map(|(s, _)| *s).filter(|&s| s >= expected).min();
         if let Some(first) = first_replayed {
-            pending.retain(|&s, _| s >= first);
             for (s, p) in replayed.into_iter().filter(|(s, _)| *s >= first) {
                 // They may still arrive live: remember them to drop the duplicates.
                 self.replayed.insert(s, p.clone());
                 pending.insert(s, p);
             }
+            // Live batches that arrived meanwhile and lead without a hole into the replayed
+            // history are applied after the reset, in order; older ones sit before a hole
+            // no replay can fill (the publisher no longer buffers it) and would only cost a
+            // second reset.
+            let mut start = first;
+            while let Some(prev) = start.checked_sub(1) {
+                if !pending.contains_key(&prev) {
+                    break;
+                }
+                start = prev;
+            }
+            pending.retain(|&s, _| s >= start);
         }
         self.expected = pending.first_key_value().map(|(s, _)| *s);
     }
@@ -398,16 +414,21 @@ impl Worker {
                 return ReplayOutcome::Failed(GapCause::Timeout);
             }
             let wait = ms(deadline - now).min(self.poll_ms);
+            // Live messages are buffered up to `max_pending`; beyond it they wait in the SUB
+            // socket's queue (bounded by its HWM, past which the publisher drops them and
+            // the loss shows as a gap).
+            let room = self.max_pending.saturating_sub(pending.len());
             let (dealer_ready, sub_ready) = {
                 let mut items =
                     [dealer.as_poll_item(zmq::POLLIN), self.sub.as_poll_item(zmq::POLLIN)];
-                if zmq::poll(&mut items, wait).is_err() {
+                let n = if room > 0 { 2 } else { 1 };
+                if zmq::poll(&mut items[..n], wait).is_err() {
                     continue;
                 }
-                (items[0].is_readable(), items[1].is_readable())
+                (items[0].is_readable(), n == 2 && items[1].is_readable())
             };
             if sub_ready {
-                for _ in 0..DRAIN_BATCH {
+                for _ in 0..DRAIN_BATCH.min(room) {
                     match self.sub.recv_multipart(zmq::DONTWAIT) {
                         Ok(f) => {
                             if let Some(b) = self.accept(frames::parse_live(f)) {
@@ -433,6 +454,9 @@ impl Worker {
                                 self.stats.lock().foreign_topic += 1;
                             }
                         }
+                        // Older vLLM replies carry no topic: the replay socket serves only
+                        // this publisher's batches, so they are this stream's.
+                        Ok(ReplayReply::Untagged { seq, payload }) => out.push((seq, payload)),
                         Err(_) => self.stats.lock().frame_errors += 1,
                     }
                 }

@@ -241,7 +241,7 @@ fn start_seq_replays_what_a_late_subscriber_missed() {
 fn malformed_and_foreign_messages_are_counted_and_skipped() {
     let mut peer = Peer::spawn(&[]);
     let rec = Arc::new(Recorder::default());
-    let sub = subscribe(&mut peer, rec.clone(), |_, _| {});
+    let sub = subscribe(&mut peer, rec.clone(), |p, _| p.topic = "kv-events".into());
     peer.cmd("pub 2");
     let topic = "6b762d6576656e7473"; // "kv-events"
     peer.cmd(&format!("raw {topic} 0000000000000002")); // 2 frames
@@ -434,5 +434,116 @@ fn sink_errors_and_panics_are_counted_and_the_stream_goes_on() {
     assert_eq!((st.batches, st.sink_errors, st.gaps, st.resets), (5, 2, 0, 0));
     // The last failure was the panic on seq 2 (after the error on seq 1).
     assert_eq!(st.last_error.as_deref(), Some("seq 2: the sink panicked"));
+    sub.shutdown();
+}
+
+#[test]
+fn default_topic_receives_llm_d_topics() {
+    // llm-d publishes on kv@<pod-ip>:<port>@<model>; vLLM's own default is "". The
+    // subscriber's default must receive both without being told the topic.
+    for topic in ["kv@10.0.0.7:8000@Qwen/Qwen3-0.6B", ""] {
+        let mut peer = Peer::spawn(&["--topic", topic]);
+        let rec = Arc::new(Recorder::default());
+        let sub = subscribe(&mut peer, rec.clone(), |_, _| {});
+        peer.cmd("pub 3");
+        let seen = rec.wait_seq(2);
+        assert_eq!(seqs(&seen), vec![0, 1, 2], "topic {topic:?}");
+        assert_payloads(&seen, &[0]);
+        let st = sub.stats().remove(0);
+        assert_eq!((st.batches, st.foreign_topic, st.idle), (3, 0, false));
+        sub.shutdown();
+    }
+}
+
+#[test]
+fn connected_publisher_that_sends_nothing_is_flagged_idle() {
+    let mut peer = Peer::spawn(&["--topic", "kv@10.0.0.7:8000@m"]);
+    let rec = Arc::new(Recorder::default());
+    let sub = subscribe(&mut peer, rec.clone(), |p, c| {
+        p.topic = "kv-events".into(); // the wrong topic: nothing matches
+        c.idle_warning = Duration::from_millis(300);
+    });
+    peer.cmd("pub 3");
+    let st = wait_stats(&sub, "idle flag", |st| st.idle);
+    assert!(st.connected && st.connected_at.is_some());
+    assert_eq!(st.batches, 0);
+    sub.shutdown();
+
+    // With a matching topic, batches keep it from being idle; silence brings it back.
+    let rec = Arc::new(Recorder::default());
+    let sub = subscribe(&mut peer, rec.clone(), |_, c| c.idle_warning = Duration::from_secs(2));
+    peer.cmd("pub 1");
+    rec.wait_seq(3);
+    assert!(!sub.stats()[0].idle);
+    wait_stats(&sub, "idle after silence", |st| st.idle);
+    sub.shutdown();
+}
+
+#[test]
+fn replay_replies_without_topic_frame_fill_the_gap() {
+    // vLLM before 0.26-0.28 replied ["", seq, payload] without the topic frame.
+    let mut peer = Peer::spawn(&["--legacy-replay"]);
+    let rec = Arc::new(Recorder::default());
+    let sub = subscribe(&mut peer, rec.clone(), |p, _| p.topic = "kv-events".into());
+    peer.cmd("pub 3");
+    peer.cmd("drop 3");
+    peer.cmd("pub 2");
+    let seen = rec.wait_seq(7);
+    assert_eq!(seqs(&seen), (0..8).collect::<Vec<_>>(), "{:?}", summary(&seen));
+    assert_payloads(&seen, &[0]);
+    let st = sub.stats().remove(0);
+    assert_eq!((st.gaps, st.replays_ok, st.frame_errors, st.resets), (1, 1, 0, 0));
+    sub.shutdown();
+}
+
+#[test]
+fn live_batches_that_arrive_during_a_failed_replay_are_applied_after_the_reset() {
+    // A 4-batch replay buffer. Seqs 5..7 are lost on the wire; 8 reveals the gap and the
+    // replay request is held while 9..17 arrive live. By the time the publisher answers, it
+    // buffers only 14..17: the gap cannot be filled (reset), but 8..13, received live, lead
+    // without a hole into 14..17 and must be applied after the reset, not dropped.
+    let mut peer = Peer::spawn(&["--buffer", "4"]);
+    let rec = Arc::new(Recorder::default());
+    let sub = subscribe(&mut peer, rec.clone(), |_, c| c.replay_timeout = Duration::from_secs(15));
+    peer.cmd("pub 5");
+    rec.wait_seq(4);
+    peer.cmd("replay hold");
+    peer.cmd("drop 3");
+    peer.cmd("pub 10");
+    // Let the live batches reach the subscriber before the answer does.
+    std::thread::sleep(Duration::from_millis(300));
+    peer.cmd("replay release");
+    let seen = rec.wait_seq(17);
+    let reset =
+        ResetReason::Gap { expected: 5, got: 8, cause: GapCause::NotBuffered { first: Some(14) } };
+    let mut want: Vec<String> = (0..5).map(|s: u64| s.to_string()).collect();
+    want.push(format!("RESET({reset})"));
+    want.extend((8..18).map(|s: u64| s.to_string()));
+    assert_eq!(summary(&seen), want);
+    assert_payloads(&seen, &[0, 0]);
+    let st = sub.stats().remove(0);
+    assert_eq!((st.gaps, st.replays_failed, st.resets, st.batches), (1, 1, 1, 15));
+    sub.shutdown();
+}
+
+#[test]
+fn live_batches_beyond_max_pending_wait_in_the_socket_and_are_not_lost() {
+    // Only 2 live batches may be buffered during a replay; the rest stay in ZeroMQ's queue
+    // and are read after it. Nothing is lost or repeated.
+    let mut peer = Peer::spawn(&[]);
+    let rec = Arc::new(Recorder::default());
+    let sub = subscribe(&mut peer, rec.clone(), |_, c| c.max_pending = 2);
+    peer.cmd("pub 3");
+    rec.wait_seq(2);
+    peer.cmd("replay hold");
+    peer.cmd("drop 2");
+    peer.cmd("pub 8");
+    std::thread::sleep(Duration::from_millis(300));
+    peer.cmd("replay release");
+    let seen = rec.wait_seq(12);
+    assert_eq!(seqs(&seen), (0..13).collect::<Vec<_>>(), "{:?}", summary(&seen));
+    assert_payloads(&seen, &[0]);
+    let st = sub.stats().remove(0);
+    assert_eq!((st.gaps, st.replays_ok, st.resets), (1, 1, 0));
     sub.shutdown();
 }

@@ -119,6 +119,10 @@ pub struct BlockStored {
     pub session_id: Option<String>,
     /// Speculative lookahead tokens per block, if any.
     pub lookahead_token_ids: Option<Vec<Vec<u32>>>,
+    /// Token ids the decoder checked and counted but did not store because the caller does
+    /// not need them ([`vllm::TokenIds`]); `token_ids` is then empty. 0 when the tokens
+    /// were decoded (the default) or the event was built by hand.
+    pub tokens_skipped: usize,
 }
 
 impl BlockStored {
@@ -128,10 +132,16 @@ impl BlockStored {
         Tier::from_medium(self.medium.as_deref())
     }
 
-    /// Whether this is a placeholder event: no tokens (`token_ids` empty) or `block_size` 0.
-    /// Placeholders name blocks but cannot be keyed by token content.
+    /// Whether this is a placeholder event: no tokens (`token_ids` empty and none skipped)
+    /// or `block_size` 0. Placeholders name blocks but cannot be keyed by token content.
     pub fn is_placeholder(&self) -> bool {
-        self.token_ids.is_empty() || self.block_size == 0
+        self.token_count() == 0 || self.block_size == 0
+    }
+
+    /// How many token ids the event carried: `token_ids.len()` plus
+    /// [`tokens_skipped`](Self::tokens_skipped).
+    pub fn token_count(&self) -> usize {
+        self.token_ids.len() + self.tokens_skipped
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::{Mode, OnHashMismatch, Router, WorkerState};
 use crate::error::{Error, Result};
+use crate::events::vllm::{DecodeOptions, TokenIds};
 use crate::events::{KvEvent, KvEventBatch, Value};
 use crate::hash::{ExtraKey, RequestExtras};
 use crate::types::{Tier, WorkerKey};
@@ -77,9 +78,25 @@ fn to_extra_key(v: &Value) -> Option<ExtraKey> {
 impl Router {
     /// Decodes a vLLM `KVEventBatch` msgpack payload and applies it for worker `name`
     /// (the data-parallel rank comes from the batch).
+    ///
+    /// Token ids are decoded only when the router uses them: with a vLLM scheme (the
+    /// engine's hashes are the keys) only those of events that start a sequence, for
+    /// `verify_engine_hashes`, unless `vocab_size` asks for every token to be checked.
     pub fn apply_vllm_batch(&self, name: &str, payload: &[u8]) -> Result<ApplyReport> {
-        let batch = crate::events::vllm::decode(payload)?;
+        let batch = crate::events::vllm::decode_with(payload, self.decode_options())?;
         self.apply_events(name, &batch)
+    }
+
+    /// What [`apply_vllm_batch`](Self::apply_vllm_batch) decodes of a payload.
+    fn decode_options(&self) -> DecodeOptions {
+        let token_ids = if !self.cfg.hash_algo.is_vllm() || self.cfg.vocab_size.is_some() {
+            TokenIds::Keep
+        } else if self.cfg.verify_engine_hashes {
+            TokenIds::KeepForRoots
+        } else {
+            TokenIds::Skip
+        };
+        DecodeOptions { token_ids }
     }
 
     /// Like [`apply_vllm_batch`](Self::apply_vllm_batch), and records `seq` as the last
@@ -94,7 +111,7 @@ impl Router {
         publisher: &str,
         seq: u64,
     ) -> Result<ApplyReport> {
-        let result = crate::events::vllm::decode(payload)
+        let result = crate::events::vllm::decode_with(payload, self.decode_options())
             .and_then(|batch| self.apply_inner(name, &batch, Some((publisher, seq))));
         if result.is_err() {
             let _batch = self.apply_lock.lock();
@@ -213,11 +230,17 @@ impl Router {
                     let engine: Vec<u64> = s.block_hashes.iter().map(|h| h.to_u64()).collect();
                     let parent = s.parent_block_hash.as_ref().map(|h| h.to_u64());
                     let placeholder = s.is_placeholder();
-                    if !placeholder && s.token_ids.len() != engine.len() * bs {
+                    if !placeholder && s.token_count() != engine.len() * bs {
                         return Err(Error::invalid(format!(
                             "event {i}: {} token ids for {} blocks of {bs}",
-                            s.token_ids.len(),
+                            s.token_count(),
                             engine.len()
+                        )));
+                    }
+                    if s.tokens_skipped > 0 && (!vllm || self.cfg.vocab_size.is_some()) {
+                        return Err(Error::invalid(format!(
+                            "event {i}: its token ids were skipped at decoding, and this \
+                             router needs them (decode with TokenIds::Keep)"
                         )));
                     }
                     if let Some(v) = self.cfg.vocab_size {
@@ -255,12 +278,17 @@ impl Router {
                             .collect::<Result<_>>()?,
                     };
                     if vllm {
-                        if self.cfg.verify_engine_hashes
-                            && parent.is_none()
+                        let root = parent.is_none()
                             && !placeholder
                             && s.lora_name.is_none()
-                            && extra.iter().all(Option::is_none)
-                        {
+                            && extra.iter().all(Option::is_none);
+                        if self.cfg.verify_engine_hashes && root && s.tokens_skipped > 0 {
+                            return Err(Error::invalid(format!(
+                                "event {i}: starts a sequence but its token ids were skipped \
+                                 at decoding, so its hashes cannot be verified"
+                            )));
+                        }
+                        if self.cfg.verify_engine_hashes && root {
                             let mut mine = Vec::new();
                             self.hasher.block_keys(
                                 &s.token_ids,

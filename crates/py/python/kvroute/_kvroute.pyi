@@ -197,8 +197,10 @@ class ZmqSubscriber:
     """Subscribes to vLLM KV-event publishers (ZeroMQ) and applies every batch to a Router.
 
     ``publishers``: endpoint strings or dicts with ``endpoint`` and optionally
-    ``replay_endpoint``, ``topic`` (default ``"kv-events"``), ``worker`` (default
-    ``host:port``) and ``start_seq``. Runs on background threads that never take the GIL.
+    ``replay_endpoint``, ``topic`` (a prefix; default ``""``, every topic), ``worker``
+    (default ``host:port``) and ``start_seq``. Runs on background threads that never take
+    the GIL. A publisher connected ``idle_warning`` seconds without a batch is flagged
+    ``idle`` in ``stats()``.
     Raises ``ConfigError`` for a bad configuration, ``IoError`` when ZeroMQ refuses it.
     """
 
@@ -211,9 +213,11 @@ class ZmqSubscriber:
         rcvhwm: int = 10000,
         poll_interval: float = 0.05,
         reconnect_interval: float = 0.1,
+        idle_warning: float = 10.0,
+        max_pending: int = 100000,
     ) -> None: ...
     def stats(self) -> List[Dict[str, Any]]:
-        """Each publisher's counters (batches, last_seq, gaps, restarts, resets, ...)."""
+        """Each publisher's counters (batches, last_seq, gaps, restarts, resets, idle, ...)."""
     @property
     def running(self) -> bool:
         """True until ``shutdown()``."""

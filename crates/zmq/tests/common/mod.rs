@@ -269,12 +269,12 @@ pub fn wait_stats(
     sub: &Subscriber,
     what: &str,
     pred: impl Fn(&kvroute_zmq::PublisherStats) -> bool,
-) {
+) -> kvroute_zmq::PublisherStats {
     let deadline = Instant::now() + WAIT;
     loop {
         let st = sub.stats().remove(0);
         if pred(&st) {
-            return;
+            return st;
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}; stats: {st:?}");
         std::thread::sleep(Duration::from_millis(10));

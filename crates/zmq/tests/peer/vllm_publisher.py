@@ -8,6 +8,8 @@ Wire protocol, as vLLM speaks it (see testdata/vllm/zmq_wire.json):
     with [identity, "", topic, seq, payload] for every buffered batch with seq >= start_seq,
     then the end marker [identity, "", "", 0xFFFFFFFFFFFFFFFF, ""];
   * a ring buffer of the last --buffer batches (vLLM's buffer_steps).
+With --legacy-replay, replay replies omit the topic frame, as vLLM before 0.26-0.28 sent
+them: [identity, "", seq, payload], ended by [identity, "", 0xFFFFFFFFFFFFFFFF, ""].
 
 The publisher socket is an XPUB rather than vLLM's PUB. On the wire the two are the same
 (XPUB is a PUB that also hands incoming subscriptions to the application). The XPUB lets
@@ -27,6 +29,8 @@ per line, and answers each with "OK <next seq>" (or "ERR <reason>"):
   clear              empty the replay buffer
   restart            in-process engine restart: seq back to 0, buffer emptied, epoch + 1
   replay on|off      answer replay requests or ignore them (to force a timeout)
+  replay hold        queue replay requests without answering them
+  replay release     wait (up to 10 s) for a queued request, then answer the queued ones
   raw HEX...         send one raw multipart message (frames as hex, "-" for an empty frame)
   waitsub            wait (up to 10 s) until a subscription has arrived
   quit               exit
@@ -74,6 +78,9 @@ class Publisher:
         self.seq = 0
         self.buffer = collections.deque(maxlen=args.buffer)
         self.answer_replay = True
+        self.hold_replay = False
+        self.held = []
+        self.legacy_replay = args.legacy_replay
         self.subscriptions = 0
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.XPUB)
@@ -124,7 +131,9 @@ class Publisher:
                         frames = self.replay.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    if self.answer_replay:
+                    if self.hold_replay:
+                        self.held.append(frames)
+                    elif self.answer_replay:
                         self.answer(frames)
 
     def answer(self, frames):
@@ -133,12 +142,14 @@ class Publisher:
             return
         client_id, _, start_seq_bytes = frames
         start_seq = int.from_bytes(start_seq_bytes, "big")
+        topic = () if self.legacy_replay else (self.topic,)
         for seq, buf in self.buffer:
             if seq >= start_seq:
                 self.replay.send_multipart(
-                    (client_id, b"", self.topic, seq.to_bytes(8, "big"), buf)
+                    (client_id, b"", *topic, seq.to_bytes(8, "big"), buf)
                 )
-        self.replay.send_multipart((client_id, b"", b"", END_SEQ, b""))
+        end_topic = () if self.legacy_replay else (b"",)
+        self.replay.send_multipart((client_id, b"", *end_topic, END_SEQ, b""))
 
     def command(self, line):
         parts = line.split()
@@ -171,6 +182,18 @@ class Publisher:
             self.seq = 0
             self.buffer.clear()
             self.epoch += 1
+        elif cmd == "replay" and rest[0] == "hold":
+            self.hold_replay = True
+        elif cmd == "replay" and rest[0] == "release":
+            deadline = time.monotonic() + 10.0
+            while not self.held and time.monotonic() < deadline:
+                self.service(20)
+            if not self.held:
+                return "ERR no replay request within 10 s"
+            self.hold_replay = False
+            held, self.held = self.held, []
+            for frames in held:
+                self.answer(frames)
         elif cmd == "replay":
             self.answer_replay = rest[0] == "on"
         elif cmd == "raw":
@@ -200,6 +223,7 @@ def main():
     ap.add_argument("--sndhwm", type=int, default=1000)
     ap.add_argument("--sndbuf", type=int, default=0, help="kernel send buffer (0: default)")
     ap.add_argument("--epoch", type=int, default=0)
+    ap.add_argument("--legacy-replay", action="store_true", help="replies without topic frame")
     args = ap.parse_args()
 
     p = Publisher(args)

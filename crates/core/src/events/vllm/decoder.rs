@@ -1,65 +1,11 @@
-//! vLLM's msgpack `KVEventBatch`: decoder, encoder and a JSON view.
-//!
-//! vLLM publishes each batch as the msgpack encoding (msgspec) of
-//! `[ts, [event, ...], data_parallel_rank]`, the third frame of a ZeroMQ message.
-//!
-//! # What [`decode`] accepts
-//!
-//! - The batch: an array of 3 elements, or of 2 (no rank). `ts` may be a float (64 or 32
-//!   bit) or an integer. The rank is nil or an integer. Elements after the third are skipped
-//!   and counted in [`KvEventBatch::skipped_fields`].
-//! - Events in the **map** form of vLLM 0.24 and later: a map with a `"type"` key
-//!   (`"BlockStored"`, `"BlockRemoved"`, `"AllBlocksCleared"`) anywhere in it (vLLM puts
-//!   it first), other keys named as vLLM's fields. Missing optional fields are `None`.
-//! - Events in the **array** form of vLLM 0.23 and earlier:
-//!   `["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id,
-//!   medium, lora_name, extra_keys, group_idx, kv_cache_spec_kind,
-//!   kv_cache_spec_sliding_window]`, `["BlockRemoved", block_hashes, medium, group_idx]`
-//!   and `["AllBlocksCleared"]`. Shorter arrays (older releases) leave the missing trailing
-//!   fields `None`.
-//! - Block hashes as msgpack integers (any int encoding with a non-negative value that fits
-//!   in u64) or as raw bytes (`bin`), see [`EngineHash`].
-//! - `BlockStored` requires `block_hashes`, `token_ids` and `block_size`; `BlockRemoved`
-//!   requires `block_hashes`. A present field must have the right type (nil is accepted for
-//!   every optional field).
-//!
-//! Unknown fields (map keys, extra array positions) are skipped whole, nested containers
-//! included, and counted in [`KvEventBatch::skipped_fields`]; so are fields of the other
-//! event kind (a `token_ids` in a `BlockRemoved`). Events of unknown type are skipped whole
-//! and counted in [`KvEventBatch::skipped_events`]. Neither is an error.
-//!
-//! Placeholder events (`BlockStored` with empty `token_ids` and/or `block_size` 0, see
-//! [`BlockStored::is_placeholder`]) decode like any other event. The router does not key
-//! them by token content (there is none) and counts them; it still uses their hashes.
-//!
-//! `medium` is kept as the string the engine sent; match it case-insensitively with
-//! [`crate::Tier::from_medium`] (or [`BlockStored::tier`]).
-//!
-//! # Malformed input
-//!
-//! Truncated input, wrong types, invalid UTF-8, integers out of range, trailing bytes,
-//! msgpack ext values or the reserved byte 0xc1 inside a known field, and generic values
-//! (`extra_keys`) nested deeper than [`MAX_DEPTH`] give [`Error::Decode`] with the field
-//! and the byte offset. Decoding never panics. Every declared length is checked against the
-//! bytes left before anything is reserved (an element takes at least one byte), so memory
-//! stays within a constant factor of the payload size (at most a few dozen bytes of
-//! decoded structure per payload byte). Unknown fields are skipped without recursion, so
-//! their nesting depth is not limited.
-//!
-//! # Encoding
-//!
-//! [`encode`] writes the map form exactly as vLLM 0.33's msgspec encoder does, so that
-//! `encode(&decode(p)?) == p` for vLLM 0.33 payloads.
+//! The msgpack decoder of vLLM's `KVEventBatch` (see the [parent module](super) for what
+//! it accepts).
 
-use super::{BlockRemoved, BlockStored, EngineHash, KvEvent, KvEventBatch, Value};
+use super::MAX_DEPTH;
+use crate::events::{BlockRemoved, BlockStored, EngineHash, KvEvent, KvEventBatch, Value};
 use crate::{Error, Result};
-use rmp::encode::{ByteBuf, ValueWriteError};
 use rmp::Marker;
-use std::convert::Infallible;
 use std::fmt;
-
-/// The deepest nesting of generic values (inside `extra_keys`) that [`decode`] accepts.
-pub const MAX_DEPTH: usize = 32;
 
 /// The `BlockStored` fields in the order of vLLM's class (the legacy array positions after
 /// the tag, and the key order of the map form).
@@ -87,11 +33,41 @@ const LEGACY_STORED_LEN: usize = 11;
 /// The `BlockRemoved` fields of the array form of vLLM 0.23 and earlier, in order.
 const LEGACY_REMOVED: [&str; 3] = ["block_hashes", "medium", "group_idx"];
 
+/// What the decoder does with the `token_ids` of a `BlockStored`.
+///
+/// Whatever the choice, every token id is checked exactly as when it is kept (a payload is
+/// rejected or accepted alike, with the same error), and counted: a skipped array leaves
+/// [`BlockStored::token_ids`] empty and its length in [`BlockStored::tokens_skipped`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TokenIds {
+    /// Decode every event's token ids.
+    #[default]
+    Keep,
+    /// Decode the token ids of events that start a sequence (no `parent_block_hash`, or
+    /// `parent_block_hash` after `token_ids` in the map), skip the others: what a router
+    /// keyed by the engine's hashes needs to verify them.
+    KeepForRoots,
+    /// Skip every event's token ids.
+    Skip,
+}
+
+/// Options of [`decode_with`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// What to do with `BlockStored.token_ids`.
+    pub token_ids: TokenIds,
+}
+
 /// Decodes one vLLM `KVEventBatch` payload (the msgpack frame).
 ///
-/// See the [module documentation](self) for what is accepted and skipped.
+/// See the [module documentation](super) for what is accepted and skipped.
 pub fn decode(payload: &[u8]) -> Result<KvEventBatch> {
-    let mut r = Reader { buf: payload, pos: 0, event: None };
+    decode_with(payload, DecodeOptions::default())
+}
+
+/// [`decode`] with options: the same checks and errors; only what is stored differs.
+pub fn decode_with(payload: &[u8], opts: DecodeOptions) -> Result<KvEventBatch> {
+    let mut r = Reader { buf: payload, pos: 0, event: None, tokens: opts.token_ids };
     let mut skips = Skips::default();
     let (m, at) = r.marker("batch")?;
     let n = match m {
@@ -143,134 +119,6 @@ pub fn decode(payload: &[u8]) -> Result<KvEventBatch> {
     })
 }
 
-/// Encodes a batch as vLLM 0.33 does (msgspec, map-form events).
-///
-/// The batch is always a 3-element array (a missing rank is nil), `ts` a float64, integers
-/// in their shortest form. Each event is a map whose first key is `"type"`, then the fields
-/// in vLLM's order; optional fields that are `None` are left out, except `BlockStored`'s
-/// `parent_block_hash`, `lora_id`, `medium` and `lora_name` and `BlockRemoved`'s `medium`,
-/// which vLLM always sends (nil when `None`). A `BlockStored` map always has a map16 header,
-/// as msgspec writes it for a struct of more than 15 fields.
-pub fn encode(batch: &KvEventBatch) -> Vec<u8> {
-    let mut w = Writer(ByteBuf::with_capacity(64 + 128 * batch.events.len()));
-    w.array_len(3);
-    Writer::ok(rmp::encode::write_f64(&mut w.0, batch.ts));
-    w.array_len(batch.events.len());
-    for e in &batch.events {
-        w.event(e);
-    }
-    match batch.data_parallel_rank {
-        Some(r) => w.int(r),
-        None => w.nil(),
-    }
-    w.0.into_vec()
-}
-
-/// A JSON view of a batch, with vLLM's field names.
-///
-/// `{"ts": float, "dp_rank": int or null, "skipped_fields": int, "skipped_events": int,
-/// "events": [...]}`. Each event has `"type"` and every field of its kind (null when
-/// `None`). Integer hashes are JSON numbers, bytes hashes lowercase hex strings. Generic
-/// values: bin is a lowercase hex string, a map with only string keys is an object and any
-/// other map an array of `[key, value]` pairs, a non-finite float is null.
-pub fn batch_to_json(batch: &KvEventBatch) -> serde_json::Value {
-    use serde_json::json;
-    let events: Vec<serde_json::Value> = batch
-        .events
-        .iter()
-        .map(|e| match e {
-            KvEvent::BlockStored(s) => json!({
-                "type": "BlockStored",
-                "block_hashes": s.block_hashes.iter().map(hash_json).collect::<Vec<_>>(),
-                "parent_block_hash": s.parent_block_hash.as_ref().map(hash_json),
-                "token_ids": s.token_ids,
-                "block_size": s.block_size,
-                "lora_id": s.lora_id,
-                "medium": s.medium,
-                "lora_name": s.lora_name,
-                "extra_keys": s.extra_keys.as_ref().map(|keys| keys
-                    .iter()
-                    .map(|k| k.as_ref().map_or(serde_json::Value::Null, value_json))
-                    .collect::<Vec<_>>()),
-                "group_idx": s.group_idx,
-                "kv_cache_spec_kind": s.kv_cache_spec_kind,
-                "kv_cache_spec_sliding_window": s.kv_cache_spec_sliding_window,
-                "locality": s.locality,
-                "ownership": s.ownership,
-                "session_id": s.session_id,
-                "lookahead_token_ids": s.lookahead_token_ids,
-            }),
-            KvEvent::BlockRemoved(r) => json!({
-                "type": "BlockRemoved",
-                "block_hashes": r.block_hashes.iter().map(hash_json).collect::<Vec<_>>(),
-                "medium": r.medium,
-                "group_idx": r.group_idx,
-                "locality": r.locality,
-                "ownership": r.ownership,
-            }),
-            KvEvent::AllBlocksCleared => json!({ "type": "AllBlocksCleared" }),
-        })
-        .collect();
-    json!({
-        "ts": float_json(batch.ts),
-        "dp_rank": batch.data_parallel_rank,
-        "skipped_fields": batch.skipped_fields,
-        "skipped_events": batch.skipped_events,
-        "events": events,
-    })
-}
-
-fn float_json(f: f64) -> serde_json::Value {
-    serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    crate::hash::to_hex(bytes)
-}
-
-fn hash_json(h: &EngineHash) -> serde_json::Value {
-    match h {
-        EngineHash::Int(v) => serde_json::Value::from(*v),
-        EngineHash::Bytes(b) => serde_json::Value::String(hex_lower(b)),
-    }
-}
-
-fn value_json(v: &Value) -> serde_json::Value {
-    use serde_json::Value as J;
-    match v {
-        Value::Nil => J::Null,
-        Value::Bool(b) => J::Bool(*b),
-        Value::Int(i) => J::from(*i),
-        Value::UInt(u) => J::from(*u),
-        Value::F64(f) => float_json(*f),
-        Value::Str(s) => J::String(s.clone()),
-        Value::Bin(b) => J::String(hex_lower(b)),
-        Value::Array(a) => J::Array(a.iter().map(value_json).collect()),
-        Value::Map(pairs) => {
-            if pairs.iter().all(|(k, _)| matches!(k, Value::Str(_))) {
-                let mut obj = serde_json::Map::with_capacity(pairs.len());
-                for (k, val) in pairs {
-                    if let Value::Str(k) = k {
-                        obj.insert(k.clone(), value_json(val));
-                    }
-                }
-                J::Object(obj)
-            } else {
-                J::Array(
-                    pairs
-                        .iter()
-                        .map(|(k, val)| J::Array(vec![value_json(k), value_json(val)]))
-                        .collect(),
-                )
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Decoding
-// ---------------------------------------------------------------------------------------
-
 #[derive(Default)]
 struct Skips {
     fields: u32,
@@ -312,6 +160,7 @@ enum Building {
 const SEEN_HASHES: u8 = 1;
 const SEEN_TOKENS: u8 = 2;
 const SEEN_SIZE: u8 = 4;
+const SEEN_PARENT: u8 = 8;
 
 fn marker_name(m: Marker) -> &'static str {
     match m {
@@ -363,6 +212,7 @@ struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     event: Option<usize>,
+    tokens: TokenIds,
 }
 
 impl<'a> Reader<'a> {
@@ -569,6 +419,30 @@ impl<'a> Reader<'a> {
             v.push(self.read_hash(field)?);
         }
         Ok(v)
+    }
+
+    /// Checks an array of u32 like [`read_u32_array`](Self::read_u32_array) (same errors)
+    /// without storing it; returns its length.
+    fn skip_u32_array(&mut self, field: &str) -> Result<usize> {
+        let (n, _) = self.read_array_len(field)?;
+        // The encodings msgspec writes (fixint, u8, u16, u32) are stepped over by their
+        // length alone; anything else goes through `read_u32`, which checks it.
+        let buf = self.buf;
+        let mut pos = self.pos;
+        for _ in 0..n {
+            if let Some(&b) = buf.get(pos) {
+                let len = usize::from(U32_LEN[usize::from(b)]);
+                if len != 0 && len <= buf.len() - pos {
+                    pos += len;
+                    continue;
+                }
+            }
+            self.pos = pos;
+            self.read_u32(field)?;
+            pos = self.pos;
+        }
+        self.pos = pos;
+        Ok(n)
     }
 
     fn read_u32_array(&mut self, field: &str) -> Result<Vec<u32>> {
@@ -851,9 +725,23 @@ impl<'a> Reader<'a> {
             "parent_block_hash" => {
                 s.parent_block_hash =
                     if self.take_nil() { None } else { Some(self.read_hash(key)?) };
+                *seen |= SEEN_PARENT;
             }
             "token_ids" => {
-                s.token_ids = self.read_u32_array(key)?;
+                let keep = match self.tokens {
+                    TokenIds::Keep => true,
+                    TokenIds::KeepForRoots => {
+                        *seen & SEEN_PARENT == 0 || s.parent_block_hash.is_none()
+                    }
+                    TokenIds::Skip => false,
+                };
+                if keep {
+                    s.token_ids = self.read_u32_array(key)?;
+                    s.tokens_skipped = 0;
+                } else {
+                    s.tokens_skipped = self.skip_u32_array(key)?;
+                    s.token_ids = Vec::new();
+                }
                 *seen |= SEEN_TOKENS;
             }
             "block_size" => {
@@ -965,236 +853,5 @@ impl Building {
             Kind::Removed => Building::Removed(BlockRemoved::default(), false),
             Kind::Cleared => Building::Cleared,
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Encoding
-// ---------------------------------------------------------------------------------------
-
-/// A msgpack writer over rmp's `ByteBuf`, whose writes cannot fail.
-struct Writer(ByteBuf);
-
-impl Writer {
-    /// Discards the result of a write to `ByteBuf`; its error type is uninhabited.
-    fn ok<T>(r: Result<T, ValueWriteError<Infallible>>) {
-        if let Err(ValueWriteError::InvalidMarkerWrite(e) | ValueWriteError::InvalidDataWrite(e)) =
-            r
-        {
-            match e {}
-        }
-    }
-
-    fn nil(&mut self) {
-        self.0.as_mut_vec().push(0xc0);
-    }
-
-    fn array_len(&mut self, n: usize) {
-        let r = rmp::encode::write_array_len(&mut self.0, n as u32);
-        Self::ok(r);
-    }
-
-    fn uint(&mut self, v: u64) {
-        let r = rmp::encode::write_uint(&mut self.0, v);
-        Self::ok(r);
-    }
-
-    fn int(&mut self, v: i64) {
-        let r = rmp::encode::write_sint(&mut self.0, v);
-        Self::ok(r);
-    }
-
-    fn str(&mut self, s: &str) {
-        let r = rmp::encode::write_str(&mut self.0, s);
-        Self::ok(r);
-    }
-
-    fn bin(&mut self, b: &[u8]) {
-        let r = rmp::encode::write_bin(&mut self.0, b);
-        Self::ok(r);
-    }
-
-    fn hash(&mut self, h: &EngineHash) {
-        match h {
-            EngineHash::Int(v) => self.uint(*v),
-            EngineHash::Bytes(b) => self.bin(b),
-        }
-    }
-
-    fn hashes(&mut self, hs: &[EngineHash]) {
-        self.array_len(hs.len());
-        for h in hs {
-            self.hash(h);
-        }
-    }
-
-    fn u32s(&mut self, v: &[u32]) {
-        self.array_len(v.len());
-        for &t in v {
-            self.uint(u64::from(t));
-        }
-    }
-
-    fn opt_str(&mut self, s: Option<&str>) {
-        match s {
-            Some(s) => self.str(s),
-            None => self.nil(),
-        }
-    }
-
-    fn opt_int(&mut self, v: Option<i64>) {
-        match v {
-            Some(v) => self.int(v),
-            None => self.nil(),
-        }
-    }
-
-    fn value(&mut self, v: &Value) {
-        match v {
-            Value::Nil => self.nil(),
-            Value::Bool(b) => self.0.as_mut_vec().push(if *b { 0xc3 } else { 0xc2 }),
-            Value::Int(i) => self.int(*i),
-            Value::UInt(u) => self.uint(*u),
-            Value::F64(f) => {
-                let r = rmp::encode::write_f64(&mut self.0, *f);
-                Self::ok(r);
-            }
-            Value::Str(s) => self.str(s),
-            Value::Bin(b) => self.bin(b),
-            Value::Array(items) => {
-                self.array_len(items.len());
-                for it in items {
-                    self.value(it);
-                }
-            }
-            Value::Map(pairs) => {
-                let r = rmp::encode::write_map_len(&mut self.0, pairs.len() as u32);
-                Self::ok(r);
-                for (k, val) in pairs {
-                    self.value(k);
-                    self.value(val);
-                }
-            }
-        }
-    }
-
-    fn event(&mut self, e: &KvEvent) {
-        match e {
-            KvEvent::BlockStored(s) => self.stored(s),
-            KvEvent::BlockRemoved(r) => self.removed(r),
-            KvEvent::AllBlocksCleared => {
-                self.0.as_mut_vec().push(0x81);
-                self.str("type");
-                self.str("AllBlocksCleared");
-            }
-        }
-    }
-
-    fn stored(&mut self, s: &BlockStored) {
-        let optional = [
-            s.extra_keys.is_some(),
-            s.group_idx.is_some(),
-            s.kv_cache_spec_kind.is_some(),
-            s.kv_cache_spec_sliding_window.is_some(),
-            s.locality.is_some(),
-            s.ownership.is_some(),
-            s.session_id.is_some(),
-            s.lookahead_token_ids.is_some(),
-        ];
-        // "type" and the 7 always-present fields, then the optional ones that are set.
-        let n = 8 + optional.iter().filter(|&&x| x).count() as u16;
-        // msgspec sizes a struct's map header by its field count (16 with the tag): map16.
-        let [hi, lo] = n.to_be_bytes();
-        self.0.as_mut_vec().extend_from_slice(&[0xde, hi, lo]);
-        self.str("type");
-        self.str("BlockStored");
-        self.str("block_hashes");
-        self.hashes(&s.block_hashes);
-        self.str("parent_block_hash");
-        match &s.parent_block_hash {
-            Some(h) => self.hash(h),
-            None => self.nil(),
-        }
-        self.str("token_ids");
-        self.u32s(&s.token_ids);
-        self.str("block_size");
-        self.uint(u64::from(s.block_size));
-        self.str("lora_id");
-        self.opt_int(s.lora_id);
-        self.str("medium");
-        self.opt_str(s.medium.as_deref());
-        self.str("lora_name");
-        self.opt_str(s.lora_name.as_deref());
-        if let Some(keys) = &s.extra_keys {
-            self.str("extra_keys");
-            self.array_len(keys.len());
-            for k in keys {
-                match k {
-                    Some(v) => self.value(v),
-                    None => self.nil(),
-                }
-            }
-        }
-        if let Some(g) = s.group_idx {
-            self.str("group_idx");
-            self.int(g);
-        }
-        if let Some(k) = &s.kv_cache_spec_kind {
-            self.str("kv_cache_spec_kind");
-            self.str(k);
-        }
-        if let Some(w) = s.kv_cache_spec_sliding_window {
-            self.str("kv_cache_spec_sliding_window");
-            self.int(w);
-        }
-        for (name, v) in
-            [("locality", &s.locality), ("ownership", &s.ownership), ("session_id", &s.session_id)]
-        {
-            if let Some(v) = v {
-                self.str(name);
-                self.str(v);
-            }
-        }
-        if let Some(rows) = &s.lookahead_token_ids {
-            self.str("lookahead_token_ids");
-            self.array_len(rows.len());
-            for row in rows {
-                self.u32s(row);
-            }
-        }
-    }
-
-    fn removed(&mut self, r: &BlockRemoved) {
-        let n = 3
-            + u8::from(r.group_idx.is_some())
-            + u8::from(r.locality.is_some())
-            + u8::from(r.ownership.is_some());
-        self.0.as_mut_vec().push(0x80 | n);
-        self.str("type");
-        self.str("BlockRemoved");
-        self.str("block_hashes");
-        self.hashes(&r.block_hashes);
-        self.str("medium");
-        self.opt_str(r.medium.as_deref());
-        if let Some(g) = r.group_idx {
-            self.str("group_idx");
-            self.int(g);
-        }
-        for (name, v) in [("locality", &r.locality), ("ownership", &r.ownership)] {
-            if let Some(v) = v {
-                self.str(name);
-                self.str(v);
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_is_lowercase() {
-        assert_eq!(hex_lower(&[0x00, 0xab, 0x7f]), "00ab7f");
     }
 }
