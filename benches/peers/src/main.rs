@@ -227,11 +227,19 @@ mod kvi {
             self.blocks.clear();
             // The chained key is both the engine's block hash and the matching hash.
             self.blocks.extend(
-                keys.iter().map(|&k| StoredBlock { seq_hash: SequenceHash(k), content_hash: ContentHash(k) }),
+                keys.iter().map(|&k| StoredBlock {
+                    seq_hash: SequenceHash(k),
+                    content_hash: ContentHash(k),
+                }),
             );
             let map = &mut self.maps[h as usize];
             let t = Instant::now();
-            let r = self.index.apply_stored(self.ids[h as usize], &self.blocks, parent.map(SequenceHash), map);
+            let r = self.index.apply_stored(
+                self.ids[h as usize],
+                &self.blocks,
+                parent.map(SequenceHash),
+                map,
+            );
             *spent += t.elapsed();
             r.expect("store");
         }
@@ -248,7 +256,8 @@ mod kvi {
             self.index.score_into(keys, |&k| k, false, |w, score| s.push((w, score)));
         }
         fn answer(&self, s: &Vec<(u32, u32)>) -> Vec<(u32, u32)> {
-            let mut v: Vec<(u32, u32)> = s.iter().map(|&(w, d)| (self.by_id[w as usize], d)).collect();
+            let mut v: Vec<(u32, u32)> =
+                s.iter().map(|&(w, d)| (self.by_id[w as usize], d)).collect();
             v.sort_unstable();
             v
         }
@@ -419,7 +428,13 @@ fn quantile(v: &mut [u64], q: f64) -> u64 {
 }
 
 /// Stores `keys` as events of 64 under `parent`.
-fn store_chain<P: Peer>(p: &mut P, h: u32, parent: Option<u64>, keys: &[u64], spent: &mut Duration) {
+fn store_chain<P: Peer>(
+    p: &mut P,
+    h: u32,
+    parent: Option<u64>,
+    keys: &[u64],
+    spent: &mut Duration,
+) {
     let mut parent = parent;
     for ev in keys.chunks(EVENT) {
         p.store(h, parent, ev, spent);
@@ -428,7 +443,13 @@ fn store_chain<P: Peer>(p: &mut P, h: u32, parent: Option<u64>, keys: &[u64], sp
 }
 
 /// Removes `keys` tail first, 6 batches of 64, each in reverse order.
-fn remove_chain<P: Peer>(p: &mut P, h: u32, keys: &[u64], scratch: &mut Vec<u64>, spent: &mut Duration) {
+fn remove_chain<P: Peer>(
+    p: &mut P,
+    h: u32,
+    keys: &[u64],
+    scratch: &mut Vec<u64>,
+    spent: &mut Duration,
+) {
     for batch in keys.rchunks(EVENT) {
         scratch.clear();
         scratch.extend(batch.iter().rev());
