@@ -13,6 +13,8 @@ pub(super) const ROOT: u32 = 0;
 const NIL: u32 = u32::MAX;
 /// The largest worker id the index accepts (ids are dense; this bounds per-worker arrays).
 pub const MAX_WORKER: u32 = 1 << 20;
+/// Keys whose table probes are warmed together (see `PrefixIndex::warm`).
+const WARM: usize = 64;
 /// Children lists longer than this become hash maps.
 const SMALL_CHILDREN: usize = 8;
 
@@ -313,6 +315,23 @@ impl PrefixIndex {
             .insert_unique(mix(key), loc, |l| mix(nodes[l.node as usize].keys[l.off as usize]));
     }
 
+    /// Probes the table for each of `keys` without changing it, ahead of a loop that
+    /// inserts or forgets them. The table is far larger than the caches, so each probe
+    /// misses; these probes are independent of each other and their misses overlap, where
+    /// the loop's own probes, each followed by writes, would take them about one at a time.
+    /// Callers warm at most [`WARM`] keys at a time, so that the first are still cached
+    /// when they are used.
+    #[inline]
+    fn warm(&self, keys: &[u64]) {
+        let nodes = &self.nodes;
+        for &k in keys {
+            let hit = self.table.find(mix(k), |l| {
+                nodes[l.node as usize].keys.get(l.off as usize).is_some_and(|&x| x == k)
+            });
+            std::hint::black_box(hit.is_some());
+        }
+    }
+
     /// Drops `key`, which must still be readable at its location.
     fn forget_key(&mut self, key: u64) {
         let nodes = &self.nodes;
@@ -480,6 +499,10 @@ impl PrefixIndex {
             let first = keys[0];
             self.nodes[n as usize].keys = keys;
             for i in 0..self.nodes[n as usize].keys.len() {
+                if i % WARM == 0 {
+                    let ks = &self.nodes[n as usize].keys;
+                    self.warm(&ks[i..ks.len().min(i + WARM)]);
+                }
                 let k = self.nodes[n as usize].keys[i];
                 self.forget_key(k);
             }
@@ -665,6 +688,9 @@ impl PrefixIndex {
         };
         let mut got = 0;
         for (j, &k) in run.iter().enumerate() {
+            if j % WARM == 0 {
+                self.warm(&run[j..run.len().min(j + WARM)]);
+            }
             let loc = Loc { node: target, off: (base + j) as u32 };
             let nodes = &self.nodes;
             let entry = self.table.entry(
@@ -802,6 +828,9 @@ impl PrefixIndex {
                 // (one table operation per key, where a split would relocate the tail
                 // first and then forget it).
                 for off in a..b {
+                    if (off - a) % WARM == 0 {
+                        self.warm(&self.nodes[loc.node as usize].keys[off..b.min(off + WARM)]);
+                    }
                     let k = self.nodes[loc.node as usize].keys[off];
                     self.forget_key(k);
                 }
