@@ -1,5 +1,8 @@
 //! The prefix index against a naive reference model: random sequences of store, remove,
 //! clear and match must give identical match results, and the index must return to empty.
+//! Run with 4 dense workers, and with 300 workers (dense ids, ranges of them storing and
+//! removing the same chains, plus a few sparse ids far apart) so that nodes hold hundreds
+//! of workers and both the bitset and the sorted-list match paths are exercised.
 
 use kvroute::index::{IndexConfig, MatchOptions, Matches, PrefixIndex};
 use kvroute::rng::splitmix64;
@@ -9,7 +12,13 @@ use std::collections::HashMap;
 
 const BRANCHES: usize = 4;
 const LEN: usize = 12;
-const WORKERS: u32 = 4;
+/// The worker ids of the small universe.
+const FEW: [u32; 4] = [0, 1, 2, 3];
+
+/// 300 worker ids: 0..296 dense, then four far apart (sparse holder sets).
+fn many() -> Vec<u32> {
+    (0..296).chain([1_000, 70_000, 500_000, 1 << 20]).collect()
+}
 
 /// A small universe of chains: branch b shares its first `SHARE[b]` blocks with branch 0.
 const SHARE: [usize; BRANCHES] = [LEN, 5, 2, 0];
@@ -27,45 +36,59 @@ fn chain(b: usize, start: usize, len: usize) -> (Option<u64>, Vec<u64>) {
     (parent, (start..start + len).map(|p| key(b, p)).collect())
 }
 
+/// An operation on workers `ws` (ids, not positions).
 #[derive(Clone, Debug)]
 enum Op {
-    Store { w: u32, t: usize, b: usize, start: usize, len: usize },
-    Remove { w: u32, t: usize, b: usize, start: usize, len: usize, rev: bool },
+    Store { ws: Vec<u32>, t: usize, b: usize, start: usize, len: usize },
+    Remove { ws: Vec<u32>, t: usize, b: usize, start: usize, len: usize, rev: bool },
     Clear { w: u32 },
 }
 
-fn op() -> impl Strategy<Value = Op> {
+/// Operations on one worker of `workers` at a time, or (with `range`) on a run of up to
+/// `range` consecutive workers of the list.
+fn op(workers: Vec<u32>, range: usize) -> impl Strategy<Value = Op> {
+    let n = workers.len();
     let seg = (0..BRANCHES, 0..LEN).prop_flat_map(|(b, s)| (Just(b), Just(s), 1..=(LEN - s)));
+    let ws = (0..n, 1..=range.max(1)).prop_map(move |(i, k)| workers[i..(i + k).min(n)].to_vec());
+    let one = ws.clone();
     prop_oneof![
-        5 => (0..WORKERS, 0..3usize, seg.clone())
-            .prop_map(|(w, t, (b, start, len))| Op::Store { w, t, b, start, len }),
-        3 => (0..WORKERS, 0..3usize, seg, any::<bool>())
-            .prop_map(|(w, t, (b, start, len), rev)| Op::Remove { w, t, b, start, len, rev }),
-        1 => (0..WORKERS).prop_map(|w| Op::Clear { w }),
+        5 => (ws.clone(), 0..3usize, seg.clone())
+            .prop_map(|(ws, t, (b, start, len))| Op::Store { ws, t, b, start, len }),
+        3 => (ws, 0..3usize, seg, any::<bool>())
+            .prop_map(|(ws, t, (b, start, len), rev)| Op::Remove { ws, t, b, start, len, rev }),
+        1 => one.prop_map(|ws| Op::Clear { w: ws[0] }),
     ]
 }
 
-#[derive(Default)]
 struct Model {
+    workers: Vec<u32>,
     refs: HashMap<(u32, u64), [u32; 3]>,
 }
 
 impl Model {
+    fn new(workers: &[u32]) -> Self {
+        Model { workers: workers.to_vec(), refs: HashMap::new() }
+    }
+
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Store { w, t, b, start, len } => {
-                for k in chain(b, start, len).1 {
-                    self.refs.entry((w, k)).or_default()[t] += 1;
+            Op::Store { ref ws, t, b, start, len } => {
+                for &w in ws {
+                    for k in chain(b, start, len).1 {
+                        self.refs.entry((w, k)).or_default()[t] += 1;
+                    }
                 }
             }
-            Op::Remove { w, t, b, start, len, .. } => {
-                for k in chain(b, start, len).1 {
-                    if let Some(r) = self.refs.get_mut(&(w, k)) {
-                        if r[t] > 0 {
-                            r[t] -= 1;
-                        }
-                        if *r == [0, 0, 0] {
-                            self.refs.remove(&(w, k));
+            Op::Remove { ref ws, t, b, start, len, .. } => {
+                for &w in ws {
+                    for k in chain(b, start, len).1 {
+                        if let Some(r) = self.refs.get_mut(&(w, k)) {
+                            if r[t] > 0 {
+                                r[t] -= 1;
+                            }
+                            if *r == [0, 0, 0] {
+                                self.refs.remove(&(w, k));
+                            }
                         }
                     }
                 }
@@ -74,10 +97,10 @@ impl Model {
         }
     }
 
-    /// (worker, blocks, by_tier) for every worker holding the first block.
+    /// (worker, blocks, by_tier) for every worker holding the first block, by worker id.
     fn matches(&self, keys: &[u64]) -> Vec<(u32, u32, [u32; 3])> {
         let mut out = Vec::new();
-        for w in 0..WORKERS {
+        for &w in &self.workers {
             let mut n = 0;
             let mut by = [0u32; 3];
             for k in keys {
@@ -110,16 +133,20 @@ fn index_matches(idx: &PrefixIndex, keys: &[u64]) -> Vec<(u32, u32, [u32; 3])> {
 
 fn apply(idx: &mut PrefixIndex, op: &Op) {
     match *op {
-        Op::Store { w, t, b, start, len } => {
+        Op::Store { ref ws, t, b, start, len } => {
             let (parent, keys) = chain(b, start, len);
-            idx.store(WorkerId(w), tier(t), parent, &keys).unwrap();
+            for &w in ws {
+                idx.store(WorkerId(w), tier(t), parent, &keys).unwrap();
+            }
         }
-        Op::Remove { w, t, b, start, len, rev } => {
+        Op::Remove { ref ws, t, b, start, len, rev } => {
             let (_, mut keys) = chain(b, start, len);
             if rev {
                 keys.reverse();
             }
-            idx.remove(WorkerId(w), tier(t), &keys);
+            for &w in ws {
+                idx.remove(WorkerId(w), tier(t), &keys);
+            }
         }
         Op::Clear { w } => {
             idx.clear_worker(WorkerId(w));
@@ -142,20 +169,58 @@ fn check_all(idx: &PrefixIndex, model: &Model) -> Result<(), TestCaseError> {
     }
     let held = model.refs.len() as u64;
     prop_assert_eq!(idx.stats().holder_blocks, held);
-    for w in 0..WORKERS {
+    for &w in &model.workers {
         let n = model.refs.keys().filter(|(ww, _)| *ww == w).count() as u64;
         prop_assert_eq!(idx.worker_blocks(WorkerId(w)), n);
     }
     Ok(())
 }
 
+/// Applies `ops` to an index and the model, comparing after each, then checks the
+/// snapshot round trip and that clearing every worker empties the index.
+fn run_model(workers: &[u32], ops: &[Op], every_step: bool) -> Result<(), TestCaseError> {
+    let mut idx = PrefixIndex::default();
+    let mut model = Model::new(workers);
+    for op in ops {
+        apply(&mut idx, op);
+        model.apply(op);
+        if every_step {
+            check_all(&idx, &model)?;
+        }
+    }
+    check_all(&idx, &model)?;
+    // Snapshot round trip gives the same answers and the same bytes.
+    let snap = idx.snapshot();
+    let restored = PrefixIndex::restore(&snap, IndexConfig::default()).unwrap();
+    check_all(&restored, &model)?;
+    prop_assert_eq!(restored.snapshot(), snap);
+    for &w in workers {
+        idx.clear_worker(WorkerId(w));
+    }
+    let s = idx.stats();
+    prop_assert_eq!((s.blocks, s.holder_blocks, s.nodes, s.orphans_pending), (0, 0, 0, 0));
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn index_matches_reference_model_with_300_workers(
+        ops in proptest::collection::vec(op(many(), 300), 1..40)
+    ) {
+        run_model(&many(), &ops, false)?;
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
 
     #[test]
-    fn index_matches_reference_model(ops in proptest::collection::vec(op(), 1..60)) {
+    fn index_matches_reference_model(ops in proptest::collection::vec(op(FEW.to_vec(), 1), 1..60)) {
+        let workers = FEW;
         let mut idx = PrefixIndex::default();
-        let mut model = Model::default();
+        let mut model = Model::new(&workers);
         for op in &ops {
             apply(&mut idx, op);
             model.apply(op);
@@ -167,7 +232,7 @@ proptest! {
         check_all(&restored, &model)?;
         prop_assert_eq!(restored.snapshot(), snap);
         // Clearing every worker leaves nothing behind.
-        for w in 0..WORKERS {
+        for w in workers {
             idx.clear_worker(WorkerId(w));
         }
         let s = idx.stats();
@@ -175,7 +240,7 @@ proptest! {
     }
 
     #[test]
-    fn truncated_snapshots_are_rejected(ops in proptest::collection::vec(op(), 1..20), cut in any::<prop::sample::Index>()) {
+    fn truncated_snapshots_are_rejected(ops in proptest::collection::vec(op(FEW.to_vec(), 1), 1..20), cut in any::<prop::sample::Index>()) {
         let mut idx = PrefixIndex::default();
         for op in &ops {
             apply(&mut idx, op);
@@ -403,4 +468,27 @@ fn mapped_removals_with_unknown_hashes_keep_the_right_mappings() {
     let r = idx.remove_mapped(WorkerId(0), Tier::Cpu, &[101]);
     assert_eq!((r.removed, r.unknown), (1, 0));
     assert_eq!(idx.stats().engine_mappings, 1);
+}
+
+#[test]
+fn reference_counts_past_u16_max_are_exact_or_counted() {
+    // 70,000 concurrent announcements of one block, then as many removals: the block must
+    // stay held until the last removal, or the lost references must be counted.
+    let mut idx = PrefixIndex::default();
+    let keys: Vec<u64> = (0..2).map(splitmix64).collect();
+    let n = 70_000u32;
+    for _ in 0..n {
+        idx.store(WorkerId(1), Tier::Gpu, None, &keys).unwrap();
+    }
+    let lost = idx.stats().ref_overflows;
+    for i in 0..n {
+        idx.remove(WorkerId(1), Tier::Gpu, &keys);
+        let held = idx.holds(WorkerId(1), keys[0]).is_some();
+        if u64::from(i + 1) < u64::from(n) - lost / 2 {
+            assert!(held, "dropped after {} of {n} removals, {lost} lost references", i + 1);
+        }
+    }
+    // Either exact (nothing lost) or every lost reference counted: 2 keys x 4,465.
+    assert!(lost == 0 || lost == 2 * u64::from(n - u32::from(u16::MAX)), "lost {lost}");
+    assert_eq!(idx.stats().blocks, 0);
 }

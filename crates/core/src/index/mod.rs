@@ -102,11 +102,25 @@ pub struct MatchOptions {
 
 /// Reusable result of [`PrefixIndex::find_matches`]: one [`Overlap`] per worker that holds
 /// at least the request's first block, sorted by worker id.
+///
+/// Reuse one value across calls: after the first few calls a match allocates nothing,
+/// and the overlaps come out sorted without a sort.
 #[derive(Clone, Debug, Default)]
 pub struct Matches {
     pub(crate) entries: Vec<Overlap>,
-    pub(crate) alive: Vec<u32>,
     pub(crate) truncated: bool,
+    /// Scratch of the walk (kept for reuse): still-matching workers by list position...
+    pub(crate) alive: Vec<u32>,
+    /// ... or as a bitset over words of worker ids,
+    pub(crate) live: Vec<u64>,
+    /// the rank of each bitset word's first worker among the candidates,
+    pub(crate) rank: Vec<u32>,
+    /// the depth at which each candidate dropped out (0 = still matching),
+    pub(crate) depth: Vec<u32>,
+    /// tier corrections (candidate rank, tier, blocks) for holders without a GPU copy,
+    pub(crate) fix: Vec<(u32, u32, u32)>,
+    /// and one node's sparse holders as a bitset.
+    pub(crate) tmp: Vec<u64>,
 }
 
 impl Matches {
@@ -138,6 +152,10 @@ impl Matches {
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
         self.alive.clear();
+        self.live.clear();
+        self.rank.clear();
+        self.depth.clear();
+        self.fix.clear();
         self.truncated = false;
     }
 }
@@ -164,4 +182,9 @@ pub struct IndexStats {
     pub unknown_removals: u64,
     /// (block, worker) pairs evicted by the cap (cumulative).
     pub evictions: u64,
+    /// (block, worker) pairs whose per-tier reference count was already at its maximum
+    /// (65,535) when another store arrived (cumulative). The count stays at the maximum,
+    /// so that many removals may drop a block before the engine frees it.
+    #[serde(default)]
+    pub ref_overflows: u64,
 }

@@ -6,13 +6,15 @@ use crate::types::{BlockKey, Tier, WorkerId};
 use hashbrown::hash_table::HashTable;
 use hashbrown::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The root node: the empty prefix. It has no keys and no holders.
 pub(super) const ROOT: u32 = 0;
 const NIL: u32 = u32::MAX;
 /// The largest worker id the index accepts (ids are dense; this bounds per-worker arrays).
 pub const MAX_WORKER: u32 = 1 << 20;
+/// Keys whose table probes are warmed together (see `PrefixIndex::warm`).
+const WARM: usize = 64;
 /// Children lists longer than this become hash maps.
 const SMALL_CHILDREN: usize = 8;
 
@@ -155,14 +157,68 @@ impl Children {
     }
 }
 
+/// The holders of a node as a bitset over worker ids, for matching: word `i` of `words`
+/// covers workers `64 * (base + i)` to `64 * (base + i) + 63`. A node whose holder ids
+/// are too sparse for a bitset (more words than holders, and more than 4) has no words;
+/// matches through it intersect the sorted holder list instead.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Bits {
+    base: u32,
+    words: Box<[u64]>,
+}
+
+impl Bits {
+    /// Rebuilds the bitset of `holders` (sorted by worker), reusing the allocation when
+    /// the span of words is unchanged.
+    fn rebuild(&mut self, holders: &[Holder]) {
+        let (Some(f), Some(l)) = (holders.first(), holders.last()) else {
+            *self = Bits::default();
+            return;
+        };
+        let (lo, hi) = (f.worker / 64, l.worker / 64);
+        let span = (hi - lo + 1) as usize;
+        if span > holders.len().max(4) {
+            *self = Bits::default();
+            return;
+        }
+        if self.words.len() == span {
+            self.words.fill(0);
+        } else {
+            self.words = vec![0u64; span].into_boxed_slice();
+        }
+        self.base = lo;
+        for h in holders {
+            let b = h.worker - lo * 64;
+            self.words[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    /// The word of global index `g` (0 outside the span).
+    #[inline]
+    fn word(&self, g: u32) -> u64 {
+        match g.checked_sub(self.base) {
+            Some(i) if (i as usize) < self.words.len() => self.words[i as usize],
+            _ => 0,
+        }
+    }
+}
+
 /// A run of keys with one holder set.
 #[derive(Debug, Default)]
 pub(super) struct Node {
     pub(super) keys: Vec<u64>,
     pub(super) holders: Vec<Holder>,
+    /// `holders` as a bitset (derived; see [`PrefixIndex::refresh`]).
+    bits: Bits,
+    /// True when some holder has no GPU copy (derived): only then does a match look at
+    /// the holders' tiers.
+    mixed: bool,
     pub(super) children: Children,
     pub(super) parent: u32,
-    touched: AtomicU32,
+    /// The LRU clock at the last store or match that touched this node. A `u64` bumped
+    /// once per store cannot wrap (a `u32` did after 2^32 stores, and eviction then took
+    /// the newest leaves first).
+    touched: AtomicU64,
     pub(super) live: bool,
 }
 
@@ -191,8 +247,10 @@ pub struct PrefixIndex {
     orphans_by_parent: KeyMap<Vec<u64>>,
     pub(super) holder_blocks: u64,
     pub(super) worker_blocks: Vec<u64>,
-    tick: AtomicU32,
+    tick: AtomicU64,
     pub(super) orphan_stores: u64,
+    /// Holder-blocks whose reference count could not be incremented past `u16::MAX`.
+    pub(super) ref_overflows: u64,
     pub(super) unknown_removals: u64,
     pub(super) evictions: u64,
 }
@@ -217,8 +275,9 @@ impl PrefixIndex {
             orphans_by_parent: KeyMap::default(),
             holder_blocks: 0,
             worker_blocks: Vec::new(),
-            tick: AtomicU32::new(1),
+            tick: AtomicU64::new(1),
             orphan_stores: 0,
+            ref_overflows: 0,
             unknown_removals: 0,
             evictions: 0,
         }
@@ -256,6 +315,23 @@ impl PrefixIndex {
             .insert_unique(mix(key), loc, |l| mix(nodes[l.node as usize].keys[l.off as usize]));
     }
 
+    /// Probes the table for each of `keys` without changing it, ahead of a loop that
+    /// inserts or forgets them. The table is far larger than the caches, so each probe
+    /// misses; these probes are independent of each other and their misses overlap, where
+    /// the loop's own probes, each followed by writes, would take them about one at a time.
+    /// Callers warm at most [`WARM`] keys at a time, so that the first are still cached
+    /// when they are used.
+    #[inline]
+    fn warm(&self, keys: &[u64]) {
+        let nodes = &self.nodes;
+        for &k in keys {
+            let hit = self.table.find(mix(k), |l| {
+                nodes[l.node as usize].keys.get(l.off as usize).is_some_and(|&x| x == k)
+            });
+            std::hint::black_box(hit.is_some());
+        }
+    }
+
     /// Drops `key`, which must still be readable at its location.
     fn forget_key(&mut self, key: u64) {
         let nodes = &self.nodes;
@@ -281,7 +357,7 @@ impl PrefixIndex {
             self.nodes.push(Node {
                 parent,
                 live: true,
-                touched: AtomicU32::new(tick),
+                touched: AtomicU64::new(tick),
                 ..Node::default()
             });
             id
@@ -292,10 +368,20 @@ impl PrefixIndex {
         let n = &mut self.nodes[id as usize];
         n.keys = Vec::new();
         n.holders = Vec::new();
+        n.bits = Bits::default();
+        n.mixed = false;
         n.children = Children::default();
         n.parent = NIL;
         n.live = false;
         self.free.push(id);
+    }
+
+    /// Recomputes what is derived from node `n`'s holders (bitset, tier flag). Called
+    /// after every change of a holder list.
+    pub(super) fn refresh(&mut self, n: u32) {
+        let node = &mut self.nodes[n as usize];
+        node.mixed = node.holders.iter().any(|h| h.refs[0] == 0);
+        node.bits.rebuild(&node.holders);
     }
 
     #[inline]
@@ -318,12 +404,16 @@ impl PrefixIndex {
         let m = self.alloc_node(n);
         let tail: Vec<u64> = self.nodes[n as usize].keys[p..].to_vec();
         let holders = self.nodes[n as usize].holders.clone();
+        let bits = self.nodes[n as usize].bits.clone();
+        let mixed = self.nodes[n as usize].mixed;
         let children = std::mem::take(&mut self.nodes[n as usize].children);
         let touched = self.nodes[n as usize].touched.load(Ordering::Relaxed);
         {
             let mn = &mut self.nodes[m as usize];
             mn.keys = tail;
             mn.holders = holders;
+            mn.bits = bits;
+            mn.mixed = mixed;
             mn.children = children;
             *mn.touched.get_mut() = touched;
         }
@@ -409,6 +499,10 @@ impl PrefixIndex {
             let first = keys[0];
             self.nodes[n as usize].keys = keys;
             for i in 0..self.nodes[n as usize].keys.len() {
+                if i % WARM == 0 {
+                    let ks = &self.nodes[n as usize].keys;
+                    self.warm(&ks[i..ks.len().min(i + WARM)]);
+                }
                 let k = self.nodes[n as usize].keys[i];
                 self.forget_key(k);
             }
@@ -507,11 +601,10 @@ impl PrefixIndex {
                 i += run;
                 cursor = Some(keys[i - 1]);
             } else {
+                // Attach the keys from here up to the first one already in the index:
+                // `attach_new` stops there, so each new key costs one table operation.
                 let start = i;
-                while i < keys.len() && self.lookup(keys[i]).is_none() {
-                    i += 1;
-                }
-                let run_len = self.attach_new(cursor, &keys[start..i], w, t);
+                let run_len = self.attach_new(cursor, &keys[start..], w, t);
                 let run = &keys[start..start + run_len];
                 i = start + run_len;
                 report.new_blocks += run_len as u32;
@@ -540,7 +633,15 @@ impl PrefixIndex {
         match holders.binary_search_by_key(&w, |h| h.worker) {
             Ok(i) => {
                 let r = &mut holders[i].refs[t];
-                *r = r.saturating_add(1);
+                match r.checked_add(1) {
+                    Some(v) => *r = v,
+                    // The count stays at its maximum: a later removal may then drop the
+                    // block before the engine does, so every lost reference is counted.
+                    None => self.ref_overflows += len as u64,
+                }
+                if t == 0 && self.nodes[n as usize].mixed {
+                    self.refresh(n);
+                }
             }
             Err(i) => {
                 let mut refs = [0u16; 3];
@@ -548,13 +649,15 @@ impl PrefixIndex {
                 holders.insert(i, Holder { worker: w, refs });
                 self.holder_blocks += len as u64;
                 self.worker_blocks[w as usize] += len as u64;
+                self.refresh(n);
             }
         }
     }
 
-    /// Creates the keys of `run` (none of them in the index before) after `cursor`.
-    /// Returns how many were attached: fewer than `run.len()` only if `run` repeats a key
-    /// (inconsistent input; the repeat would close a cycle).
+    /// Creates the keys of `run` after `cursor`, up to the first key that is already in
+    /// the index (the first key must not be). Returns how many were attached: fewer than
+    /// `run.len()` when a key exists already or `run` repeats a key (inconsistent input;
+    /// the repeat would close a cycle).
     fn attach_new(&mut self, cursor: Option<u64>, run: &[u64], w: u32, t: usize) -> usize {
         let mut refs = [0u16; 3];
         refs[t] = 1;
@@ -580,10 +683,14 @@ impl PrefixIndex {
             let mn = &mut self.nodes[m as usize];
             mn.keys = run.to_vec();
             mn.holders = vec![me];
+            self.refresh(m);
             (m, 0)
         };
         let mut got = 0;
         for (j, &k) in run.iter().enumerate() {
+            if j % WARM == 0 {
+                self.warm(&run[j..run.len().min(j + WARM)]);
+            }
             let loc = Loc { node: target, off: (base + j) as u32 };
             let nodes = &self.nodes;
             let entry = self.table.entry(
@@ -599,7 +706,11 @@ impl PrefixIndex {
                 hashbrown::hash_table::Entry::Occupied(_) => break,
             }
         }
-        self.nodes[target as usize].keys.truncate(base + got);
+        let tk = &mut self.nodes[target as usize].keys;
+        tk.truncate(base + got);
+        if got < run.len() && tk.capacity() > tk.len() + 8 {
+            tk.shrink_to_fit();
+        }
         self.holder_blocks += got as u64;
         self.worker_blocks[w as usize] += got as u64;
         if extend {
@@ -700,8 +811,33 @@ impl PrefixIndex {
                 .binary_search_by_key(&w, |h| h.worker)
                 .ok()
                 .filter(|&hi| holders[hi].refs[t] > 0);
-            if held.is_none() {
+            let Some(hi) = held else {
                 report.unknown += len as u32;
+                continue;
+            };
+            let node = &self.nodes[loc.node as usize];
+            let mut last = [0u16; 3];
+            last[t] = 1;
+            if a > 0
+                && b == node.keys.len()
+                && node.children.is_empty()
+                && node.holders.len() == 1
+                && node.holders[hi].refs == last
+            {
+                // The tail of a leaf that only this reference holds: cut it off in place
+                // (one table operation per key, where a split would relocate the tail
+                // first and then forget it).
+                for off in a..b {
+                    if (off - a) % WARM == 0 {
+                        self.warm(&self.nodes[loc.node as usize].keys[off..b.min(off + WARM)]);
+                    }
+                    let k = self.nodes[loc.node as usize].keys[off];
+                    self.forget_key(k);
+                }
+                self.nodes[loc.node as usize].keys.truncate(a);
+                report.removed += len as u32;
+                self.holder_blocks -= len as u64;
+                self.worker_blocks[w as usize] -= len as u64;
                 continue;
             }
             let n = self.isolate(loc.node, a, b);
@@ -714,6 +850,7 @@ impl PrefixIndex {
                 self.holder_blocks -= len as u64;
                 self.worker_blocks[w as usize] -= len as u64;
             }
+            self.refresh(n);
             self.prune(n);
         }
         self.unknown_removals += u64::from(report.unknown);
@@ -735,6 +872,9 @@ impl PrefixIndex {
                 dropped += node.keys.len() as u64;
                 touched.push(id as u32);
             }
+        }
+        for &n in &touched {
+            self.refresh(n);
         }
         self.holder_blocks -= dropped;
         if let Some(c) = self.worker_blocks.get_mut(w as usize) {
@@ -846,11 +986,125 @@ impl PrefixIndex {
 
     /// Matches a request's chain of `keys` against the index, filling `out` (see
     /// [`Matches`]).
+    ///
+    /// The cost is one pass over the path plus one write per candidate worker: workers
+    /// are carried down the path as a bitset ("still matching"), intersected with each
+    /// node's holder bitset a word (64 workers) at a time, and a depth is recorded only
+    /// for the workers that drop out. Tiers are looked at only on nodes where some holder
+    /// has no GPU copy.
     pub fn find_matches(&self, keys: &[BlockKey], opts: MatchOptions, out: &mut Matches) {
         out.clear();
-        if keys.is_empty() {
+        let Some(&k0) = keys.first() else {
             return;
+        };
+        let Some(c0) = self.nodes[ROOT as usize].children.get(k0) else {
+            return;
+        };
+        let n0 = &self.nodes[c0 as usize];
+        if !n0.holders.is_empty() && !n0.bits.words.is_empty() {
+            self.find_matches_bits(c0, keys, opts, out);
+        } else {
+            self.find_matches_list(keys, opts, out);
         }
+    }
+
+    /// [`find_matches`](Self::find_matches) when the first node's holders have a bitset.
+    fn find_matches_bits(&self, c0: u32, keys: &[u64], opts: MatchOptions, out: &mut Matches) {
+        let n0 = &self.nodes[c0 as usize];
+        let base = n0.bits.base;
+        let w0 = &n0.bits.words[..];
+        let nw = w0.len();
+        let Matches { entries, live, rank, depth: dropped, fix, tmp, truncated, .. } = out;
+        live.extend_from_slice(w0);
+        let mut r = 0u32;
+        rank.extend(w0.iter().map(|w| {
+            let at = r;
+            r += w.count_ones();
+            at
+        }));
+        // Depth at which each candidate (by rank in n0's holders) dropped out; 0 = never.
+        dropped.resize(n0.holders.len(), 0);
+        let rank_of = |i: usize, b: u32| rank[i] + (w0[i] & ((1u64 << b) - 1)).count_ones();
+        let mut alive = n0.holders.len() as u32;
+        let mut node = c0;
+        let mut pos = 0usize;
+        let mut at = 0u32;
+        loop {
+            let cn = &self.nodes[node as usize];
+            let n = common_prefix(&cn.keys, &keys[pos..]);
+            self.touch(node);
+            if node != c0 {
+                let words: &[u64] = if cn.bits.words.is_empty() && !cn.holders.is_empty() {
+                    // Sparse holder ids: the node's holders inside the candidates' span.
+                    tmp.clear();
+                    tmp.resize(nw, 0);
+                    for h in &cn.holders {
+                        let g = (h.worker / 64).wrapping_sub(base) as usize;
+                        if g < nw {
+                            tmp[g] |= 1 << (h.worker % 64);
+                        }
+                    }
+                    tmp
+                } else {
+                    &[]
+                };
+                let mut left = 0u32;
+                for i in 0..nw {
+                    let have =
+                        if words.is_empty() { cn.bits.word(base + i as u32) } else { words[i] };
+                    let l = live[i];
+                    let mut gone = l & !have;
+                    while gone != 0 {
+                        let b = gone.trailing_zeros();
+                        dropped[rank_of(i, b) as usize] = at;
+                        gone &= gone - 1;
+                    }
+                    live[i] = l & have;
+                    left += live[i].count_ones();
+                }
+                alive = left;
+                if alive == 0 {
+                    break;
+                }
+            }
+            if cn.mixed {
+                for h in cn.holders.iter().filter(|h| h.refs[0] == 0) {
+                    let g = (h.worker / 64).wrapping_sub(base) as usize;
+                    let b = h.worker % 64;
+                    if g < nw && live[g] >> b & 1 == 1 {
+                        fix.push((rank_of(g, b), h.best_tier() as u32, n as u32));
+                    }
+                }
+            }
+            at += n as u32;
+            pos += n;
+            if pos == keys.len() || n < cn.keys.len() {
+                break;
+            }
+            if opts.early_exit && alive <= 1 {
+                *truncated = true;
+                break;
+            }
+            let Some(c) = cn.children.get(keys[pos]) else {
+                break;
+            };
+            node = c;
+        }
+        entries.reserve(n0.holders.len());
+        entries.extend(n0.holders.iter().zip(dropped.iter()).map(|(h, &d)| {
+            let blocks = if d == 0 { at } else { d };
+            Overlap { worker: WorkerId(h.worker), blocks, by_tier: [blocks, 0, 0] }
+        }));
+        for &(r, t, n) in fix.iter() {
+            let e = &mut entries[r as usize];
+            e.by_tier[0] -= n;
+            e.by_tier[t as usize] += n;
+        }
+    }
+
+    /// [`find_matches`](Self::find_matches) by intersecting sorted holder lists (holder
+    /// ids too sparse for a bitset).
+    fn find_matches_list(&self, keys: &[u64], opts: MatchOptions, out: &mut Matches) {
         // (no tick bump: reads share the tick of the last mutation)
         let mut node = ROOT;
         let mut pos = 0usize;
@@ -921,6 +1175,7 @@ impl PrefixIndex {
         for n in &self.nodes {
             heap += n.keys.capacity() * 8
                 + n.holders.capacity() * std::mem::size_of::<Holder>()
+                + n.bits.words.len() * 8
                 + n.children.heap_bytes();
             if n.live {
                 nodes += 1;
@@ -942,6 +1197,7 @@ impl PrefixIndex {
             orphan_stores: self.orphan_stores,
             unknown_removals: self.unknown_removals,
             evictions: self.evictions,
+            ref_overflows: self.ref_overflows,
         }
     }
 
@@ -967,6 +1223,11 @@ impl PrefixIndex {
                 blocks[h.worker as usize] += n.keys.len() as u64;
             }
             n.holders.sort_unstable_by_key(|h| h.worker);
+        }
+        for n in 1..self.nodes.len() as u32 {
+            if self.nodes[n as usize].live {
+                self.refresh(n);
+            }
         }
         self.worker_blocks = blocks;
         let old = std::mem::take(&mut self.engine_maps);
@@ -1012,7 +1273,7 @@ impl PrefixIndex {
         let mut evicted_keys: KeyMap<hashbrown::HashSet<u64, BuildHasherDefault<KeyHasher>>> =
             KeyMap::default();
         while self.holder_blocks > target {
-            let mut leaves: Vec<(u32, u32)> = self
+            let mut leaves: Vec<(u64, u32)> = self
                 .nodes
                 .iter()
                 .enumerate()
@@ -1034,6 +1295,7 @@ impl PrefixIndex {
                 }
                 let len = node.keys.len() as u64;
                 let holders = std::mem::take(&mut node.holders);
+                self.refresh(id);
                 for h in &holders {
                     self.worker_blocks[h.worker as usize] -= len;
                     if self.engine_maps.get(h.worker as usize).is_some_and(|m| !m.is_empty()) {
@@ -1094,7 +1356,40 @@ impl PrefixIndex {
         self.orphans_by_parent.entry(parent).or_default().push(first);
     }
 
+    /// Links `child` (whose keys and holders are set) under `parent`.
     pub(super) fn attach_child(&mut self, parent: u32, first: u64, child: u32) {
+        self.refresh(child);
         self.nodes[parent as usize].children.insert(first, child);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Tier, WorkerId};
+
+    fn chain(c: u64) -> Vec<u64> {
+        (0..100).map(|p| crate::rng::splitmix64((c << 32) | p)).collect()
+    }
+
+    /// The LRU clock must order stores correctly across 2^32 stores: eviction takes the
+    /// oldest leaves first even when the clock passes `u32::MAX` between two stores.
+    #[test]
+    fn eviction_order_survives_the_clock_passing_u32_max() {
+        let mut idx = PrefixIndex::new(IndexConfig { max_holder_blocks: Some(1000) });
+        // As if 2^32 - 5 stores had already happened.
+        idx.tick.store((u32::MAX - 5) as _, Ordering::Relaxed);
+        for c in 0..10u64 {
+            idx.store(WorkerId(c as u32), Tier::Gpu, None, &chain(c)).unwrap();
+        }
+        assert_eq!(idx.stats().evictions, 0);
+        // The 11th chain takes the index over the cap: the oldest chains must go.
+        idx.store(WorkerId(10), Tier::Gpu, None, &chain(10)).unwrap();
+        let mut m = Matches::new();
+        for c in 0..=10u64 {
+            idx.find_matches(&chain(c), MatchOptions::default(), &mut m);
+            let want = if c < 2 { 0 } else { 100 };
+            assert_eq!(m.max_blocks(), want, "chain {c} (stored {c}th)");
+        }
     }
 }
