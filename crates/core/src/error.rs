@@ -66,45 +66,133 @@ pub enum Error {
     Internal(String),
 }
 
+/// One kind of [`Error`]: the table that the C ABI's result codes and the Python exception
+/// classes are derived from (and checked against), so the three never disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorKind {
+    /// The stable numeric code ([`Error::code`]); `0` is reserved for success.
+    pub code: u32,
+    /// The short, stable name ([`Error::kind_name`]): `"config"`, `"decode"`, ...
+    pub name: &'static str,
+    /// A few words, as the error's message starts (`"invalid configuration"`).
+    pub title: &'static str,
+    /// One sentence saying when the error happens.
+    pub description: &'static str,
+}
+
+/// Every error kind, in code order (`ERROR_KINDS[i].code == i + 1`).
+pub const ERROR_KINDS: [ErrorKind; 13] = [
+    ErrorKind {
+        code: 1,
+        name: "config",
+        title: "invalid configuration",
+        description: "A configuration is invalid (unknown scorer, zero block size, bad JSON, ...).",
+    },
+    ErrorKind {
+        code: 2,
+        name: "invalid_input",
+        title: "invalid input",
+        description: "An argument is out of range or malformed (negative token id, id >= 2**32, empty worker name, ...).",
+    },
+    ErrorKind {
+        code: 3,
+        name: "unknown_worker",
+        title: "unknown worker",
+        description: "The named worker is not known to the router.",
+    },
+    ErrorKind {
+        code: 4,
+        name: "worker_exists",
+        title: "worker already exists",
+        description: "A worker with this name and rank is already registered.",
+    },
+    ErrorKind {
+        code: 5,
+        name: "block_size_mismatch",
+        title: "block size mismatch",
+        description: "An event announced blocks of another size than the router's block size.",
+    },
+    ErrorKind {
+        code: 6,
+        name: "decode",
+        title: "decode error",
+        description: "A payload could not be decoded (malformed msgpack, truncated input, wrong types).",
+    },
+    ErrorKind {
+        code: 7,
+        name: "missing_seed",
+        title: "missing hash seed",
+        description: "An xxhash scheme was selected without an explicit hash seed (PYTHONHASHSEED).",
+    },
+    ErrorKind {
+        code: 8,
+        name: "snapshot",
+        title: "snapshot error",
+        description: "A snapshot is malformed, truncated, or of an unsupported version.",
+    },
+    ErrorKind {
+        code: 9,
+        name: "sequence_gap",
+        title: "sequence gap",
+        description: "Sequence numbers of an event stream skipped ahead.",
+    },
+    ErrorKind {
+        code: 10,
+        name: "hash_mismatch",
+        title: "hash mismatch",
+        description: "The engine's block hashes disagree with the router's own (check hash algorithm, PYTHONHASHSEED, block size).",
+    },
+    ErrorKind {
+        code: 11,
+        name: "no_workers",
+        title: "no worker available",
+        description: "No worker is available to take the request (none registered, or all filtered out).",
+    },
+    ErrorKind {
+        code: 12,
+        name: "io",
+        title: "i/o error",
+        description: "An I/O or transport error.",
+    },
+    ErrorKind {
+        code: 13,
+        name: "internal",
+        title: "internal error",
+        description: "A bug inside kvroute.",
+    },
+];
+
 impl Error {
+    /// The kind of this error: its entry of [`ERROR_KINDS`].
+    pub fn kind(&self) -> &'static ErrorKind {
+        let index = match self {
+            Error::Config(_) => 0,
+            Error::InvalidInput(_) => 1,
+            Error::UnknownWorker(_) => 2,
+            Error::WorkerExists(_) => 3,
+            Error::BlockSizeMismatch { .. } => 4,
+            Error::Decode(_) => 5,
+            Error::MissingSeed(_) => 6,
+            Error::Snapshot(_) => 7,
+            Error::SequenceGap { .. } => 8,
+            Error::HashMismatch(_) => 9,
+            Error::NoWorkers(_) => 10,
+            Error::Io(_) => 11,
+            Error::Internal(_) => 12,
+        };
+        &ERROR_KINDS[index]
+    }
+
     /// The stable numeric code of this error, as returned through the C ABI.
     ///
     /// `0` is reserved for success. These numbers never change meaning.
     pub fn code(&self) -> u32 {
-        match self {
-            Error::Config(_) => 1,
-            Error::InvalidInput(_) => 2,
-            Error::UnknownWorker(_) => 3,
-            Error::WorkerExists(_) => 4,
-            Error::BlockSizeMismatch { .. } => 5,
-            Error::Decode(_) => 6,
-            Error::MissingSeed(_) => 7,
-            Error::Snapshot(_) => 8,
-            Error::SequenceGap { .. } => 9,
-            Error::HashMismatch(_) => 10,
-            Error::NoWorkers(_) => 11,
-            Error::Io(_) => 12,
-            Error::Internal(_) => 13,
-        }
+        self.kind().code
     }
 
     /// A short, stable name of the error kind (`"config"`, `"decode"`, ...).
     pub fn kind_name(&self) -> &'static str {
-        match self {
-            Error::Config(_) => "config",
-            Error::InvalidInput(_) => "invalid_input",
-            Error::UnknownWorker(_) => "unknown_worker",
-            Error::WorkerExists(_) => "worker_exists",
-            Error::BlockSizeMismatch { .. } => "block_size_mismatch",
-            Error::Decode(_) => "decode",
-            Error::MissingSeed(_) => "missing_seed",
-            Error::Snapshot(_) => "snapshot",
-            Error::SequenceGap { .. } => "sequence_gap",
-            Error::HashMismatch(_) => "hash_mismatch",
-            Error::NoWorkers(_) => "no_workers",
-            Error::Io(_) => "io",
-            Error::Internal(_) => "internal",
-        }
+        self.kind().name
     }
 
     /// Builds a [`Error::Decode`] from anything printable.
@@ -129,6 +217,7 @@ mod tests {
 
     #[test]
     fn codes_are_distinct_and_nonzero() {
+        let s = String::new;
         let all = [
             Error::Config(String::new()),
             Error::InvalidInput(String::new()),
@@ -149,6 +238,18 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), all.len());
+        // The table covers every variant, in code order, and each title starts its message.
+        assert_eq!(ERROR_KINDS.len(), all.len());
+        for (i, k) in ERROR_KINDS.iter().enumerate() {
+            assert_eq!(k.code as usize, i + 1);
+        }
+        for e in &all {
+            assert!(e.to_string().starts_with(e.kind().title), "{e}");
+        }
+        // Codes never change meaning (pinned, not derived).
+        assert_eq!(Error::Config(s()).code(), 1);
+        assert_eq!(Error::HashMismatch(s()).code(), 10);
+        assert_eq!(Error::Internal(s()).code(), 13);
         assert_eq!(
             Error::BlockSizeMismatch { router: 16, event: 32 }.to_string(),
             "block size mismatch: router uses 16 tokens per block, event has 32"

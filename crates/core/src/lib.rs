@@ -23,5 +23,5 @@ pub mod router;
 pub mod score;
 pub mod types;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result, ERROR_KINDS};
 pub use types::{BlockKey, Tier, WorkerId, WorkerKey};

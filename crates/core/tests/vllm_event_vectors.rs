@@ -865,3 +865,71 @@ fn mutated_vector_payloads_never_panic_and_reencode_stably() {
     // Both paths were exercised.
     assert!(ok > 100 && err > 100, "ok {ok}, err {err}");
 }
+
+#[test]
+fn skipped_token_ids_of_every_encoding_agree_with_decoding_them() {
+    // Token arrays mixing every integer encoding in runs of varying length (the skipper
+    // steps over runs of one encoding at a stride), plus encodings only the slow path
+    // takes (u64, signed) and invalid ones; every truncation too.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let encodings: [&dyn Fn(u64) -> Vec<u8>; 8] = [
+        &|r| vec![(r % 128) as u8],                                 // fixint
+        &|r| vec![0xcc, (r % 256) as u8],                           // u8
+        &|r| vec![0xcd, (r >> 8) as u8, r as u8],                   // u16
+        &|r| [&[0xce][..], &(r as u32).to_be_bytes()[..]].concat(), // u32
+        &|r| [&[0xcf][..], &(r % 1000).to_be_bytes()[..]].concat(), // u64, small value
+        &|r| vec![0xd0, (r % 100) as u8],                           // i8, non-negative
+        &|r| vec![0xe0 | (r % 32) as u8],                           // negative fixint: error
+        &|_| vec![0xc1],                                            // reserved: error
+    ];
+    for case in 0..300 {
+        let n = (next() % 40) as u32;
+        let mut body = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let pick = next();
+            // Mostly valid encodings; an invalid one in about one case of ten.
+            let e = if case % 10 == 0 { pick % 8 } else { pick % 6 } as usize;
+            let run = 1 + next() % 6;
+            for _ in 0..run.min(u64::from(n - i)) {
+                body.extend(encodings[e](next()));
+                i += 1;
+            }
+        }
+        let p = batch_head(1)
+            .map(4)
+            .s("type")
+            .s("BlockStored")
+            .s("block_hashes")
+            .arr(0)
+            .s("block_size")
+            .u(1)
+            .s("token_ids")
+            .arr(n)
+            .raw(&body)
+            .nil()
+            .0;
+        for len in [p.len()].into_iter().chain(0..p.len()) {
+            let full = decode(&p[..len]);
+            let skip = decode_with(&p[..len], DecodeOptions { token_ids: TokenIds::Skip });
+            match (&full, &skip) {
+                (Ok(f), Ok(s)) => {
+                    let (KvEvent::BlockStored(f), KvEvent::BlockStored(s)) =
+                        (&f.events[0], &s.events[0])
+                    else {
+                        panic!("not a BlockStored")
+                    };
+                    assert_eq!((f.token_ids.len(), s.tokens_skipped), (n as usize, n as usize));
+                }
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "case {case}"),
+                _ => panic!("case {case}, {len} bytes: {full:?} vs {skip:?}"),
+            }
+        }
+    }
+}

@@ -82,7 +82,8 @@ enum kvroute_result
    */
   KVROUTE_RESULT_SNAPSHOT = 8,
   /**
-   * An event stream skipped sequence numbers.
+   * An event stream skipped sequence numbers. Not returned by this API (the numbers are
+   * shared with `kvroute::Error::code()`).
    */
   KVROUTE_RESULT_SEQUENCE_GAP = 9,
   /**
@@ -94,11 +95,11 @@ enum kvroute_result
    */
   KVROUTE_RESULT_NO_WORKERS = 11,
   /**
-   * An I/O or transport error.
+   * An I/O or transport error. Not returned by this API (the library does no I/O).
    */
   KVROUTE_RESULT_IO = 12,
   /**
-   * A bug inside kvroute.
+   * A bug inside kvroute: an internal invariant failed. Not reachable without a bug.
    */
   KVROUTE_RESULT_INTERNAL = 13,
   /**
@@ -114,7 +115,8 @@ enum kvroute_result
    */
   KVROUTE_RESULT_BUFFER_TOO_SMALL = 102,
   /**
-   * kvroute panicked (a bug); the call had no effect that can be relied on.
+   * kvroute panicked (a bug); the call had no effect that can be relied on. Not
+   * reachable without a bug.
    */
   KVROUTE_RESULT_PANIC = 103,
 };
@@ -369,6 +371,24 @@ kvroute_result kvroute_router_route(const struct kvroute_router *router,
                                     struct kvroute_decision **decision_out);
 
 /**
+ * [`kvroute_router_route`] at an explicit time: `now_ms` (milliseconds on the caller's
+ * clock, e.g. since the Unix epoch) instead of the wall clock, for session time-to-live
+ * and request ages. Use one clock for every call on a router. Thread-safe.
+ *
+ * # Safety
+ * As for [`kvroute_router_route`].
+ */
+kvroute_result kvroute_router_route_at(const struct kvroute_router *router,
+                                       const uint32_t *tokens,
+                                       size_t tokens_len,
+                                       const char *session,
+                                       const char *lora,
+                                       const char *cache_salt,
+                                       uint64_t now_ms,
+                                       struct kvroute_decision_info *info_out,
+                                       struct kvroute_decision **decision_out);
+
+/**
  * Applies a vLLM `KVEventBatch` (the raw msgpack payload of one ZeroMQ message) for the
  * worker named `worker` (the data-parallel rank comes from the batch). On error nothing
  * is applied. `report_out` may be NULL. Thread-safe.
@@ -382,6 +402,24 @@ kvroute_result kvroute_router_apply_vllm_batch(const struct kvroute_router *rout
                                                const uint8_t *payload,
                                                size_t payload_len,
                                                struct kvroute_apply_report *report_out);
+
+/**
+ * [`kvroute_router_apply_vllm_batch`] for a batch read from a publisher's stream: also
+ * records `seq` as the last sequence number applied from `publisher` (for example the
+ * ZeroMQ endpoint), atomically with the batch, even when the batch is rejected (a replay
+ * would bring the same batch). Snapshots carry these positions;
+ * [`kvroute_router_restore_positions`] returns them. Thread-safe.
+ *
+ * # Safety
+ * As for [`kvroute_router_apply_vllm_batch`]; `publisher` NUL-terminated.
+ */
+kvroute_result kvroute_router_apply_vllm_batch_from(const struct kvroute_router *router,
+                                                    const char *worker,
+                                                    const uint8_t *payload,
+                                                    size_t payload_len,
+                                                    const char *publisher,
+                                                    uint64_t seq,
+                                                    struct kvroute_apply_report *report_out);
 
 /**
  * The request of `decision` was sent to its worker (tracks load; in approximate and
@@ -507,6 +545,22 @@ kvroute_result kvroute_router_snapshot(const struct kvroute_router *router,
 kvroute_result kvroute_router_restore(const struct kvroute_router *router,
                                       const uint8_t *data,
                                       size_t len);
+
+/**
+ * [`kvroute_router_restore`], also returning the stream positions the snapshot recorded:
+ * on success `*positions_json_out` owns a JSON object `{"<publisher>": <last seq>, ...}`
+ * (empty `{}` when none) that the caller frees with [`kvroute_string_free`]; subscribe
+ * to each publisher from one past its seq to replay only what the snapshot lacks. On
+ * error nothing changes and nothing is written. Thread-safe.
+ *
+ * # Safety
+ * `router` live; `data` valid for `len` reads (NULL allowed when 0); `positions_json_out`
+ * valid for a write.
+ */
+kvroute_result kvroute_router_restore_positions(const struct kvroute_router *router,
+                                                const uint8_t *data,
+                                                size_t len,
+                                                char **positions_json_out);
 
 /**
  * Every counter and gauge as a JSON object (`routes`, `prompt_tokens`, `index`,

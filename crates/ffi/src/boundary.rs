@@ -294,3 +294,25 @@ pub(crate) unsafe fn free_bytes(ptr: *mut u8, len: usize) {
         drop(unsafe { Box::from_raw(slice) });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_the_panic_result_with_its_message() {
+        let rc = guard("kvroute_test", || panic!("deliberate test panic"));
+        assert_eq!(rc, kvroute_result::Panic);
+        assert!(last_error().contains("deliberate test panic"), "{}", last_error());
+        // A successful call clears the message.
+        assert_eq!(guard("kvroute_test", || Ok(())), kvroute_result::Ok);
+        assert_eq!(last_error(), "");
+    }
+
+    #[test]
+    fn core_errors_pass_their_code_through() {
+        let rc = guard("kvroute_test", || Err(Error::Internal("invariant".into()).into()));
+        assert_eq!(rc, kvroute_result::Internal);
+        assert!(last_error().contains("invariant"));
+    }
+}

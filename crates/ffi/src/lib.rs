@@ -66,15 +66,16 @@ pub enum kvroute_result {
     MissingSeed = 7,
     /// A snapshot is malformed, truncated or of an unsupported version.
     Snapshot = 8,
-    /// An event stream skipped sequence numbers.
+    /// An event stream skipped sequence numbers. Not returned by this API (the numbers are
+    /// shared with `kvroute::Error::code()`).
     SequenceGap = 9,
     /// The engine's block hashes disagree with the router's.
     HashMismatch = 10,
     /// No worker is available for the request.
     NoWorkers = 11,
-    /// An I/O or transport error.
+    /// An I/O or transport error. Not returned by this API (the library does no I/O).
     Io = 12,
-    /// A bug inside kvroute.
+    /// A bug inside kvroute: an internal invariant failed. Not reachable without a bug.
     Internal = 13,
     /// A required pointer argument was NULL.
     NullPointer = 100,
@@ -82,7 +83,8 @@ pub enum kvroute_result {
     InvalidUtf8 = 101,
     /// A caller buffer was too small; the length out-parameter holds the size needed.
     BufferTooSmall = 102,
-    /// kvroute panicked (a bug); the call had no effect that can be relied on.
+    /// kvroute panicked (a bug); the call had no effect that can be relied on. Not
+    /// reachable without a bug.
     Panic = 103,
 }
 
@@ -110,11 +112,8 @@ impl kvroute_result {
 
     /// The result for a core error: the same number as `Error::code()`.
     fn from_core(e: &Error) -> kvroute_result {
-        let code = e.code();
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|r| *r as u32 == code && (1..100).contains(&code))
+        Self::from_u32(e.code())
+            .filter(|r| (1..100).contains(&(*r as u32)))
             .unwrap_or(kvroute_result::Internal)
     }
 
@@ -122,26 +121,24 @@ impl kvroute_result {
         Self::ALL.iter().copied().find(|r| *r as u32 == code)
     }
 
+    /// The description: for the core codes, the title of `kvroute::ERROR_KINDS` (the one
+    /// table of error kinds); for the boundary's own codes, written here.
     fn as_cstr(self) -> &'static std::ffi::CStr {
+        static CORE_TITLES: std::sync::OnceLock<Vec<CString>> = std::sync::OnceLock::new();
+        let code = self as u32;
         match self {
             kvroute_result::Ok => c"ok",
-            kvroute_result::Config => c"invalid configuration",
-            kvroute_result::InvalidInput => c"invalid input",
-            kvroute_result::UnknownWorker => c"unknown worker",
-            kvroute_result::WorkerExists => c"worker already exists",
-            kvroute_result::BlockSizeMismatch => c"block size mismatch",
-            kvroute_result::Decode => c"decode error",
-            kvroute_result::MissingSeed => c"missing hash seed",
-            kvroute_result::Snapshot => c"snapshot error",
-            kvroute_result::SequenceGap => c"sequence gap",
-            kvroute_result::HashMismatch => c"hash mismatch",
-            kvroute_result::NoWorkers => c"no worker available",
-            kvroute_result::Io => c"i/o error",
-            kvroute_result::Internal => c"internal error",
             kvroute_result::NullPointer => c"null pointer",
             kvroute_result::InvalidUtf8 => c"invalid UTF-8",
             kvroute_result::BufferTooSmall => c"buffer too small",
             kvroute_result::Panic => c"panic",
+            _ => {
+                let titles = CORE_TITLES.get_or_init(|| {
+                    kvroute_core::ERROR_KINDS.iter().map(|k| c_name(k.title)).collect()
+                });
+                let index = (code as usize).wrapping_sub(1);
+                titles.get(index).map_or(c"unknown result code", |t| t.as_c_str())
+            }
         }
     }
 }
@@ -444,22 +441,91 @@ pub unsafe extern "C" fn kvroute_router_route(
     decision_out: *mut *mut kvroute_decision,
 ) -> kvroute_result {
     guard("kvroute_router_route", || {
-        // SAFETY (all blocks below): forwarded contract, checked by the boundary helpers.
-        let r = unsafe { try_ref(router, "router") }?;
-        let tokens = unsafe { try_slice(tokens, tokens_len, "tokens") }?;
-        let session = unsafe { opt_str(session, "session") }?;
-        let lora = unsafe { opt_str(lora, "lora") }?;
-        let salt = unsafe { opt_str(cache_salt, "cache_salt") }?;
-        check_out(info_out, "info_out")?;
-        let extras = RequestExtras::from_lora_and_salt(lora, None, salt)?;
-        let req = Request { tokens, session, lora, extras: extras.as_ref(), now_ms: None };
-        let decision = kvroute_decision::new(r.inner.route(&req)?);
-        unsafe { write_out(info_out, decision.info(), "info_out") }?;
-        if !decision_out.is_null() {
-            unsafe { write_out(decision_out, into_handle(decision), "decision_out") }?;
+        // SAFETY: forwarded contract.
+        unsafe {
+            route_impl(
+                router,
+                tokens,
+                tokens_len,
+                session,
+                lora,
+                cache_salt,
+                None,
+                info_out,
+                decision_out,
+            )
         }
-        Ok(())
     })
+}
+
+/// [`kvroute_router_route`] at an explicit time: `now_ms` (milliseconds on the caller's
+/// clock, e.g. since the Unix epoch) instead of the wall clock, for session time-to-live
+/// and request ages. Use one clock for every call on a router. Thread-safe.
+///
+/// # Safety
+/// As for [`kvroute_router_route`].
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvroute_router_route_at(
+    router: *const kvroute_router,
+    tokens: *const u32,
+    tokens_len: usize,
+    session: *const c_char,
+    lora: *const c_char,
+    cache_salt: *const c_char,
+    now_ms: u64,
+    info_out: *mut kvroute_decision_info,
+    decision_out: *mut *mut kvroute_decision,
+) -> kvroute_result {
+    guard("kvroute_router_route_at", || {
+        // SAFETY: forwarded contract.
+        unsafe {
+            route_impl(
+                router,
+                tokens,
+                tokens_len,
+                session,
+                lora,
+                cache_salt,
+                Some(now_ms),
+                info_out,
+                decision_out,
+            )
+        }
+    })
+}
+
+/// The body of [`kvroute_router_route`] and [`kvroute_router_route_at`].
+///
+/// # Safety
+/// As for [`kvroute_router_route`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn route_impl(
+    router: *const kvroute_router,
+    tokens: *const u32,
+    tokens_len: usize,
+    session: *const c_char,
+    lora: *const c_char,
+    cache_salt: *const c_char,
+    now_ms: Option<u64>,
+    info_out: *mut kvroute_decision_info,
+    decision_out: *mut *mut kvroute_decision,
+) -> Result<(), FfiError> {
+    // SAFETY (all blocks below): forwarded contract, checked by the boundary helpers.
+    let r = unsafe { try_ref(router, "router") }?;
+    let tokens = unsafe { try_slice(tokens, tokens_len, "tokens") }?;
+    let session = unsafe { opt_str(session, "session") }?;
+    let lora = unsafe { opt_str(lora, "lora") }?;
+    let salt = unsafe { opt_str(cache_salt, "cache_salt") }?;
+    check_out(info_out, "info_out")?;
+    let extras = RequestExtras::from_lora_and_salt(lora, None, salt)?;
+    let req = Request { tokens, session, lora, extras: extras.as_ref(), now_ms };
+    let decision = kvroute_decision::new(r.inner.route(&req)?);
+    unsafe { write_out(info_out, decision.info(), "info_out") }?;
+    if !decision_out.is_null() {
+        unsafe { write_out(decision_out, into_handle(decision), "decision_out") }?;
+    }
+    Ok(())
 }
 
 /// Applies a vLLM `KVEventBatch` (the raw msgpack payload of one ZeroMQ message) for the
@@ -483,6 +549,38 @@ pub unsafe extern "C" fn kvroute_router_apply_vllm_batch(
         let worker = unsafe { try_str(worker, "worker") }?;
         let payload = unsafe { try_slice(payload, payload_len, "payload") }?;
         let report = r.inner.apply_vllm_batch(worker, payload)?;
+        if !report_out.is_null() {
+            unsafe { write_out(report_out, report.into(), "report_out") }?;
+        }
+        Ok(())
+    })
+}
+
+/// [`kvroute_router_apply_vllm_batch`] for a batch read from a publisher's stream: also
+/// records `seq` as the last sequence number applied from `publisher` (for example the
+/// ZeroMQ endpoint), atomically with the batch, even when the batch is rejected (a replay
+/// would bring the same batch). Snapshots carry these positions;
+/// [`kvroute_router_restore_positions`] returns them. Thread-safe.
+///
+/// # Safety
+/// As for [`kvroute_router_apply_vllm_batch`]; `publisher` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn kvroute_router_apply_vllm_batch_from(
+    router: *const kvroute_router,
+    worker: *const c_char,
+    payload: *const u8,
+    payload_len: usize,
+    publisher: *const c_char,
+    seq: u64,
+    report_out: *mut kvroute_apply_report,
+) -> kvroute_result {
+    guard("kvroute_router_apply_vllm_batch_from", || {
+        // SAFETY (all blocks below): forwarded contract.
+        let r = unsafe { try_ref(router, "router") }?;
+        let worker = unsafe { try_str(worker, "worker") }?;
+        let payload = unsafe { try_slice(payload, payload_len, "payload") }?;
+        let publisher = unsafe { try_str(publisher, "publisher") }?;
+        let report = r.inner.apply_vllm_batch_from(worker, payload, publisher, seq)?;
         if !report_out.is_null() {
             unsafe { write_out(report_out, report.into(), "report_out") }?;
         }
@@ -740,6 +838,35 @@ pub unsafe extern "C" fn kvroute_router_restore(
         let bytes = unsafe { try_slice(data, len, "data") }?;
         r.inner.restore(bytes)?;
         Ok(())
+    })
+}
+
+/// [`kvroute_router_restore`], also returning the stream positions the snapshot recorded:
+/// on success `*positions_json_out` owns a JSON object `{"<publisher>": <last seq>, ...}`
+/// (empty `{}` when none) that the caller frees with [`kvroute_string_free`]; subscribe
+/// to each publisher from one past its seq to replay only what the snapshot lacks. On
+/// error nothing changes and nothing is written. Thread-safe.
+///
+/// # Safety
+/// `router` live; `data` valid for `len` reads (NULL allowed when 0); `positions_json_out`
+/// valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn kvroute_router_restore_positions(
+    router: *const kvroute_router,
+    data: *const u8,
+    len: usize,
+    positions_json_out: *mut *mut c_char,
+) -> kvroute_result {
+    guard("kvroute_router_restore_positions", || {
+        // SAFETY (all blocks below): forwarded contract.
+        let r = unsafe { try_ref(router, "router") }?;
+        let bytes = unsafe { try_slice(data, len, "data") }?;
+        check_out(positions_json_out, "positions_json_out")?;
+        let positions = r.inner.restore(bytes)?;
+        let json = serde_json::to_string(&positions)
+            .map_err(|e| FfiError::from(Error::Internal(e.to_string())))?;
+        let ptr = owned_c_string(json)?;
+        unsafe { write_out(positions_json_out, ptr, "positions_json_out") }
     })
 }
 

@@ -587,6 +587,193 @@ static void test_threads(void) {
   kvroute_router_free(r);
 }
 
+
+/* ----- explicit time, stream positions, result codes ------------------------------------ */
+
+/* The "session" score of the chosen candidate of a decision. */
+static double chosen_session_score(const kvroute_decision *d, const kvroute_decision_info *info) {
+  for (size_t i = 0; i < info->num_candidates; i++) {
+    kvroute_candidate c;
+    if (kvroute_decision_candidate(d, i, &c) != KVROUTE_RESULT_OK) return NAN;
+    if (strcmp(c.worker, info->worker) != 0 || c.dp_rank != info->dp_rank) continue;
+    for (size_t j = 0; j < c.num_scores; j++) {
+      const char *name = NULL;
+      double v = NAN;
+      if (kvroute_decision_score(d, i, j, &name, &v) != KVROUTE_RESULT_OK) return NAN;
+      if (strcmp(name, "session") == 0) return v;
+    }
+  }
+  return NAN;
+}
+
+static void route_at(kvroute_router *r, const char *session, uint64_t now_ms, char *worker_out,
+                     double *session_score) {
+  uint32_t t[32];
+  iota(t, 32);
+  kvroute_decision_info info;
+  kvroute_decision *d = NULL;
+  CHECK_RC(kvroute_router_route_at(r, t, 32, session, NULL, NULL, now_ms, &info, &d),
+           KVROUTE_RESULT_OK);
+  if (d == NULL) return;
+  strcpy(worker_out, info.worker);
+  *session_score = chosen_session_score(d, &info);
+  CHECK_RC(kvroute_router_on_routed(r, d), KVROUTE_RESULT_OK);
+  CHECK_RC(kvroute_router_on_finished(r, info.request_id), KVROUTE_RESULT_OK);
+  kvroute_decision_free(d);
+}
+
+static void test_route_at_session_ttl(void) {
+  /* A 1 s session TTL, on the caller's clock: no sleeping. */
+  kvroute_router *r = new_router("{\"profile\": \"session-affinity\", \"session_ttl_s\": 1, "
+                                 "\"workers\": [{\"name\": \"pod-a\"}, {\"name\": \"pod-b\"}, "
+                                 "{\"name\": \"pod-c\"}]}");
+  char first[256] = "", again[256] = "", later[256] = "";
+  double s0 = NAN, s1 = NAN, s2 = NAN;
+  route_at(r, "10.0.0.1", 1000000, first, &s0);
+  CHECK(s0 == 0.0); /* a new session */
+  route_at(r, "10.0.0.1", 1000900, again, &s1);
+  CHECK(s1 == 1.0 && strcmp(again, first) == 0); /* 0.9 s later: sticky */
+  route_at(r, "10.0.0.1", 1001950, later, &s2);
+  CHECK(s2 == 0.0); /* 1.05 s after the last route: expired */
+  /* The same calls without an explicit time use the wall clock: the session recorded at
+   * t = 1,000,900 ms (1970) is long expired there. */
+  uint32_t t[32];
+  iota(t, 32);
+  kvroute_decision_info info;
+  kvroute_decision *d = NULL;
+  CHECK_RC(kvroute_router_route(r, t, 32, "10.0.0.2", NULL, NULL, &info, &d), KVROUTE_RESULT_OK);
+  CHECK(chosen_session_score(d, &info) == 0.0);
+  kvroute_decision_free(d);
+  CHECK_RC(kvroute_router_route_at(NULL, t, 32, NULL, NULL, NULL, 0, &info, NULL),
+           KVROUTE_RESULT_NULL_POINTER);
+  CHECK_RC(kvroute_router_route_at(r, t, 32, NULL, NULL, NULL, 0, NULL, NULL),
+           KVROUTE_RESULT_NULL_POINTER);
+  kvroute_router_free(r);
+}
+
+static void test_restore_positions(void) {
+  const char *cfg = "{\"hash_algo\": \"sha256\", \"profile\": \"prefix\", \"workers\": "
+                    "[{\"name\": \"pod-a\"}, {\"name\": \"pod-b\"}]}";
+  kvroute_router *r = new_router(cfg);
+  const batch *b0 = &g_batches[0];
+  CHECK_RC(kvroute_router_apply_vllm_batch_from(r, "pod-a", b0->bytes, b0->len,
+                                                "tcp://10.0.0.1:5557", 41, NULL),
+           KVROUTE_RESULT_OK);
+  /* A rejected batch still moves its stream's position. */
+  const uint8_t junk[] = {0x93, 0xff};
+  CHECK_RC(kvroute_router_apply_vllm_batch_from(r, "pod-b", junk, sizeof junk,
+                                                "tcp://10.0.0.2:5557", 7, NULL),
+           KVROUTE_RESULT_DECODE);
+  CHECK_RC(kvroute_router_apply_vllm_batch_from(r, "pod-a", b0->bytes, b0->len, NULL, 1, NULL),
+           KVROUTE_RESULT_NULL_POINTER);
+  uint8_t *snap = NULL;
+  size_t snap_len = 0;
+  CHECK_RC(kvroute_router_snapshot(r, &snap, &snap_len), KVROUTE_RESULT_OK);
+
+  kvroute_router *r2 = new_router(cfg);
+  char *json = NULL;
+  CHECK_RC(kvroute_router_restore_positions(r2, snap, snap_len, &json), KVROUTE_RESULT_OK);
+  CHECK(json != NULL && strcmp(json, "{\"tcp://10.0.0.1:5557\":41,\"tcp://10.0.0.2:5557\":7}") == 0);
+  if (json) printf("restored positions: %s\n", json);
+  kvroute_string_free(json);
+  CHECK(holder_blocks(r2) == 6);
+  /* Errors write nothing and change nothing. */
+  json = NULL;
+  snap[snap_len / 2] ^= 0x5a;
+  kvroute_result rc = kvroute_router_restore_positions(r2, snap, snap_len, &json);
+  CHECK(rc == KVROUTE_RESULT_SNAPSHOT || rc == KVROUTE_RESULT_OK);
+  if (rc != KVROUTE_RESULT_OK) CHECK(json == NULL);
+  kvroute_string_free(json);
+  json = NULL;
+  CHECK_RC(kvroute_router_restore_positions(r2, snap, 3, &json), KVROUTE_RESULT_SNAPSHOT);
+  CHECK(json == NULL);
+  CHECK_RC(kvroute_router_restore_positions(r2, snap, snap_len, NULL), KVROUTE_RESULT_NULL_POINTER);
+  /* A snapshot without positions gives an empty object. */
+  kvroute_router *empty = new_router(cfg);
+  uint8_t *snap2 = NULL;
+  size_t snap2_len = 0;
+  CHECK_RC(kvroute_router_snapshot(empty, &snap2, &snap2_len), KVROUTE_RESULT_OK);
+  CHECK_RC(kvroute_router_restore_positions(r2, snap2, snap2_len, &json), KVROUTE_RESULT_OK);
+  CHECK(json != NULL && strcmp(json, "{}") == 0);
+  kvroute_string_free(json);
+  kvroute_bytes_free(snap, snap_len);
+  kvroute_bytes_free(snap2, snap2_len);
+  kvroute_router_free(empty);
+  kvroute_router_free(r2);
+  kvroute_router_free(r);
+}
+
+/* Every result code the API can return, produced through the API; the codes it cannot
+ * return (documented in the header) are listed, so a new code must be added to one of the
+ * two lists. */
+static void test_every_result_code(void) {
+  int seen[128] = {0};
+#define EXPECT(expr, want)           \
+  do {                               \
+    kvroute_result rc2_ = (expr);    \
+    CHECK_RC(rc2_, want);            \
+    if (rc2_ == (want)) seen[want] = 1; \
+  } while (0)
+  kvroute_router *r = NULL;
+  const batch *b0 = &g_batches[0];
+  uint32_t t[32];
+  iota(t, 32);
+  kvroute_decision_info info;
+  char buf[4];
+  size_t len = 0;
+  EXPECT(kvroute_router_new("{\"workers\": [{\"name\": \"a\"}]}", &r), KVROUTE_RESULT_OK);
+  EXPECT(kvroute_router_new("{\"block_size\": 0}", &(kvroute_router *){NULL}), KVROUTE_RESULT_CONFIG);
+  EXPECT(kvroute_router_route(r, t, 32, "\xff", NULL, NULL, &info, NULL), KVROUTE_RESULT_INVALID_UTF8);
+  EXPECT(kvroute_router_route(r, NULL, 32, NULL, NULL, NULL, &info, NULL), KVROUTE_RESULT_NULL_POINTER);
+  EXPECT(kvroute_router_add_worker(r, "", 0), KVROUTE_RESULT_INVALID_INPUT);
+  EXPECT(kvroute_router_remove_worker(r, "nobody", 0), KVROUTE_RESULT_UNKNOWN_WORKER);
+  EXPECT(kvroute_router_add_worker(r, "a", 0), KVROUTE_RESULT_WORKER_EXISTS);
+  EXPECT(kvroute_router_apply_vllm_batch(r, "a", b0->bytes, b0->len - 1, NULL), KVROUTE_RESULT_DECODE);
+  EXPECT(kvroute_router_restore(r, (const uint8_t *)"junk", 4), KVROUTE_RESULT_SNAPSHOT);
+  kvroute_router_free(r);
+  EXPECT(kvroute_router_new("{\"hash_algo\": \"xxhash\"}", &r), KVROUTE_RESULT_MISSING_SEED);
+  r = new_router("{\"block_size\": 32, \"workers\": [{\"name\": \"a\"}]}");
+  EXPECT(kvroute_router_apply_vllm_batch(r, "a", b0->bytes, b0->len, NULL),
+         KVROUTE_RESULT_BLOCK_SIZE_MISMATCH);
+  kvroute_router_free(r);
+  r = new_router("{\"hash_algo\": \"sha256\", \"hash_seed\": \"0\", \"workers\": [{\"name\": \"a\"}]}");
+  EXPECT(kvroute_router_apply_vllm_batch(r, "a", b0->bytes, b0->len, NULL),
+         KVROUTE_RESULT_HASH_MISMATCH);
+  kvroute_router_free(r);
+  r = new_router("{}");
+  EXPECT(kvroute_router_route(r, t, 32, NULL, NULL, NULL, &info, NULL), KVROUTE_RESULT_NO_WORKERS);
+  kvroute_router_free(r);
+  EXPECT(kvroute_router_new("{\"profil\": 1}", &(kvroute_router *){NULL}), KVROUTE_RESULT_CONFIG);
+  EXPECT(kvroute_last_error_message(buf, sizeof buf, &len), KVROUTE_RESULT_BUFFER_TOO_SMALL);
+#undef EXPECT
+  const kvroute_result reachable[] = {
+      KVROUTE_RESULT_OK,           KVROUTE_RESULT_CONFIG,        KVROUTE_RESULT_INVALID_INPUT,
+      KVROUTE_RESULT_UNKNOWN_WORKER, KVROUTE_RESULT_WORKER_EXISTS,
+      KVROUTE_RESULT_BLOCK_SIZE_MISMATCH, KVROUTE_RESULT_DECODE, KVROUTE_RESULT_MISSING_SEED,
+      KVROUTE_RESULT_SNAPSHOT,     KVROUTE_RESULT_HASH_MISMATCH, KVROUTE_RESULT_NO_WORKERS,
+      KVROUTE_RESULT_NULL_POINTER, KVROUTE_RESULT_INVALID_UTF8,  KVROUTE_RESULT_BUFFER_TOO_SMALL,
+  };
+  /* Not returned by the API: the stream and I/O codes (shared numbering with the core) and
+   * the two that only a bug produces (tested in Rust: crates/ffi/src/boundary.rs). */
+  const kvroute_result unreachable[] = {KVROUTE_RESULT_SEQUENCE_GAP, KVROUTE_RESULT_IO,
+                                        KVROUTE_RESULT_INTERNAL, KVROUTE_RESULT_PANIC};
+  size_t covered = 0;
+  for (size_t i = 0; i < sizeof reachable / sizeof reachable[0]; i++) {
+    CHECK(seen[reachable[i]]);
+    covered++;
+  }
+  for (size_t i = 0; i < sizeof unreachable / sizeof unreachable[0]; i++) {
+    CHECK(strcmp(kvroute_result_str(unreachable[i]), "unknown result code") != 0);
+    covered++;
+  }
+  /* Every code that has a description is in one of the two lists. */
+  size_t described = 0;
+  for (uint32_t c = 0; c < 128; c++) {
+    described += strcmp(kvroute_result_str((kvroute_result)c), "unknown result code") != 0;
+  }
+  CHECK(described == covered);
+}
+
 int main(int argc, char **argv) {
   if (argc != 2 || load_vectors(argv[1]) != 0) {
     fprintf(stderr, "usage: %s VECTORS_FILE (from extract_vectors.py)\n", argv[0]);
@@ -599,6 +786,9 @@ int main(int argc, char **argv) {
   test_events();
   test_workers_and_load();
   test_threads();
+  test_route_at_session_ttl();
+  test_restore_positions();
+  test_every_result_code();
   free_vectors();
   printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
   return g_failures == 0 ? 0 : 1;

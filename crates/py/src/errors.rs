@@ -9,109 +9,24 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
-/// One error kind: class name, code, kind name, built-in base (besides `KvrouteError`), doc.
-struct Kind {
-    name: &'static str,
-    code: u32,
-    kind: &'static str,
-    builtin: Option<&'static str>,
-    doc: &'static str,
+/// The built-in exception a kind's class also derives from (besides `KvrouteError`); the
+/// only Python-specific part of the table. Everything else (code, kind name, class name,
+/// doc) comes from [`kvroute::ERROR_KINDS`].
+fn builtin_base(kind: &str) -> Option<&'static str> {
+    match kind {
+        "config" | "invalid_input" | "decode" | "snapshot" => Some("ValueError"),
+        "unknown_worker" => Some("LookupError"),
+        "io" => Some("OSError"),
+        _ => None,
+    }
 }
 
-/// The kinds in code order (code = index + 1), matching `kvroute::Error::code`.
-const KINDS: [Kind; 13] = [
-    Kind {
-        name: "ConfigError",
-        code: 1,
-        kind: "config",
-        builtin: Some("ValueError"),
-        doc: "A configuration is invalid (unknown scorer, zero block size, bad JSON, ...).",
-    },
-    Kind {
-        name: "InvalidInputError",
-        code: 2,
-        kind: "invalid_input",
-        builtin: Some("ValueError"),
-        doc: "An argument is out of range or malformed (negative token id, id >= 2**32, empty worker name, ...).",
-    },
-    Kind {
-        name: "UnknownWorkerError",
-        code: 3,
-        kind: "unknown_worker",
-        builtin: Some("LookupError"),
-        doc: "The named worker is not known to the router.",
-    },
-    Kind {
-        name: "WorkerExistsError",
-        code: 4,
-        kind: "worker_exists",
-        builtin: None,
-        doc: "A worker with this name and rank is already registered.",
-    },
-    Kind {
-        name: "BlockSizeMismatchError",
-        code: 5,
-        kind: "block_size_mismatch",
-        builtin: None,
-        doc: "An event announced blocks of another size than the router's block size.",
-    },
-    Kind {
-        name: "DecodeError",
-        code: 6,
-        kind: "decode",
-        builtin: Some("ValueError"),
-        doc: "A payload could not be decoded (malformed msgpack, truncated input, wrong types).",
-    },
-    Kind {
-        name: "MissingSeedError",
-        code: 7,
-        kind: "missing_seed",
-        builtin: None,
-        doc: "An xxhash scheme was selected without an explicit hash seed (PYTHONHASHSEED).",
-    },
-    Kind {
-        name: "SnapshotError",
-        code: 8,
-        kind: "snapshot",
-        builtin: Some("ValueError"),
-        doc: "A snapshot is malformed, truncated, or of an unsupported version.",
-    },
-    Kind {
-        name: "SequenceGapError",
-        code: 9,
-        kind: "sequence_gap",
-        builtin: None,
-        doc: "Sequence numbers of an event stream skipped ahead.",
-    },
-    Kind {
-        name: "HashMismatchError",
-        code: 10,
-        kind: "hash_mismatch",
-        builtin: None,
-        doc: "The engine's block hashes disagree with the router's own (check hash algorithm, PYTHONHASHSEED, block size).",
-    },
-    Kind {
-        name: "NoWorkersError",
-        code: 11,
-        kind: "no_workers",
-        builtin: None,
-        doc: "No worker is available to take the request (none registered, or all filtered out).",
-    },
-    Kind {
-        name: "IoError",
-        code: 12,
-        kind: "io",
-        builtin: Some("OSError"),
-        doc: "An I/O or transport error.",
-    },
-    Kind {
-        name: "InternalError",
-        code: 13,
-        kind: "internal",
-        builtin: None,
-        doc: "A bug inside kvroute.",
-    },
-];
+/// The class name of a kind: `invalid_input` -> `InvalidInputError`.
+pub(crate) fn class_name(kind: &str) -> String {
+    let mut out: String = kind.split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect();
+    out.push_str("Error");
+    out
+}
 
 /// The base class and the kind classes, in code order.
 struct Classes {
@@ -153,13 +68,21 @@ fn classes(py: Python<'_>) -> PyResult<&'static Classes> {
             0,
             "error",
         )?;
-        let mut kinds = Vec::with_capacity(KINDS.len());
-        for k in &KINDS {
+        let mut kinds = Vec::with_capacity(kvroute::ERROR_KINDS.len());
+        for k in &kvroute::ERROR_KINDS {
             let mut bases = vec![base.bind(py).clone().into_any()];
-            if let Some(b) = k.builtin {
+            if let Some(b) = builtin_base(k.name) {
                 bases.push(builtins.getattr(b)?);
             }
-            kinds.push(make_class(py, k.name, PyTuple::new(py, bases)?, k.doc, k.code, k.kind)?);
+            let name = class_name(k.name);
+            kinds.push(make_class(
+                py,
+                &name,
+                PyTuple::new(py, bases)?,
+                k.description,
+                k.code,
+                k.name,
+            )?);
         }
         Ok(Classes { base, kinds })
     })
@@ -170,8 +93,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     let c = classes(py)?;
     m.add("KvrouteError", c.base.bind(py))?;
-    for (k, ty) in KINDS.iter().zip(&c.kinds) {
-        m.add(k.name, ty.bind(py))?;
+    for (k, ty) in kvroute::ERROR_KINDS.iter().zip(&c.kinds) {
+        m.add(class_name(k.name), ty.bind(py))?;
     }
     Ok(())
 }
