@@ -1022,8 +1022,8 @@ impl PrefixIndex {
             r += w.count_ones();
             at
         }));
-        // Depth at which each candidate (by rank in n0's holders) dropped out; 0 = never.
-        dropped.resize(n0.holders.len(), 0);
+        // Depth at which each candidate (by rank in n0's holders) dropped out, 0 = never;
+        // sized at the first drop (a walk where nobody drops out never touches it).
         let rank_of = |i: usize, b: u32| rank[i] + (w0[i] & ((1u64 << b) - 1)).count_ones();
         let mut alive = n0.holders.len() as u32;
         let mut node = c0;
@@ -1054,6 +1054,9 @@ impl PrefixIndex {
                         if words.is_empty() { cn.bits.word(base + i as u32) } else { words[i] };
                     let l = live[i];
                     let mut gone = l & !have;
+                    if gone != 0 && dropped.is_empty() {
+                        dropped.resize(n0.holders.len(), 0);
+                    }
                     while gone != 0 {
                         let b = gone.trailing_zeros();
                         dropped[rank_of(i, b) as usize] = at;
@@ -1091,10 +1094,18 @@ impl PrefixIndex {
             node = c;
         }
         entries.reserve(n0.holders.len());
-        entries.extend(n0.holders.iter().zip(dropped.iter()).map(|(h, &d)| {
-            let blocks = if d == 0 { at } else { d };
-            Overlap { worker: WorkerId(h.worker), blocks, by_tier: [blocks, 0, 0] }
-        }));
+        if dropped.is_empty() {
+            entries.extend(n0.holders.iter().map(|h| Overlap {
+                worker: WorkerId(h.worker),
+                blocks: at,
+                by_tier: [at, 0, 0],
+            }));
+        } else {
+            entries.extend(n0.holders.iter().zip(dropped.iter()).map(|(h, &d)| {
+                let blocks = if d == 0 { at } else { d };
+                Overlap { worker: WorkerId(h.worker), blocks, by_tier: [blocks, 0, 0] }
+            }));
+        }
         for &(r, t, n) in fix.iter() {
             let e = &mut entries[r as usize];
             e.by_tier[0] -= n;
