@@ -15,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY="$ROOT/.venv/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
-"${PIP[@]}" install --quiet maturin pytest numpy aiohttp pyzmq msgpack
+"${PIP[@]}" install --quiet maturin pytest numpy aiohttp pyzmq msgpack tokenizers transformers jinja2
 
 echo "maturin build (manylinux audit)"
 start=$(date +%s)
@@ -42,5 +42,9 @@ PY
 )
 
 "${PIP[@]}" install --quiet --force-reinstall --no-deps "$WHEEL"
+
+# test_tokenize_conformance.py drives the real `kvroute serve` binary.
+cargo build --release --quiet -p kvroute-cli
+
 # pytest exits 5 when it collected no test: that is a failure here too.
 "$PY" -m pytest -q -p no:cacheprovider crates/py/tests examples/python

@@ -7,7 +7,10 @@
 // Token ids: a body whose "prompt" is an array of integers is routed by those token ids.
 // A string prompt is routed by a tokenizer-free stand-in: its UTF-8 bytes as token ids.
 // That keeps prefixes aligned (a shared text prefix is a shared byte prefix) but makes
-// blocks 16 bytes rather than 16 tokens; use real token ids where you have a tokenizer.
+// blocks 16 bytes rather than 16 tokens, and such keys can never match the KV events vLLM
+// publishes. For precise mode pass the model's real token ids (tokenized as vLLM does), or
+// run `kvroute serve` (docs/serve.md), which tokenizes exactly as vLLM does and is the
+// production front end; this example shows the C ABI from Go.
 //
 // Usage:
 //

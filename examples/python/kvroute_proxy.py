@@ -9,9 +9,11 @@ approximate mode, predicts what each backend's cache holds.
 Token ids: the proxy has no tokenizer. A prompt given as token ids (``"prompt": [1, 2,
 3]``) is routed on those ids. A string prompt is routed on its UTF-8 bytes as a
 tokenizer-free stand-in: two prompts sharing a prefix of N bytes share their first
-N // block_size blocks, which is what prefix routing needs. (Real deployments with KV
-events in precise mode must route on the model's real token ids, since the engine's
-block hashes are over those.)
+N // block_size blocks, which is what prefix routing needs in approximate mode. Those
+byte keys can never match what vLLM announces in its KV events: for precise mode, either
+pass the model's real token ids (tokenize as vLLM does: completions with special tokens,
+chat templates rendered then encoded without them) or run ``kvroute serve`` (see
+docs/serve.md), which tokenizes exactly as vLLM does and is the production front end.
 
 Run::
 
