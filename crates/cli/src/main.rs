@@ -26,6 +26,8 @@ enum Command {
     Simulate(cmd_simulate::Args),
     /// Subscribe to vLLM KV-event publishers and apply their events to a router's index.
     Listen(cmd_listen::Args),
+    /// Emulate one vLLM replica (OpenAI API, KV events, metrics) for tests without a GPU.
+    Emulate(kvroute_emulate::Args),
 }
 
 /// Writes a line to standard output. A closed pipe (`kvroute simulate | head`) is not an
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
         Command::Events(args) => cmd_events::run(args),
         Command::Simulate(args) => cmd_simulate::run(args),
         Command::Listen(args) => cmd_listen::run(args),
+        Command::Emulate(args) => kvroute_emulate::run(args).map_err(CliError),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
