@@ -540,3 +540,24 @@ fn long_events_apply_in_chunks_without_orphans() {
         assert_eq!(r.index_stats().holder_blocks, 30);
     }
 }
+
+#[test]
+fn preview_changes_no_state_and_predicts_the_next_route() {
+    let r = router(
+        r#"{"profile": "session-affinity", "workers": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}"#,
+    );
+    let t = tokens(64);
+    let req =
+        Request { tokens: &t, session: Some("s1"), now_ms: Some(1_000), ..Request::default() };
+    let before = r.prometheus();
+    let p1 = r.preview(&req).unwrap();
+    let p2 = r.preview(&req).unwrap();
+    assert_eq!(p1.request_id, p2.request_id, "a preview takes no request id");
+    assert_eq!(r.prometheus(), before, "a preview moves no counter");
+    // No session was recorded: a route with another session may go elsewhere, and the
+    // real route of the same request picks what the preview said.
+    let real = r.route(&req).unwrap();
+    assert_eq!(real.request_id, p1.request_id);
+    assert_eq!(real.worker, p1.worker);
+    assert_ne!(r.prometheus(), before, "a real route counts");
+}

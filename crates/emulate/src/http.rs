@@ -176,8 +176,8 @@ fn token_ids(v: &Value) -> Option<Vec<u32>> {
 }
 
 /// The prompt of a completion request as token ids.
-fn completion_prompt(s: &AppState, body: &Value) -> Result<Vec<u32>, Response> {
-    let p = body.get("prompt").ok_or_else(|| bad("`prompt` is required"))?;
+fn completion_prompt(s: &AppState, body: &Body2) -> Result<Vec<u32>, Response> {
+    let p = body.v.get("prompt").ok_or_else(|| bad("`prompt` is required"))?;
     let one = match p {
         Value::Array(a) if a.len() == 1 && (a[0].is_array() || a[0].is_string()) => &a[0],
         Value::Array(a) if a.iter().any(|x| x.is_array() || x.is_string()) => {
@@ -186,13 +186,11 @@ fn completion_prompt(s: &AppState, body: &Value) -> Result<Vec<u32>, Response> {
         other => other,
     };
     match one {
-        Value::String(text) => {
+        Value::String(_) => {
             let tok = s.tokenizer.as_ref().ok_or_else(|| {
                 bad("a text prompt needs a tokenizer: start kvroute emulate with --tokenizer DIR, or send token ids")
             })?;
-            let add_special =
-                body.get("add_special_tokens").and_then(Value::as_bool).unwrap_or(true);
-            tok.encode(text, add_special).map_err(bad)
+            tok.encode_completion(&body.raw).map_err(bad)
         }
         Value::Array(_) => {
             token_ids(one).ok_or_else(|| bad("`prompt` token ids must be integers in 0..2^32"))
@@ -201,12 +199,14 @@ fn completion_prompt(s: &AppState, body: &Value) -> Result<Vec<u32>, Response> {
     }
 }
 
-fn chat_prompt(s: &AppState, body: &Value) -> Result<Vec<u32>, Response> {
-    let messages = body.get("messages").ok_or_else(|| bad("`messages` is required"))?;
+fn chat_prompt(s: &AppState, body: &Body2) -> Result<Vec<u32>, Response> {
+    if body.v.get("messages").is_none() {
+        return Err(bad("`messages` is required"));
+    }
     let tok = s.tokenizer.as_ref().ok_or_else(|| {
         bad("chat requests need a tokenizer: start kvroute emulate with --tokenizer DIR")
     })?;
-    tok.encode_chat(body, messages).map_err(bad)
+    tok.encode_chat(&body.raw).map_err(bad)
 }
 
 fn max_tokens(s: &AppState, body: &Value, prompt_len: usize) -> Result<usize, Response> {
@@ -254,22 +254,46 @@ enum Kind {
     Chat,
 }
 
-async fn completions(State(s): St, Json(body): Json<Value>) -> Response {
-    if let Err(r) = check_model(&s, &body) {
+/// A request body: parsed, and as received (for the tokenizer, which keeps key order).
+struct Body2 {
+    v: Value,
+    raw: String,
+}
+
+fn parse_body(raw: Bytes) -> Result<Body2, Response> {
+    let raw = String::from_utf8(raw.to_vec()).map_err(|_| bad("the body is not UTF-8"))?;
+    let v: Value =
+        serde_json::from_str(&raw).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    if !v.is_object() {
+        return Err(bad("the body must be a JSON object"));
+    }
+    Ok(Body2 { v, raw })
+}
+
+async fn completions(State(s): St, raw: Bytes) -> Response {
+    let body = match parse_body(raw) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_model(&s, &body.v) {
         return r;
     }
     match completion_prompt(&s, &body) {
-        Ok(p) => generate(s, body, p, Kind::Completion).await,
+        Ok(p) => generate(s, body.v, p, Kind::Completion).await,
         Err(r) => r,
     }
 }
 
-async fn chat_completions(State(s): St, Json(body): Json<Value>) -> Response {
-    if let Err(r) = check_model(&s, &body) {
+async fn chat_completions(State(s): St, raw: Bytes) -> Response {
+    let body = match parse_body(raw) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_model(&s, &body.v) {
         return r;
     }
     match chat_prompt(&s, &body) {
-        Ok(p) => generate(s, body, p, Kind::Chat).await,
+        Ok(p) => generate(s, body.v, p, Kind::Chat).await,
         Err(r) => r,
     }
 }
@@ -448,11 +472,15 @@ fn stream_response(
         })
 }
 
-async fn tokenize(State(s): St, Json(body): Json<Value>) -> Response {
-    let ids = if body.get("messages").is_some() {
+async fn tokenize(State(s): St, raw: Bytes) -> Response {
+    let body = match parse_body(raw) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let ids = if body.v.get("messages").is_some() {
         chat_prompt(&s, &body)
     } else {
-        match body.get("prompt") {
+        match body.v.get("prompt") {
             Some(Value::String(_)) => completion_prompt(&s, &body),
             _ => Err(bad("`prompt` (a string) or `messages` is required")),
         }

@@ -134,16 +134,20 @@ impl Emulator {
             .enable_all()
             .build()
             .map_err(|e| format!("tokio runtime: {e}"))?;
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(&args.listen))
+        // Bound here with std so that start() works inside or outside a tokio runtime.
+        let std_listener = std::net::TcpListener::bind(&args.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        std_listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let addr = std_listener.local_addr().map_err(|e| e.to_string())?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = http::router(state);
         let thread = std::thread::Builder::new()
             .name("emulate-http".into())
             .spawn(move || {
                 rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
+                        return;
+                    };
                     let _ = axum::serve(listener, app)
                         .with_graceful_shutdown(async move {
                             let _ = rx.await;

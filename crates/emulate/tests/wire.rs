@@ -71,7 +71,8 @@ fn payloads_equal_vllm_033_bytes() {
         .drain_events()
         .into_iter()
         .map(|e| {
-            let src = matches!(e, kvroute::model::PoolEvent::Stored { .. }).then(|| (r2.clone(), 0));
+            let src =
+                matches!(e, kvroute::model::PoolEvent::Stored { .. }).then(|| (r2.clone(), 0));
             (e, src)
         })
         .collect();
@@ -95,8 +96,8 @@ fn a_stored_run_from_a_later_block_carries_its_own_tokens_and_parent() {
     let s = step(&ev, "r6 grows");
     let decoded = &s["batch"]["decoded"][1];
     let stored = decoded.as_array().unwrap().iter().find(|e| e["type"] == "BlockStored").unwrap();
-    let hasher = BlockHasher::new(HashConfig { algo: HashAlgo::Sha256, ..HashConfig::default() })
-        .unwrap();
+    let hasher =
+        BlockHasher::new(HashConfig { algo: HashAlgo::Sha256, ..HashConfig::default() }).unwrap();
     let toks: Arc<[u32]> = (0..64).collect::<Vec<u32>>().into();
     let mut keys = Vec::new();
     hasher.block_keys(&toks, &RequestExtras::default(), &mut keys);

@@ -70,6 +70,17 @@ impl Router {
 
     /// Chooses a worker for `req`. See the [module documentation](self).
     pub fn route(&self, req: &Request) -> Result<Decision> {
+        self.route_impl(req, true)
+    }
+
+    /// The decision [`route`](Self::route) would make for `req` now, without changing
+    /// any state: no request id is taken, no session is recorded, no counter moves. A
+    /// dry run for explanations; its decision must not be passed to the lifecycle calls.
+    pub fn preview(&self, req: &Request) -> Result<Decision> {
+        self.route_impl(req, false)
+    }
+
+    fn route_impl(&self, req: &Request, commit: bool) -> Result<Decision> {
         self.check_tokens(req.tokens)?;
         let now = req.now_ms.unwrap_or_else(wall_ms);
         SCRATCH.with(|s| {
@@ -125,7 +136,11 @@ impl Router {
                 lora: req.lora,
                 now_ms: now,
             };
-            let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+            let request_id = if commit {
+                self.next_request.fetch_add(1, Ordering::Relaxed)
+            } else {
+                self.next_request.load(Ordering::Relaxed)
+            };
             let mut rng = SplitMix64::new(splitmix64(self.cfg.seed ^ splitmix64(request_id)));
             let decision = {
                 let sessions = self.sessions.read();
@@ -151,13 +166,15 @@ impl Router {
                 scores.extend((0..rows).map(|j| s.score.row(j)[pos]));
             }
             let matched = s.cands[decision.index].matched_blocks;
-            chosen.decisions.fetch_add(1, Ordering::Relaxed);
-            chosen.last_routed_ms.store(now, Ordering::Relaxed);
-            let hit_tokens = u64::from(matched) * self.cfg.block_size as u64;
-            chosen.hit_tokens.fetch_add(hit_tokens, Ordering::Relaxed);
-            self.metrics.record_route(info.prompt_tokens, hit_tokens);
-            if let Some(key) = req.session {
-                self.sessions.write().record(key, chosen.id, now);
+            if commit {
+                chosen.decisions.fetch_add(1, Ordering::Relaxed);
+                chosen.last_routed_ms.store(now, Ordering::Relaxed);
+                let hit_tokens = u64::from(matched) * self.cfg.block_size as u64;
+                chosen.hit_tokens.fetch_add(hit_tokens, Ordering::Relaxed);
+                self.metrics.record_route(info.prompt_tokens, hit_tokens);
+                if let Some(key) = req.session {
+                    self.sessions.write().record(key, chosen.id, now);
+                }
             }
             Ok(Decision {
                 request_id,
