@@ -44,6 +44,9 @@ crates/ffi/tests/run_c_tests.sh
 step "Go tests"
 crates/ffi/go/run_go_tests.sh
 
+step "Kubernetes manifests"
+deploy/kubernetes/run_manifest_tests.sh
+
 step "Python tests"
 bash crates/py/run_py_tests.sh
 
