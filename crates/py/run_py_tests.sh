@@ -13,12 +13,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY="$ROOT/.venv/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
-"${PIP[@]}" install --quiet maturin pytest numpy aiohttp pyzmq msgpack
+"${PIP[@]}" install --quiet maturin pytest numpy aiohttp pyzmq msgpack tokenizers transformers jinja2
 
 echo "pip install ./crates/py"
 start=$(date +%s)
 "${PIP[@]}" install --quiet --force-reinstall --no-deps ./crates/py
 echo "built and installed in $(( $(date +%s) - start )) s"
+
+# test_tokenize_conformance.py drives the real `kvroute serve` binary.
+cargo build --release --quiet -p kvroute-cli
 
 # pytest exits 5 when it collected no test: that is a failure here too.
 "$PY" -m pytest -q -p no:cacheprovider crates/py/tests examples/python

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 mod cmd_events;
 mod cmd_hash;
 mod cmd_listen;
+mod cmd_serve;
 mod cmd_simulate;
 
 /// KV-cache-aware request routing for LLM serving.
@@ -26,6 +27,8 @@ enum Command {
     Simulate(cmd_simulate::Args),
     /// Subscribe to vLLM KV-event publishers and apply their events to a router's index.
     Listen(cmd_listen::Args),
+    /// Run the KV-cache-aware OpenAI-compatible router in front of vLLM replicas.
+    Serve(cmd_serve::Args),
     /// Emulate one vLLM replica (OpenAI API, KV events, metrics) for tests without a GPU.
     Emulate(kvroute_emulate::Args),
 }
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Events(args) => cmd_events::run(args),
         Command::Simulate(args) => cmd_simulate::run(args),
         Command::Listen(args) => cmd_listen::run(args),
+        Command::Serve(args) => cmd_serve::run(args),
         Command::Emulate(args) => kvroute_emulate::run(args).map_err(CliError),
     };
     match result {

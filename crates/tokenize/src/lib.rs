@@ -291,6 +291,17 @@ impl Tokenizer {
         }
     }
 
+    /// The token ids of a `/v1/completions` body whose prompt is given as token ids
+    /// (`Ok(None)` when it is text); needs no tokenizer.
+    pub fn prompt_token_ids(body: &Json) -> Result<Option<Vec<u32>>, Error> {
+        let prompt =
+            body.get("prompt").ok_or_else(|| Error::BadRequest("`prompt` is required".into()))?;
+        match prompt_ids(prompt)? {
+            PromptForm::Ids(ids) => Ok(Some(ids)),
+            PromptForm::Text(_) => Ok(None),
+        }
+    }
+
     /// The template for a request: the request's own (a named template of the tokenizer
     /// or a template source), else `tool_use` when tools are given and there is one, else
     /// the default.
