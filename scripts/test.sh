@@ -29,8 +29,9 @@ step "Python venv for the ZeroMQ peer tests"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import zmq, msgpack' >/dev/null 2>&1; then
-  .venv/bin/pip install --quiet --disable-pip-version-check pyzmq msgpack
+# prometheus_client (the library vLLM renders /metrics with) parses kvroute emulate's output.
+if ! .venv/bin/python -c 'import zmq, msgpack, prometheus_client' >/dev/null 2>&1; then
+  .venv/bin/pip install --quiet --disable-pip-version-check pyzmq msgpack prometheus_client
 fi
 export KVROUTE_PYTHON="$ROOT/.venv/bin/python"
 
@@ -58,6 +59,9 @@ crates/ffi/tests/run_c_tests.sh
 
 step "Go tests"
 crates/ffi/go/run_go_tests.sh
+
+step "Kubernetes manifests"
+deploy/kubernetes/run_manifest_tests.sh
 
 step "Python tests"
 bash crates/py/run_py_tests.sh

@@ -29,6 +29,8 @@ enum Command {
     Listen(cmd_listen::Args),
     /// Run the KV-cache-aware OpenAI-compatible router in front of vLLM replicas.
     Serve(cmd_serve::Args),
+    /// Emulate one vLLM replica (OpenAI API, KV events, metrics) for tests without a GPU.
+    Emulate(kvroute_emulate::Args),
 }
 
 /// Writes a line to standard output. A closed pipe (`kvroute simulate | head`) is not an
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Command::Simulate(args) => cmd_simulate::run(args),
         Command::Listen(args) => cmd_listen::run(args),
         Command::Serve(args) => cmd_serve::run(args),
+        Command::Emulate(args) => kvroute_emulate::run(args).map_err(CliError),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
