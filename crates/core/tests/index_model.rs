@@ -492,3 +492,30 @@ fn reference_counts_past_u16_max_are_exact_or_counted() {
     assert!(lost == 0 || lost == 2 * u64::from(n - u32::from(u16::MAX)), "lost {lost}");
     assert_eq!(idx.stats().blocks, 0);
 }
+
+#[test]
+fn a_long_store_that_runs_into_known_keys_attaches_the_new_ones_only() {
+    // 100 new keys then the tail of a chain already stored: the new keys are attached
+    // (across the 64-key chunks the store writes), the known ones gain a holder.
+    let mut idx = PrefixIndex::default();
+    let a: Vec<u64> = (0..200).map(|i| splitmix64(1 << 32 | i)).collect();
+    idx.store(WorkerId(0), Tier::Gpu, None, &a).unwrap();
+    let mut mixed: Vec<u64> = (0..100).map(|i| splitmix64(2 << 32 | i)).collect();
+    mixed.extend_from_slice(&a[50..]);
+    let r = idx.store(WorkerId(1), Tier::Gpu, None, &mixed).unwrap();
+    assert_eq!((r.blocks, r.new_blocks), (250, 100));
+    let s = idx.stats();
+    assert_eq!((s.blocks, s.holder_blocks), (300, 450));
+    assert_eq!(idx.worker_blocks(WorkerId(1)), 250);
+    assert_eq!(idx.holds(WorkerId(1), a[120]), Some([1, 0, 0]));
+    assert_eq!(idx.holds(WorkerId(1), a[10]), None);
+    let mut m = Matches::new();
+    idx.find_matches(&mixed[..100], MatchOptions::default(), &mut m);
+    assert_eq!(m.overlaps().iter().map(|o| (o.worker.0, o.blocks)).collect::<Vec<_>>(), [(1, 100)]);
+    idx.find_matches(&a, MatchOptions::default(), &mut m);
+    assert_eq!(m.overlaps().iter().map(|o| (o.worker.0, o.blocks)).collect::<Vec<_>>(), [(0, 200)]);
+    idx.clear_worker(WorkerId(0));
+    idx.clear_worker(WorkerId(1));
+    let s = idx.stats();
+    assert_eq!((s.blocks, s.holder_blocks, s.nodes), (0, 0, 0));
+}

@@ -673,42 +673,44 @@ impl PrefixIndex {
         let extend =
             c != ROOT && cn.children.is_empty() && cn.holders.len() == 1 && cn.holders[0] == me;
         let (target, base) = if extend {
-            let base = cn.keys.len();
-            let keys = &mut self.nodes[c as usize].keys;
-            keys.reserve_exact(run.len());
-            keys.extend_from_slice(run);
-            (c, base)
+            (c, cn.keys.len())
         } else {
             let m = self.alloc_node(c);
-            let mn = &mut self.nodes[m as usize];
-            mn.keys = run.to_vec();
-            mn.holders = vec![me];
+            self.nodes[m as usize].holders = vec![me];
             self.refresh(m);
             (m, 0)
         };
+        // Keys are written to the node a chunk at a time (a key must be readable at its
+        // location before the table holds it), so a run that stops early copies at most
+        // one chunk too many.
         let mut got = 0;
-        for (j, &k) in run.iter().enumerate() {
-            if j % WARM == 0 {
-                self.warm(&run[j..run.len().min(j + WARM)]);
-            }
-            let loc = Loc { node: target, off: (base + j) as u32 };
-            let nodes = &self.nodes;
-            let entry = self.table.entry(
-                mix(k),
-                |l| l != &loc && nodes[l.node as usize].keys[l.off as usize] == k,
-                |l| mix(nodes[l.node as usize].keys[l.off as usize]),
-            );
-            match entry {
-                hashbrown::hash_table::Entry::Vacant(v) => {
-                    v.insert(loc);
-                    got += 1;
+        let mut written = 0;
+        'chunks: for chunk in run.chunks(WARM) {
+            self.warm(chunk);
+            let keys = &mut self.nodes[target as usize].keys;
+            keys.reserve_exact(chunk.len());
+            keys.extend_from_slice(chunk);
+            written += chunk.len();
+            for &k in chunk {
+                let loc = Loc { node: target, off: (base + got) as u32 };
+                let nodes = &self.nodes;
+                let entry = self.table.entry(
+                    mix(k),
+                    |l| l != &loc && nodes[l.node as usize].keys[l.off as usize] == k,
+                    |l| mix(nodes[l.node as usize].keys[l.off as usize]),
+                );
+                match entry {
+                    hashbrown::hash_table::Entry::Vacant(v) => {
+                        v.insert(loc);
+                        got += 1;
+                    }
+                    hashbrown::hash_table::Entry::Occupied(_) => break 'chunks,
                 }
-                hashbrown::hash_table::Entry::Occupied(_) => break,
             }
         }
         let tk = &mut self.nodes[target as usize].keys;
         tk.truncate(base + got);
-        if got < run.len() && tk.capacity() > tk.len() + 8 {
+        if got < written && tk.capacity() > tk.len() + 8 {
             tk.shrink_to_fit();
         }
         self.holder_blocks += got as u64;
