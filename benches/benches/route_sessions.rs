@@ -12,6 +12,10 @@
 //! - `route_sessions/2_threads`: two threads each run the iteration count; one iteration
 //!   is one route on each thread, so its time is that of two concurrent routes.
 //! - `route_no_session/2_threads`: the same without session keys (the floor).
+//! - `session_table/2_threads/{one_lock,sharded}`: the table alone, a get and a record
+//!   per key on each of two threads, behind one `RwLock<SessionTable>` (how the router
+//!   held it before) and as a `ShardedSessionTable` (how it holds it now). Both in one
+//!   process, so their ratio holds even on a busy machine.
 //!
 //! Run: `cargo bench -p kvroute-benches --bench route_sessions -- --warm-up-time 1 --measurement-time 3`.
 
@@ -20,6 +24,9 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kvroute::events::{BlockStored, EngineHash, KvEvent, KvEventBatch};
 use kvroute::router::{Request, Router};
+use kvroute::score::{SessionLookup, SessionTable, ShardedSessionTable};
+use kvroute::WorkerId;
+use parking_lot::RwLock;
 use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
@@ -102,5 +109,52 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// A get and a record per key, `iters` keys on each of two threads at once.
+fn table_run(keys: &[String], iters: u64, op: &(dyn Fn(&str, u64) + Sync)) -> Duration {
+    let barrier = Barrier::new(3);
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let barrier = &barrier;
+            s.spawn(move || {
+                barrier.wait();
+                let half = keys.len() / 2;
+                for i in 0..iters as usize {
+                    op(&keys[t * half + i % half], 1_000 + i as u64);
+                }
+                barrier.wait();
+            });
+        }
+        barrier.wait();
+        let t = Instant::now();
+        barrier.wait();
+        t.elapsed()
+    })
+}
+
+fn bench_table(c: &mut Criterion) {
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("192.168.{}.{}", i >> 8, i & 255)).collect();
+    let one = RwLock::new(SessionTable::new(1 << 20, 7_200_000).expect("table"));
+    let sharded = ShardedSessionTable::new(1 << 20, 7_200_000).expect("table");
+    let mut g = c.benchmark_group("session_table/2_threads");
+    g.throughput(Throughput::Elements(2));
+    g.bench_function("one_lock", |b| {
+        b.iter_custom(|n| {
+            table_run(&keys, n, &|k, now| {
+                black_box(one.read().get(k, now));
+                one.write().record(k, WorkerId(1), now);
+            })
+        })
+    });
+    g.bench_function("sharded", |b| {
+        b.iter_custom(|n| {
+            table_run(&keys, n, &|k, now| {
+                black_box(SessionLookup::get(&sharded, k, now));
+                sharded.record(k, WorkerId(1), now);
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_table);
 criterion_main!(benches);
