@@ -51,8 +51,18 @@ rm -rf "$CLI_ROOT"
 
 step "crates.io packages (cargo package, verified)"
 # Packs the publishable crates together (workspace dependencies resolve through a temporary
-# local registry) and builds each from its packaged files alone.
-cargo package --quiet --locked --allow-dirty -p kvroute -p kvroute-zmq -p kvroute-sim -p kvroute-cli
+# local registry) and builds each from its packaged files alone. Cargo unpacks that registry's
+# crates under $CARGO_HOME/registry, and treats registry sources as immutable: an earlier
+# unpacking or build of the same name and version would be reused and stale sources
+# verified. Drop those first (the dev profile is used only here).
+PUBLISHED=(kvroute kvroute-zmq kvroute-sim kvroute-tokenize kvroute-server kvroute-emulate kvroute-cli)
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+for c in "${PUBLISHED[@]}"; do
+  rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"$c-$VERSION" \
+         "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$c-$VERSION.crate"
+done
+cargo clean --quiet --profile dev "${PUBLISHED[@]/#/-p=}"
+CARGO_PROFILE_DEV_DEBUG=false cargo package --quiet --locked --allow-dirty "${PUBLISHED[@]/#/-p=}"
 
 step "C tests"
 crates/ffi/tests/run_c_tests.sh

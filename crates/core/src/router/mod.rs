@@ -8,7 +8,8 @@
 //! [`Candidate`](crate::score::Candidate) per live worker from the match and the worker's
 //! load (atomics), and lets the profile filter, score and pick. Nothing on this path takes
 //! a write lock except the session table's short record at the end, and only for requests
-//! that carry a session key.
+//! that carry a session key; the table is sharded by key
+//! ([`ShardedSessionTable`]), so two such requests rarely wait on each other.
 //!
 //! # Lifecycle
 //!
@@ -46,7 +47,7 @@ pub use request::{CandidateExplanation, CandidateScore, Decision, LoadReport, Re
 use crate::error::{Error, Result};
 use crate::hash::BlockHasher;
 use crate::index::{IndexStats, PrefixIndex};
-use crate::score::{Profile, SessionTable};
+use crate::score::{Profile, ShardedSessionTable};
 use hashbrown::HashMap;
 use lifecycle::Inflight;
 use parking_lot::{Mutex, RwLock};
@@ -62,7 +63,7 @@ pub struct Router {
     score_names: Arc<[String]>,
     pub(crate) index: RwLock<PrefixIndex>,
     pub(crate) registry: RwLock<Registry>,
-    sessions: RwLock<SessionTable>,
+    sessions: ShardedSessionTable,
     inflight: Mutex<HashMap<u64, Inflight>>,
     /// The next request id; also numbers the decisions for their random streams.
     next_request: AtomicU64,
@@ -99,7 +100,7 @@ impl Router {
         if cfg.session_capacity == 0 {
             return Err(Error::config("session_capacity must be positive"));
         }
-        let sessions = SessionTable::new(cfg.session_capacity, cfg.session_ttl_s * 1000)?;
+        let sessions = ShardedSessionTable::new(cfg.session_capacity, cfg.session_ttl_s * 1000)?;
         if cfg.mode != Mode::Precise {
             // Validate the default capacity now rather than at the first worker.
             cfg.capacity.num_gpu_blocks(cfg.block_size)?;
@@ -111,7 +112,7 @@ impl Router {
             score_names,
             index: RwLock::new(PrefixIndex::new(cfg.index.clone())),
             registry: RwLock::new(Registry::default()),
-            sessions: RwLock::new(sessions),
+            sessions,
             inflight: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(0),
             metrics: metrics::Counters::default(),

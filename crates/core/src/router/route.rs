@@ -139,8 +139,7 @@ impl Router {
             };
             let mut rng = SplitMix64::new(splitmix64(self.cfg.seed ^ splitmix64(request_id)));
             let decision = {
-                let sessions = self.sessions.read();
-                let ctx = ScoreContext::new(&sessions);
+                let ctx = ScoreContext::new(&self.sessions);
                 self.profile.decide(&info, &s.cands, &ctx, &mut rng, &mut s.score)?
             };
             let chosen = reg.slots[decision.worker.index()]
@@ -169,7 +168,7 @@ impl Router {
                 chosen.hit_tokens.fetch_add(hit_tokens, Ordering::Relaxed);
                 self.metrics.record_route(info.prompt_tokens, hit_tokens);
                 if let Some(key) = req.session {
-                    self.sessions.write().record(key, chosen.id, now);
+                    self.sessions.record(key, chosen.id, now);
                 }
             }
             Ok(Decision {

@@ -163,7 +163,7 @@ impl Router {
             let _batch = self.apply_lock.lock();
             self.index.write().remove_worker(id);
         }
-        self.sessions.write().remove_worker(id);
+        self.sessions.remove_worker(id);
         self.inflight.lock().retain(|_, f| f.worker.id != id);
         Ok(())
     }

@@ -60,7 +60,7 @@ pub use profile::{
     Explanation, FilterConfig, Pick, PickerConfig, Profile, ProfileConfig, ProfileKind,
     ScorerConfig,
 };
-pub use session::SessionTable;
+pub use session::{SessionLookup, SessionTable, ShardedSessionTable, SESSION_SHARDS};
 
 use crate::rng::SplitMix64;
 use crate::types::WorkerId;
@@ -257,9 +257,10 @@ impl Candidate {
 #[derive(Clone, Copy, Debug)]
 pub struct ScoreContext<'a> {
     /// The session-affinity table (read only during scoring; the router records the chosen
-    /// worker with [`SessionTable::record`] after each decision, which also refreshes the
-    /// entry's time to live).
-    pub sessions: &'a SessionTable,
+    /// worker with [`ShardedSessionTable::record`] after each decision, which also
+    /// refreshes the entry's time to live). A [`SessionTable`] or the router's
+    /// [`ShardedSessionTable`].
+    pub sessions: &'a dyn SessionLookup,
     /// A fresh random value for this decision, for scorers that need randomness (the
     /// [`RandomScorer`]). [`Profile::decide`] overwrites it with a draw from its generator.
     pub seed: u64,
@@ -267,7 +268,7 @@ pub struct ScoreContext<'a> {
 
 impl<'a> ScoreContext<'a> {
     /// A context over `sessions`.
-    pub fn new(sessions: &'a SessionTable) -> Self {
+    pub fn new(sessions: &'a dyn SessionLookup) -> Self {
         ScoreContext { sessions, seed: 0 }
     }
 }

@@ -7,11 +7,14 @@
 //! first drops expired entries from the least recently used end, then evicts the least
 //! recently used entry (counted in [`SessionTable::evictions`]).
 //!
-//! The table is not synchronized: the router wraps it in a lock.
+//! [`SessionTable`] is not synchronized. The router uses [`ShardedSessionTable`]: the same
+//! table split by key hash into independently locked shards, so that concurrent
+//! session-keyed requests rarely wait on each other.
 
 use crate::types::WorkerId;
 use crate::{Error, Result};
 use hashbrown::HashMap;
+use parking_lot::Mutex;
 
 /// The default time to live of an entry: 2 hours, as the design fixes it. (Kubernetes'
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` defaults to 10800 s, 3 hours; pass that to
@@ -263,6 +266,136 @@ impl SessionTable {
     }
 }
 
+/// Read access to a session table, as scorers need it (see
+/// [`ScoreContext`](super::ScoreContext)): implemented by [`SessionTable`] and by the
+/// router's [`ShardedSessionTable`].
+pub trait SessionLookup: Send + Sync + std::fmt::Debug {
+    /// The worker that last served `key`, unless expired at `now_ms` or absent.
+    fn get(&self, key: &str, now_ms: u64) -> Option<WorkerId>;
+}
+
+impl SessionLookup for SessionTable {
+    #[inline]
+    fn get(&self, key: &str, now_ms: u64) -> Option<WorkerId> {
+        SessionTable::get(self, key, now_ms)
+    }
+}
+
+/// The most shards a [`ShardedSessionTable`] uses.
+pub const SESSION_SHARDS: usize = 16;
+
+/// One shard on its own cache lines, so that two threads working on two shards do not
+/// bounce one line between their cores.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Shard(Mutex<SessionTable>);
+
+/// A [`SessionTable`] split by key hash into up to [`SESSION_SHARDS`] independently
+/// locked tables, for concurrent use through `&self`: requests with different session
+/// keys rarely wait on each other (the router used to take one write lock over the whole
+/// table for every session-keyed request).
+///
+/// The bound on entries is split over the shards (their bounds add up to
+/// `max_entries`), and each shard evicts its own least recently used entry when full,
+/// so eviction is least recently used per shard: with hashed keys spread evenly that is
+/// close to, but not exactly, the global order a single table keeps. Time to live,
+/// refresh and lookups behave exactly as in [`SessionTable`].
+#[derive(Debug)]
+pub struct ShardedSessionTable {
+    shards: Box<[Shard]>,
+    /// `shards.len() - 1` (a power of two minus one).
+    mask: usize,
+    max_entries: usize,
+    ttl_ms: u64,
+}
+
+impl ShardedSessionTable {
+    /// A table holding at most `max_entries` keys in total, each valid for `ttl_ms` after
+    /// it was last recorded. Same limits as [`SessionTable::new`]. Fewer entries than
+    /// [`SESSION_SHARDS`] give fewer shards, so that every shard holds at least one.
+    pub fn new(max_entries: usize, ttl_ms: u64) -> Result<Self> {
+        SessionTable::new(max_entries, ttl_ms)?; // the same checks, one message
+        let n = if max_entries >= SESSION_SHARDS {
+            SESSION_SHARDS
+        } else {
+            // The largest power of two not above max_entries (>= 1).
+            1 << (usize::BITS - 1 - max_entries.leading_zeros())
+        };
+        let shards = (0..n)
+            .map(|i| {
+                let share = max_entries / n + usize::from(i < max_entries % n);
+                Shard(Mutex::new(SessionTable::with_limits(share, ttl_ms)))
+            })
+            .collect();
+        Ok(ShardedSessionTable { shards, mask: n - 1, max_entries, ttl_ms })
+    }
+
+    #[inline]
+    fn shard(&self, hash: u64) -> &Mutex<SessionTable> {
+        // High bits: each shard's map hashes the key again for its own buckets.
+        &self.shards[(hash >> 56) as usize & self.mask].0
+    }
+
+    /// Records that `worker` served `key` at `now_ms` ([`SessionTable::record`]).
+    pub fn record(&self, key: &str, worker: WorkerId, now_ms: u64) {
+        let h = session_hash(key);
+        self.shard(h).lock().record_hashed(h, worker, now_ms);
+    }
+
+    /// Forgets `key`; returns the worker it was mapped to ([`SessionTable::remove`]).
+    pub fn remove(&self, key: &str) -> Option<WorkerId> {
+        self.shard(session_hash(key)).lock().remove(key)
+    }
+
+    /// Forgets every entry pointing at `worker`; returns how many were removed.
+    pub fn remove_worker(&self, worker: WorkerId) -> usize {
+        self.shards.iter().map(|s| s.0.lock().remove_worker(worker)).sum()
+    }
+
+    /// Number of entries held (summed over the shards, each read in turn).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.0.lock().len()).sum()
+    }
+
+    /// Whether no shard holds an entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bound on entries, over all shards.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
+    }
+
+    /// The time to live of an entry, in milliseconds.
+    pub fn ttl_ms(&self) -> u64 {
+        self.ttl_ms
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Live entries evicted because their shard was full.
+    pub fn evictions(&self) -> u64 {
+        self.shards.iter().map(|s| s.0.lock().evictions()).sum()
+    }
+
+    /// Expired entries purged.
+    pub fn expirations(&self) -> u64 {
+        self.shards.iter().map(|s| s.0.lock().expirations()).sum()
+    }
+}
+
+impl SessionLookup for ShardedSessionTable {
+    #[inline]
+    fn get(&self, key: &str, now_ms: u64) -> Option<WorkerId> {
+        let h = session_hash(key);
+        self.shard(h).lock().get_hashed(h, now_ms)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +403,64 @@ mod tests {
     const W0: WorkerId = WorkerId(0);
     const W1: WorkerId = WorkerId(1);
     const W2: WorkerId = WorkerId(2);
+
+    #[test]
+    fn sharded_table_behaves_like_one_table_for_ttl_refresh_and_removal() {
+        let t = ShardedSessionTable::new(1000, 1000).unwrap();
+        assert_eq!(t.shard_count(), SESSION_SHARDS);
+        let keys: Vec<String> = (0..200).map(|i| format!("10.0.{}.{}", i / 256, i % 256)).collect();
+        for (i, k) in keys.iter().enumerate() {
+            t.record(k, WorkerId(i as u32 % 3), 5_000);
+        }
+        assert_eq!(t.len(), 200);
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(SessionLookup::get(&t, k, 5_999), Some(WorkerId(i as u32 % 3)));
+            assert_eq!(SessionLookup::get(&t, k, 6_000), None, "expired at exactly ttl");
+        }
+        t.record(&keys[0], W2, 5_900);
+        assert_eq!(SessionLookup::get(&t, &keys[0], 6_500), Some(W2));
+        let on_w1 = keys.iter().enumerate().filter(|(i, _)| i % 3 == 1).count();
+        assert_eq!(t.remove_worker(W1), on_w1);
+        assert_eq!(t.len(), 200 - on_w1);
+        assert_eq!(t.remove(&keys[0]), Some(W2));
+        assert_eq!(SessionLookup::get(&t, &keys[0], 5_000), None);
+    }
+
+    #[test]
+    fn sharded_table_keeps_its_total_bound() {
+        for max in [1usize, 2, 3, 5, 16, 17, 100] {
+            let t = ShardedSessionTable::new(max, 1_000_000).unwrap();
+            assert!(t.shard_count() <= max && t.shard_count().is_power_of_two());
+            for i in 0..max * 10 + 50 {
+                t.record(&format!("key-{i}"), W0, i as u64);
+            }
+            assert!(t.len() <= max, "max {max}: {} entries", t.len());
+            assert_eq!(t.evictions() as usize, max * 10 + 50 - t.len());
+            // The most recent key is always kept.
+            assert_eq!(SessionLookup::get(&t, &format!("key-{}", max * 10 + 49), 0), Some(W0));
+        }
+        assert!(ShardedSessionTable::new(0, 10).is_err());
+        assert!(ShardedSessionTable::new(10, 0).is_err());
+    }
+
+    #[test]
+    fn sharded_table_from_two_threads_keeps_every_record() {
+        let t = ShardedSessionTable::new(100_000, 1_000_000).unwrap();
+        std::thread::scope(|s| {
+            for th in 0..2u32 {
+                let t = &t;
+                s.spawn(move || {
+                    for i in 0..5_000u32 {
+                        let k = format!("{th}-{i}");
+                        t.record(&k, WorkerId(th), 1);
+                        assert_eq!(SessionLookup::get(t, &k, 2), Some(WorkerId(th)));
+                    }
+                });
+            }
+        });
+        assert_eq!(t.len(), 10_000);
+        assert_eq!(t.remove_worker(WorkerId(1)), 5_000);
+    }
 
     #[test]
     fn default_ttl_is_two_hours() {
