@@ -15,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY="$ROOT/.venv/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
-"${PIP[@]}" install --quiet maturin pytest numpy aiohttp pyzmq msgpack tokenizers transformers jinja2
+"${PIP[@]}" install --quiet maturin pytest numpy aiohttp pyzmq msgpack tokenizers transformers jinja2 mypy
 
 echo "maturin build (manylinux audit)"
 start=$(date +%s)
@@ -46,5 +46,13 @@ PY
 # test_tokenize_conformance.py drives the real `kvroute serve` binary.
 cargo build --release --quiet -p kvroute-cli
 
-# pytest exits 5 when it collected no test: that is a failure here too.
+# pytest exits 5 when it collected no test: that is a failure here too. Under CI=true a
+# missing numpy or pyzmq fails the run instead of skipping (conftest.require).
 "$PY" -m pytest -q -p no:cacheprovider crates/py/tests examples/python
+
+# The type stubs must describe the built module: every function, class, method and
+# signature in _kvroute.pyi exists with the same parameters, and nothing is missing.
+echo "mypy.stubtest kvroute._kvroute"
+# From a directory without the source package, so the installed module is checked.
+(cd "$ROOT/target" && "$PY" -m mypy.stubtest kvroute._kvroute \
+  --allowlist "$ROOT/crates/py/stubtest-allowlist.txt")

@@ -247,6 +247,17 @@ func tokensPtr(tokens []uint32) *C.uint32_t {
 
 // Route chooses a worker for a prompt's token ids.
 func (r *Router) Route(tokens []uint32, opts RouteOptions) (*Decision, error) {
+	return r.route(tokens, opts, nil)
+}
+
+// RouteAt is Route at an explicit time, nowMs milliseconds on the caller's clock (for
+// example since the Unix epoch), instead of the wall clock: session time-to-live and
+// request ages follow it. Use one clock for every call on a router.
+func (r *Router) RouteAt(tokens []uint32, opts RouteOptions, nowMs uint64) (*Decision, error) {
+	return r.route(tokens, opts, &nowMs)
+}
+
+func (r *Router) route(tokens []uint32, opts RouteOptions, nowMs *uint64) (*Decision, error) {
 	session, lora, salt := cstr(opts.Session, true), cstr(opts.LoRA, true), cstr(opts.CacheSalt, true)
 	defer free(session)
 	defer free(lora)
@@ -255,8 +266,14 @@ func (r *Router) Route(tokens []uint32, opts RouteOptions) (*Decision, error) {
 	var handle *C.kvroute_decision
 	d := &Decision{}
 	err := r.with(func(p *C.kvroute_router) C.kvroute_result {
-		rc := C.kvroute_router_route(p, tokensPtr(tokens), C.size_t(len(tokens)), session, lora,
-			salt, &info, &handle)
+		var rc C.kvroute_result
+		if nowMs == nil {
+			rc = C.kvroute_router_route(p, tokensPtr(tokens), C.size_t(len(tokens)), session, lora,
+				salt, &info, &handle)
+		} else {
+			rc = C.kvroute_router_route_at(p, tokensPtr(tokens), C.size_t(len(tokens)), session,
+				lora, salt, C.uint64_t(*nowMs), &info, &handle)
+		}
 		if rc != C.KVROUTE_RESULT_OK {
 			return rc
 		}
@@ -353,6 +370,20 @@ type ApplyReport struct {
 // message) for a worker; the data-parallel rank comes from the batch. On error nothing
 // is applied.
 func (r *Router) ApplyVLLMBatch(worker string, payload []byte) (ApplyReport, error) {
+	return r.applyVLLMBatch(worker, payload, nil, 0)
+}
+
+// ApplyVLLMBatchFrom is ApplyVLLMBatch for a batch read from a publisher's stream: it
+// also records seq as the last sequence number applied from publisher (atomically with
+// the batch, even when the batch is rejected). Snapshots carry these positions, and
+// RestorePositions returns them.
+func (r *Router) ApplyVLLMBatchFrom(worker string, payload []byte, publisher string, seq uint64) (ApplyReport, error) {
+	pub := C.CString(publisher)
+	defer free(pub)
+	return r.applyVLLMBatch(worker, payload, pub, seq)
+}
+
+func (r *Router) applyVLLMBatch(worker string, payload []byte, publisher *C.char, seq uint64) (ApplyReport, error) {
 	name := C.CString(worker)
 	defer free(name)
 	var rep C.kvroute_apply_report
@@ -361,6 +392,10 @@ func (r *Router) ApplyVLLMBatch(worker string, payload []byte) (ApplyReport, err
 		ptr = (*C.uint8_t)(unsafe.Pointer(&payload[0]))
 	}
 	err := r.with(func(p *C.kvroute_router) C.kvroute_result {
+		if publisher != nil {
+			return C.kvroute_router_apply_vllm_batch_from(p, name, ptr, C.size_t(len(payload)),
+				publisher, C.uint64_t(seq), &rep)
+		}
 		return C.kvroute_router_apply_vllm_batch(p, name, ptr, C.size_t(len(payload)), &rep)
 	})
 	runtime.KeepAlive(payload)
@@ -495,6 +530,30 @@ func (r *Router) Restore(snapshot []byte) error {
 	})
 	runtime.KeepAlive(snapshot)
 	return err
+}
+
+// RestorePositions is Restore that also returns the stream positions the snapshot
+// recorded: the last sequence number applied from each publisher (see
+// ApplyVLLMBatchFrom). Resume each publisher's stream one past its position.
+func (r *Router) RestorePositions(snapshot []byte) (map[string]uint64, error) {
+	var ptr *C.uint8_t
+	if len(snapshot) > 0 {
+		ptr = (*C.uint8_t)(unsafe.Pointer(&snapshot[0]))
+	}
+	var s *C.char
+	err := r.with(func(p *C.kvroute_router) C.kvroute_result {
+		return C.kvroute_router_restore_positions(p, ptr, C.size_t(len(snapshot)), &s)
+	})
+	runtime.KeepAlive(snapshot)
+	if err != nil {
+		return nil, err
+	}
+	defer C.kvroute_string_free(s)
+	positions := map[string]uint64{}
+	if err := json.Unmarshal([]byte(C.GoString(s)), &positions); err != nil {
+		return nil, fmt.Errorf("kvroute: stream positions: %w", err)
+	}
+	return positions, nil
 }
 
 func (r *Router) ownedString(f func(p *C.kvroute_router, out **C.char) C.kvroute_result) (string, error) {

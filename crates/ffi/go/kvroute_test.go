@@ -432,3 +432,73 @@ func TestCloseWhileInUse(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// sessionScore is the "session" score of the chosen candidate.
+func sessionScore(t *testing.T, d *Decision) float64 {
+	t.Helper()
+	for _, c := range d.Candidates {
+		if c.Worker != d.Worker || c.DPRank != d.DPRank {
+			continue
+		}
+		for _, s := range c.Scores {
+			if s.Name == "session" {
+				return s.Value
+			}
+		}
+	}
+	t.Fatalf("no session score for the chosen candidate: %+v", d)
+	return 0
+}
+
+func TestRouteAtFollowsTheCallersClockForSessionTTL(t *testing.T) {
+	r := mustNew(t, `{"profile": "session-affinity", "session_ttl_s": 1, "workers": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}`)
+	route := func(now uint64) *Decision {
+		d, err := r.RouteAt(iota(32), RouteOptions{Session: "10.0.0.1"}, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	first := route(5_000_000)
+	if s := sessionScore(t, first); s != 0 {
+		t.Fatalf("a new session scored %v", s)
+	}
+	again := route(5_000_900) // 0.9 s later: sticky
+	if s := sessionScore(t, again); s != 1 || again.Worker != first.Worker {
+		t.Fatalf("within the TTL: score %v, worker %s then %s", s, first.Worker, again.Worker)
+	}
+	if s := sessionScore(t, route(5_001_950)); s != 0 { // 1.05 s after the last route
+		t.Fatalf("after the TTL the session still scored %v", s)
+	}
+}
+
+func TestRestorePositionsReturnsTheStreamPositions(t *testing.T) {
+	cfg := `{"hash_algo": "sha256", "profile": "prefix", "workers": [{"name": "pod-a"}]}`
+	r := mustNew(t, cfg)
+	b := recordedBatches(t)[0]
+	if _, err := r.ApplyVLLMBatchFrom("pod-a", b.payload, "tcp://10.0.0.1:5557", 41); err != nil {
+		t.Fatal(err)
+	}
+	// A rejected batch still moves the position.
+	if _, err := r.ApplyVLLMBatchFrom("pod-a", []byte{0x93, 0xff}, "tcp://10.0.0.1:5557", 42); !errors.Is(err, ErrDecode) {
+		t.Fatalf("junk batch: %v", err)
+	}
+	snap, err := r.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2 := mustNew(t, cfg)
+	pos, err := r2.RestorePositions(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(pos) != "map[tcp://10.0.0.1:5557:42]" {
+		t.Fatalf("positions %v", pos)
+	}
+	if got := holderBlocks(t, r2); got != 6 {
+		t.Fatalf("restored router holds %d blocks", got)
+	}
+	if _, err := r2.RestorePositions(snap[:3]); !errors.Is(err, ErrSnapshot) {
+		t.Fatalf("truncated snapshot: %v", err)
+	}
+}

@@ -1,6 +1,8 @@
 """Shared fixtures: the vLLM test vectors in the repository (``testdata/vllm``)."""
 
+import importlib
 import json
+import os
 import pathlib
 
 import pytest
@@ -45,3 +47,23 @@ def all_batches(doc):
         for s in doc["steps"]
         if s["batch"] is not None
     ]
+
+
+def in_ci():
+    """Whether this is a CI run (``CI`` set to anything but empty, ``0`` or ``false``)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(module):
+    """Imports an optional test dependency. Outside CI a missing one skips the test module;
+    under ``CI=true`` it fails, so a CI run cannot pass by skipping tests silently."""
+    if not in_ci():
+        return pytest.importorskip(module)
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(
+            f"{module} is required under CI=true (it is missing: {e}); "
+            f"crates/py/run_py_tests.sh installs it",
+            pytrace=False,
+        )

@@ -2,8 +2,9 @@
 
 import kvroute
 import pytest
+from conftest import require
 
-np = pytest.importorskip("numpy")
+np = require("numpy")
 
 
 def test_numpy_dtypes_agree_with_lists():

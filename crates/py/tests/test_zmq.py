@@ -5,9 +5,9 @@ import time
 
 import kvroute
 import pytest
-from conftest import recorded_batches
+from conftest import require, recorded_batches
 
-zmq = pytest.importorskip("zmq")
+zmq = require("zmq")
 
 
 def wait_for(cond, timeout=10.0):

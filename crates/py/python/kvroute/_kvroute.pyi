@@ -1,7 +1,7 @@
 """Type stubs of kvroute's native module (re-exported by ``kvroute``)."""
 
 import sys
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, final
 
 if sys.version_info >= (3, 12):
     from collections.abc import Buffer as _Buffer
@@ -62,6 +62,7 @@ class IoError(KvrouteError, OSError):
 class InternalError(KvrouteError):
     """A bug inside kvroute (code 13)."""
 
+@final
 class Candidate:
     """One candidate worker of a decision, with each scorer's score."""
 
@@ -86,6 +87,7 @@ class Candidate:
     def to_dict(self) -> Dict[str, Any]:
         """The candidate as a plain dict."""
 
+@final
 class Decision:
     """The router's choice for one request; pass it to ``Router.on_routed``."""
 
@@ -113,6 +115,7 @@ class Decision:
     def to_dict(self) -> Dict[str, Any]:
         """The decision as a plain dict (candidates as dicts)."""
 
+@final
 class Router:
     """A KV-cache-aware router; thread-safe, share one between threads.
 
@@ -120,7 +123,7 @@ class Router:
     the CLI), or None for the defaults. Raises ``ConfigError`` on a bad configuration.
     """
 
-    def __init__(self, config: Union[Mapping[str, Any], str, None] = None) -> None: ...
+    def __new__(cls, config: Union[Mapping[str, Any], str, None] = None) -> "Router": ...
     def route(
         self,
         tokens: Tokens,
@@ -193,6 +196,7 @@ class Router:
     def prometheus(self) -> str:
         """The router's metrics in Prometheus text format."""
 
+@final
 class ZmqSubscriber:
     """Subscribes to vLLM KV-event publishers (ZeroMQ) and applies every batch to a Router.
 
@@ -204,8 +208,8 @@ class ZmqSubscriber:
     Raises ``ConfigError`` for a bad configuration, ``IoError`` when ZeroMQ refuses it.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         router: Router,
         publishers: Iterable[Union[str, Mapping[str, Any]]],
         *,
@@ -215,7 +219,7 @@ class ZmqSubscriber:
         reconnect_interval: float = 0.1,
         idle_warning: float = 10.0,
         max_pending: int = 100000,
-    ) -> None: ...
+    ) -> "ZmqSubscriber": ...
     def stats(self) -> List[Dict[str, Any]]:
         """Each publisher's counters (batches, last_seq, gaps, restarts, resets, idle, ...)."""
     @property

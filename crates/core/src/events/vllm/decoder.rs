@@ -424,43 +424,27 @@ impl<'a> Reader<'a> {
     /// Checks an array of u32 like [`read_u32_array`](Self::read_u32_array) (same errors)
     /// without storing it; returns its length.
     ///
-    /// The encodings msgspec writes (fixint, u8, u16, u32) are stepped over in runs: after
-    /// an element with marker `m` and length `len`, the next element starts `len` bytes on,
-    /// so a run of equal markers is found by comparing bytes at a fixed stride, loads that
-    /// do not depend on each other (a walk element by element waits for each marker before
-    /// it can find the next). Anything else, and an element cut off by the end of the
-    /// payload, goes through `read_u32`, which checks it and builds the errors.
+    /// The encodings msgspec writes (fixint, u8, u16, u32) are stepped over by their length
+    /// alone; anything else, and the last few bytes of the payload, go through `read_u32`,
+    /// which checks the element and builds the errors. The walk is bound by two dependent
+    /// loads per element (the marker, then its length), about as long as decoding it.
+    /// Stepping two elements per 8-byte load without the length table, or over runs of one
+    /// encoding at a fixed stride, measured no faster on random token ids.
     fn skip_u32_array(&mut self, field: &str) -> Result<usize> {
         let (n, _) = self.read_array_len(field)?;
         let buf = self.buf;
         let mut pos = self.pos;
-        let mut left = n;
-        while left > 0 {
-            let m = buf.get(pos).copied().unwrap_or(0xc1);
-            let len = usize::from(U32_LEN[usize::from(m)]);
-            if len == 0 || len > buf.len() - pos {
-                self.pos = pos;
-                self.read_u32(field)?;
-                pos = self.pos;
-                left -= 1;
-                continue;
-            }
-            let mut k = 1;
-            if m < 0x80 {
-                while k < left && buf.get(pos + k).is_some_and(|&b| b < 0x80) {
-                    k += 1;
-                }
-            } else {
-                while k < left && buf.get(pos + k * len) == Some(&m) {
-                    k += 1;
-                }
-                // The last element of the run must end within the payload.
-                if pos + k * len > buf.len() {
-                    k -= 1;
+        for _ in 0..n {
+            if let Some(&[b, ..]) = buf.get(pos..pos + 5) {
+                let len = usize::from(U32_LEN[usize::from(b)]);
+                if len != 0 {
+                    pos += len;
+                    continue;
                 }
             }
-            pos += k * len;
-            left -= k;
+            self.pos = pos;
+            self.read_u32(field)?;
+            pos = self.pos;
         }
         self.pos = pos;
         Ok(n)
