@@ -720,6 +720,26 @@ mod tests {
     }
 
     #[test]
+    fn session_keys_come_from_the_header_else_the_client_and_xff_only_when_trusted() {
+        let peer: SocketAddr = "10.9.8.7:5555".parse().unwrap();
+        let st = state();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4, 10.0.0.1"));
+        assert_eq!(session_key(&st, &h, peer), "10.9.8.7", "XFF is ignored unless trusted");
+        h.insert("x-session-id", HeaderValue::from_static("alice"));
+        assert_eq!(session_key(&st, &h, peer), "alice");
+        let mut cfg = crate::ServeConfig::default();
+        cfg.router.mode = kvroute::router::Mode::Approximate;
+        cfg.server.backends = vec!["http://127.0.0.1:9".into()];
+        cfg.server.trust_forwarded_for = true;
+        cfg.server.session_header = "x-user".into();
+        let trusted = crate::build_state(cfg).unwrap();
+        assert_eq!(session_key(&trusted, &h, peer), "1.2.3.4");
+        h.insert("x-user", HeaderValue::from_static("bob"));
+        assert_eq!(session_key(&trusted, &h, peer), "bob");
+    }
+
+    #[test]
     fn lora_models_carry_their_adapter() {
         let p =
             prepare_body(&state(), br#"{"model": "sql", "prompt": [1, 2, 3]}"#, None).ok().unwrap();
