@@ -170,11 +170,66 @@ pub(crate) struct Parsed {
     pub(crate) tokenize_time: Duration,
 }
 
+/// The fields a completions body with a token-id prompt needs, parsed without building
+/// a JSON tree (an 8,192-token prompt is a 40 KB body).
+#[derive(serde::Deserialize)]
+struct FastBody<'a> {
+    #[serde(borrow, default)]
+    prompt: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    prompt_embeds: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+fn lora_of(state: &State, model: Option<&str>) -> Option<(String, RequestExtras)> {
+    let m = model?;
+    let path = state.cfg.lora_adapters.get(m)?;
+    let extras = RequestExtras {
+        lora: Some(Lora { name: m.to_string(), path: Some(path.clone()) }),
+        ..RequestExtras::default()
+    };
+    Some((m.to_string(), extras))
+}
+
+/// Token-id completions prompts (`[1, 2]` or `[[1, 2], ...]`) without the JSON tree;
+/// `None` sends the body down the general path (which also produces every error).
+fn fast_token_ids(state: &State, body: &[u8], kind: Option<Kind>) -> Option<Parsed> {
+    if kind == Some(Kind::Chat) {
+        return None;
+    }
+    let fb: FastBody = serde_json::from_slice(body).ok()?;
+    if fb.messages.is_some() || fb.prompt_embeds.is_some_and(|p| p.get() != "null") {
+        return None;
+    }
+    let raw = fb.prompt?.get();
+    let tokens = match serde_json::from_str::<Vec<u32>>(raw) {
+        Ok(t) => t,
+        Err(_) => serde_json::from_str::<Vec<Vec<u32>>>(raw).ok()?.into_iter().next()?,
+    };
+    if tokens.is_empty() {
+        return None;
+    }
+    Some(Parsed {
+        tokens,
+        lora: lora_of(state, fb.model.as_deref()),
+        stream: fb.stream.unwrap_or(false),
+        tokenize_time: Duration::ZERO,
+    })
+}
+
 pub(crate) fn prepare_body(
     state: &State,
     body: &[u8],
     kind: Option<Kind>,
 ) -> Result<Parsed, (StatusCode, String)> {
+    if let Some(p) = fast_token_ids(state, body, kind) {
+        return Ok(p);
+    }
     let text = std::str::from_utf8(body)
         .map_err(|_| (StatusCode::BAD_REQUEST, "the body is not UTF-8".to_string()))?;
     let json: Json = Json::parse(text)
@@ -189,17 +244,7 @@ pub(crate) fn prepare_body(
         None => return Err((StatusCode::BAD_REQUEST, "give `prompt` or `messages`".into())),
     };
     let stream = json.get("stream").and_then(Json::as_bool).unwrap_or(false);
-    let lora = json
-        .get("model")
-        .and_then(Json::as_str)
-        .and_then(|m| state.cfg.lora_adapters.get(m).map(|p| (m, p)))
-        .map(|(m, p)| {
-            let extras = RequestExtras {
-                lora: Some(Lora { name: m.to_string(), path: Some(p.clone()) }),
-                ..RequestExtras::default()
-            };
-            (m.to_string(), extras)
-        });
+    let lora = lora_of(state, json.get("model").and_then(Json::as_str));
     let t0 = Instant::now();
     let tokens = match (&state.tokenizer, kind) {
         (Some(tok), Kind::Completion) => tok.encode_completion_body(&json),
@@ -630,6 +675,13 @@ mod tests {
 
     fn check(body: &[u8]) {
         let st = state();
+        // The fast path for token ids agrees with the general path.
+        if let Some(fast) = fast_token_ids(&st, body, None) {
+            let text = std::str::from_utf8(body).unwrap();
+            let j = Json::parse(text).unwrap();
+            let general = kvroute_tokenize::Tokenizer::prompt_token_ids(&j).unwrap().unwrap();
+            assert_eq!(fast.tokens, general);
+        }
         for kind in [None, Some(Kind::Completion), Some(Kind::Chat)] {
             match prepare_body(&st, body, kind) {
                 Ok(p) => {
@@ -710,6 +762,18 @@ mod tests {
             check(&body);
         }
 
+        /// Token-id prompts take the fast path and agree with the general one.
+        #[test]
+        fn token_id_prompts_parse_the_same_on_both_paths(ids in prop::collection::vec(any::<u32>(), 1..64), nested in any::<bool>(), stream in any::<bool>()) {
+            let prompt = if nested { serde_json::json!([ids.clone(), [1]]) } else { serde_json::json!(ids.clone()) };
+            let body = serde_json::json!({"model": "sql", "prompt": prompt, "stream": stream}).to_string();
+            let p = prepare_body(&state(), body.as_bytes(), Some(Kind::Completion)).ok().unwrap();
+            prop_assert_eq!(&p.tokens, &ids);
+            prop_assert_eq!(p.stream, stream);
+            prop_assert!(p.lora.is_some());
+            check(body.as_bytes());
+        }
+
         /// Arbitrary JSON shaped like requests (messages, tools, templates, kwargs).
         #[test]
         fn arbitrary_request_shapes_are_a_result_or_a_400(v in json_value()) {
@@ -717,6 +781,26 @@ mod tests {
             let wrapped = serde_json::json!({"messages": [v.clone()], "tools": [v.clone()], "prompt": v});
             check(wrapped.to_string().as_bytes());
         }
+    }
+
+    #[test]
+    fn session_keys_come_from_the_header_else_the_client_and_xff_only_when_trusted() {
+        let peer: SocketAddr = "10.9.8.7:5555".parse().unwrap();
+        let st = state();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4, 10.0.0.1"));
+        assert_eq!(session_key(&st, &h, peer), "10.9.8.7", "XFF is ignored unless trusted");
+        h.insert("x-session-id", HeaderValue::from_static("alice"));
+        assert_eq!(session_key(&st, &h, peer), "alice");
+        let mut cfg = crate::ServeConfig::default();
+        cfg.router.mode = kvroute::router::Mode::Approximate;
+        cfg.server.backends = vec!["http://127.0.0.1:9".into()];
+        cfg.server.trust_forwarded_for = true;
+        cfg.server.session_header = "x-user".into();
+        let trusted = crate::build_state(cfg).unwrap();
+        assert_eq!(session_key(&trusted, &h, peer), "1.2.3.4");
+        h.insert("x-user", HeaderValue::from_static("bob"));
+        assert_eq!(session_key(&trusted, &h, peer), "bob");
     }
 
     #[test]

@@ -484,3 +484,50 @@ async fn load_is_scraped_and_a_failed_scrape_is_stale() {
     assert!(text.contains("kvroute_routes_total"));
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_come_from_dns() {
+    let f = Arc::new(Fake::default());
+    let a = start_fake(f.clone()).await;
+    let mut cfg = config(&[], Some("tokenize/chatml"));
+    cfg.server.dns = Some(kvroute_server::DnsBackends {
+        name: "localhost".into(),
+        port: a.port(),
+        kv_events_port: None,
+        replay_port: None,
+        interval_s: 0.1,
+    });
+    let srv = kvroute_server::start(cfg).await.unwrap();
+    let s = srv.state.clone();
+    let want = a.to_string();
+    wait_until(|| s.backends.read().contains_key(&want), "the DNS backend").await;
+    wait_until(|| s.backends.read()[&want].probed.load(Ordering::Relaxed), "its probe").await;
+    let (st, resp) = http(srv.addr, "POST", "/v1/completions", r#"{"prompt":"via dns"}"#, "").await;
+    assert_eq!(st, 200, "{resp}");
+    assert_eq!(f.served.load(Ordering::Relaxed), 1);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_a_stream_in_flight() {
+    let gate = Arc::new(Notify::new());
+    let fake = Arc::new(Fake { gate: Some(gate.clone()), ..Fake::default() });
+    fake.chunks.store(3, Ordering::Relaxed);
+    let b = start_fake(fake.clone()).await;
+    let srv = up(config(&[b], Some("tokenize/chatml"))).await;
+    let addr = srv.addr;
+    let client = tokio::spawn(async move {
+        http(addr, "POST", "/v1/completions", r#"{"prompt":"drain me","stream":true}"#, "").await
+    });
+    let st = srv.state.clone();
+    wait_until(|| st.router.inflight_requests() == 1, "the request in flight").await;
+    let shut = tokio::spawn(srv.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!shut.is_finished(), "shutdown waits for the stream");
+    gate.notify_one();
+    let (code, resp) = client.await.unwrap();
+    assert_eq!(code, 200);
+    assert!(resp.contains("[DONE]"), "{resp}");
+    tokio::time::timeout(Duration::from_secs(5), shut).await.unwrap().unwrap();
+    assert_eq!(st.router.inflight_requests(), 0);
+}

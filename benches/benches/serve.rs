@@ -1,0 +1,217 @@
+//! `kvroute serve` overhead and tokenization throughput (issue 11's targets: router
+//! overhead per request p50 <= 100 us and p99 <= 1 ms at 2,000 requests/s with 8,192-token
+//! prompts against in-process fake backends; tokens/s of tokenizing 8,192-token chats).
+//!
+//! Overhead: 4 in-process fake vLLM backends (answer at once) behind a real `kvroute
+//! serve` (precise mode, the chatml tokenizer of testdata/tokenize, the default profile),
+//! driven open-loop at `--rate` requests/s (default 2,000) for `--seconds` (default 5) by
+//! a pool of keep-alive HTTP/1.1 connections, with `/v1/completions` bodies of 8,192
+//! token ids (32 shared prefixes, so the prefix scorer works). The server's own overhead
+//! samples (whole body read -> upstream request sent, tokenization excluded; the
+//! `kvroute_serve_overhead_seconds` histogram) give p50/p99; the client's end-to-end
+//! latencies through the router and straight to a backend are reported beside them.
+//!
+//! Tokenization: 8,192-token multi-turn chats through the template and the tokenizer
+//! (`Tokenizer::encode_chat_body`), and an 8,192-token completion, in tokens/s.
+//!
+//! Run: `cargo bench -p kvroute-benches --bench serve -- [--seconds S] [--rate R]`.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kvroute_benches::{fmt_ns, quantile};
+use kvroute_tokenize::{Json, Tokenizer};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn testdata(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata").join(p)
+}
+
+async fn fake(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let _ = req.into_body().collect().await;
+    let body = match path.as_str() {
+        "/metrics" => "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0.1\n",
+        "/health" => "",
+        _ => r#"{"choices":[{"text":"ok"}]}"#,
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::OK;
+    Ok(r)
+}
+
+async fn start_fake() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(fake);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn arg(name: &str, default: f64) -> f64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn q(v: &mut [u64], p: f64) -> String {
+    fmt_ns(quantile(v, p) as f64)
+}
+
+async fn drive(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    base: &str,
+    bodies: &[Bytes],
+    rate: f64,
+    seconds: f64,
+) -> (Vec<u64>, usize) {
+    let n = (rate * seconds) as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let due = start + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let req = Request::post(format!("{base}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(bodies[i % bodies.len()].clone()))
+            .unwrap();
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let ok = match c.request(req).await {
+                Ok(r) => r.status() == 200 && r.into_body().collect().await.is_ok(),
+                Err(_) => false,
+            };
+            (t.elapsed().as_nanos() as u64, ok)
+        }));
+    }
+    let mut lat = Vec::with_capacity(n);
+    let mut failed = 0;
+    for t in tasks {
+        let (ns, ok) = t.await.unwrap();
+        lat.push(ns);
+        failed += usize::from(!ok);
+    }
+    (lat, failed)
+}
+
+fn tokenization() {
+    let tok = Tokenizer::from_path(testdata("tokenize/chatml")).unwrap();
+    // A multi-turn chat of about 8,192 tokens.
+    let para = "Routing requests to the worker that already holds the prefix saves prefill time. \
+                Le cache KV garde les clés et les valeurs des jetons déjà vus. 東京の天気は晴れです。 ";
+    let mut msgs =
+        vec![serde_json::json!({"role": "system", "content": "You are a helpful assistant."})];
+    let mut turn = 0;
+    let body = loop {
+        let role = if turn % 2 == 0 { "user" } else { "assistant" };
+        msgs.push(serde_json::json!({"role": role, "content": para.repeat(3)}));
+        turn += 1;
+        let b = serde_json::json!({"messages": msgs}).to_string();
+        let j = Json::parse(&b).unwrap();
+        if tok.encode_chat_body(&j).unwrap().len() >= 8192 {
+            break j;
+        }
+    };
+    let ids = tok.encode_chat_body(&body).unwrap();
+    let iters = 40;
+    let t = Instant::now();
+    for _ in 0..iters {
+        std::hint::black_box(tok.encode_chat_body(&body).unwrap());
+    }
+    let chat = t.elapsed().as_secs_f64() / iters as f64;
+    let req = kvroute_tokenize::ChatRequest::from_body(&body).unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        std::hint::black_box(tok.render_chat(&req).unwrap());
+    }
+    let render = t.elapsed().as_secs_f64() / iters as f64;
+    let text = tok.render_chat(&req).unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        std::hint::black_box(tok.encode(&text, false).unwrap());
+    }
+    let encode = t.elapsed().as_secs_f64() / iters as f64;
+    println!(
+        "tokenize chat: {} tokens, {} messages: {:.2} ms per request ({:.2} M tokens/s); template render {:.3} ms, encode {:.2} ms",
+        ids.len(),
+        msgs.len(),
+        chat * 1e3,
+        ids.len() as f64 / chat / 1e6,
+        render * 1e3,
+        encode * 1e3
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let seconds = arg("--seconds", 5.0);
+    let rate = arg("--rate", 2000.0);
+    tokenization();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut backends = Vec::new();
+        for _ in 0..4 {
+            backends.push(start_fake().await);
+        }
+        let mut cfg = kvroute_server::ServeConfig::default();
+        cfg.server.listen = "127.0.0.1:0".into();
+        cfg.server.backends = backends.iter().map(|a| format!("http://{a}")).collect();
+        cfg.server.tokenizer = Some(testdata("tokenize/chatml"));
+        let srv = kvroute_server::start(cfg).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // 8,192-token prompts as token ids: 32 shared 6,144-token prefixes, unique tails.
+        let bodies: Vec<Bytes> = (0..256u32)
+            .map(|i| {
+                let p = i % 32;
+                let ids: Vec<u32> = (0..8192u32).map(|t| if t < 6144 { (p * 7919 + t) % 600 } else { (i * 31 + t) % 600 }).collect();
+                Bytes::from(serde_json::json!({"model": "m", "prompt": ids, "max_tokens": 1}).to_string())
+            })
+            .collect();
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_nodelay(true);
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(http);
+        // Warm up connections, then measure.
+        let _ = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, 0.5).await;
+        srv.state.metrics.overhead_samples.lock().clear();
+        let (mut via, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
+        let mut over = srv.state.metrics.overhead_samples.lock().clone();
+        let (mut direct, _) = drive(&client, &format!("http://{}", backends[0]), &bodies, rate, seconds.min(2.0)).await;
+        println!(
+            "serve overhead at {rate} req/s for {seconds} s, 8,192-token prompts, 4 backends: p50 {}, p99 {}, p999 {} ({} samples, {failed} failed)",
+            q(&mut over, 0.5),
+            q(&mut over, 0.99),
+            q(&mut over, 0.999),
+            over.len()
+        );
+        println!(
+            "client end to end: through kvroute serve p50 {}, p99 {}; straight to a backend p50 {}, p99 {}",
+            q(&mut via, 0.5),
+            q(&mut via, 0.99),
+            q(&mut direct, 0.5),
+            q(&mut direct, 0.99)
+        );
+        srv.shutdown().await;
+    });
+}
