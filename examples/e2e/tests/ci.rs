@@ -1,7 +1,7 @@
 //! The short version of the end-to-end experiment that CI runs (seconds, with a time scale):
 //! real processes, real sockets.
 
-use kvroute_e2e::{kvroute_bin, run, ClusterSpec, Fault, Summary};
+use kvroute_e2e::{kvroute_bin, run, ClusterSpec, Fault};
 use kvroute_sim::SimulateSpec;
 
 const TIME_SCALE: f64 = 0.01;
