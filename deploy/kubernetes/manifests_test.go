@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	appsv1 "k8s.io/api/apps/v1"
@@ -453,5 +454,45 @@ func TestManifestsAgree(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestServeAcceptsTheConfigMap starts `kvroute serve` on the ConfigMap's config.json (its
+// tokenizer path pointed at the repository's test tokenizer): kvroute reads the file
+// strictly, so an unknown or misspelled setting makes it exit at once.
+func TestServeAcceptsTheConfigMap(t *testing.T) {
+	m := load(t)
+	cm := m.configMaps["kvroute-config"]
+	if cm == nil {
+		t.Fatal("no ConfigMap kvroute-config")
+	}
+	var cfg map[string]interface{}
+	if err := json.Unmarshal([]byte(cm.Data["config.json"]), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := filepath.Abs("../../testdata/tokenize/chatml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg["server"].(map[string]interface{})["tokenizer"] = tok
+	b, _ := json.Marshal(cfg)
+	path := filepath.Join(t.TempDir(), "config.json")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(kvrouteBin(t), "serve", "--config", path, "--listen", "127.0.0.1:0")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		t.Fatalf("kvroute serve exited on the ConfigMap's config (%v):\n%s", err, out.String())
+	case <-time.After(1500 * time.Millisecond):
+		_ = cmd.Process.Kill()
+		<-done
 	}
 }

@@ -67,10 +67,30 @@ impl Drop for Proc {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound once and released).
+/// The small test tokenizer in testdata/tokenize (a BPE with `vocab` ids) that kvroute serve
+/// loads for precise mode; workload token ids are mapped into its vocabulary.
+pub fn test_tokenizer() -> (String, u32) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tokenize/chatml");
+    (dir.display().to_string(), VOCAB)
+}
+
+/// Token ids of testdata/tokenize/chatml (its `model.vocab`, added tokens included).
+pub const VOCAB: u32 = 600;
+
+/// A free TCP port on 127.0.0.1 (bound once and released), never one this process handed
+/// out before (the OS may offer a just-released port again).
 pub fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..100 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let p = l.local_addr().map_err(|e| e.to_string())?.port();
+        let mut given = GIVEN.lock().map_err(|e| e.to_string())?;
+        if !given.contains(&p) {
+            given.push(p);
+            return Ok(p);
+        }
+    }
+    Err("no free port".into())
 }
 
 /// The kvroute binary: `$KVROUTE_BIN`, else the newer of `target/release/kvroute` and
@@ -119,8 +139,12 @@ pub struct ClusterSpec {
     pub hash_seed: Option<String>,
     /// The served model name.
     pub model: String,
-    /// `--tokenizer` for the replicas and the router.
+    /// `--tokenizer` for the replicas.
     pub tokenizer: Option<String>,
+    /// `--tokenizer` for the router (precise mode needs one even for token-id prompts).
+    pub router_tokenizer: Option<String>,
+    /// Token ids of the workload are taken modulo this (the router's vocabulary size).
+    pub vocab: Option<u32>,
     /// Start `kvroute serve` with these extra arguments (`--profile NAME`, ...); `None`: no
     /// router.
     pub serve: Option<Vec<String>>,
@@ -229,7 +253,7 @@ impl Cluster {
             if let Some(s) = &spec.hash_seed {
                 args.extend(["--hash-seed".into(), s.clone()]);
             }
-            if let Some(t) = &spec.tokenizer {
+            if let Some(t) = &spec.router_tokenizer {
                 args.extend(["--tokenizer".into(), t.clone()]);
             }
             args.extend(extra.iter().cloned());
@@ -574,7 +598,7 @@ pub async fn run(
 ) -> Result<(Summary, Option<String>), String> {
     let mut cluster = Cluster::start(spec.clone()).await?;
     let target = cluster.target();
-    let vocab = None;
+    let vocab = spec.vocab;
     let duration = w.requests.last().map_or(0.0, |r| r.arrival_s) * spec.time_scale;
     let load = {
         let w = w.clone();

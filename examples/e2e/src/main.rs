@@ -93,6 +93,8 @@ async fn main_async(args: Args) -> Result<(), String> {
         hash_seed: None,
         model: "llama-3-8b".into(),
         tokenizer: None,
+        router_tokenizer: Some(kvroute_e2e::test_tokenizer().0),
+        vocab: Some(kvroute_e2e::test_tokenizer().1),
         serve: None,
         log_dir: args.log_dir.clone(),
     };

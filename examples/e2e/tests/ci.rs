@@ -1,10 +1,14 @@
 //! The short version of the end-to-end experiment that CI runs (seconds, with a time scale):
 //! real processes, real sockets.
 
-use kvroute_e2e::{kvroute_bin, run, ClusterSpec, Fault, Summary};
+use kvroute_e2e::{kvroute_bin, run, ClusterSpec, Fault};
 use kvroute_sim::SimulateSpec;
 
 const TIME_SCALE: f64 = 0.01;
+
+/// The runs start many processes on a small machine: one at a time keeps their timing
+/// (and so the hit rates) close to the model's.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn spec(workload: &str, requests: usize) -> (SimulateSpec, kvroute_sim::Workload, ClusterSpec) {
     let s = SimulateSpec {
@@ -23,6 +27,8 @@ fn spec(workload: &str, requests: usize) -> (SimulateSpec, kvroute_sim::Workload
         hash_seed: None,
         model: "llama-3-8b".into(),
         tokenizer: None,
+        router_tokenizer: Some(kvroute_e2e::test_tokenizer().0),
+        vocab: Some(kvroute_e2e::test_tokenizer().1),
         serve: None,
         log_dir: None,
     };
@@ -41,6 +47,7 @@ fn sim(s: &SimulateSpec, policy: &str) -> kvroute_sim::RunResult {
 /// block pool, vLLM's counting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn over_the_wire_hit_rate_equals_the_simulator_for_round_robin() {
+    let _serial = SERIAL.lock().await;
     let (s, w, cs) = spec("seed", 150);
     let (got, _) = run(cs, &w, "round robin", None).await.unwrap();
     println!("{got}");
@@ -58,14 +65,11 @@ async fn over_the_wire_hit_rate_equals_the_simulator_for_round_robin() {
     );
 }
 
-fn no_lost(s: &Summary) {
-    assert!(s.failed == 0, "{s}");
-}
-
 /// A restarted replica (cache cleared, sequence back to 0) serves again after its
 /// downtime; only requests sent to it meanwhile fail, since nothing routes around it here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_replica_serves_again() {
+    let _serial = SERIAL.lock().await;
     let (_, w, cs) = spec("seed", 100);
     let (got, _) = run(cs, &w, "round robin, restart", Some((Fault::Restart { down_ms: 100 }, 0)))
         .await
@@ -73,5 +77,81 @@ async fn a_restarted_replica_serves_again() {
     println!("{got}");
     assert!(got.failed <= 5, "{got}");
     assert!(got.completed >= 95);
-    let _ = no_lost;
+}
+
+fn with_router(mut cs: ClusterSpec, profile: Option<&str>) -> ClusterSpec {
+    cs.serve = Some(profile.map_or(vec![], |p| vec!["--profile".into(), p.into()]));
+    cs
+}
+
+fn index_blocks(metrics: &Option<String>) -> f64 {
+    metrics
+        .as_deref()
+        .and_then(|m| kvroute_e2e::sample(m, "kvroute_index_blocks", ""))
+        .unwrap_or(-1.0)
+}
+
+/// The reference experiment, short: with session affinity most requests land on one
+/// replica; kvroute's default preset spreads them and reaches the hit-rate ceiling, which
+/// is what the simulator predicts for the same workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_affinity_versus_the_default_preset_through_kvroute_serve() {
+    let _serial = SERIAL.lock().await;
+    let (s, w, cs) = spec("seed", 150);
+    let (aff, _) =
+        run(with_router(cs.clone(), Some("session-affinity")), &w, "session-affinity", None)
+            .await
+            .unwrap();
+    println!("{aff}");
+    let (def, m) = run(with_router(cs, None), &w, "default", None).await.unwrap();
+    println!("{def}");
+    assert_eq!((aff.failed, def.failed), (0, 0), "{aff}{def}");
+    assert!(aff.top_share >= 0.6, "affinity should pile requests on one replica: {aff}");
+    assert!(def.top_share < aff.top_share, "{def}");
+    assert!(def.hit_rate > aff.hit_rate, "{aff}{def}");
+    // The ceiling: every prompt misses once (20 distinct prompts, full-block hits only).
+    let ceiling = sim(&s, "prefix-precise").hit_rate;
+    assert!(def.hit_rate >= ceiling - 0.05, "wire {:.3} vs simulated {ceiling:.3}", def.hit_rate);
+    assert!(index_blocks(&m) > 0.0, "the router's index never filled: {m:?}");
+}
+
+/// Faults halfway through, through the router: a replica that restarts, one that is
+/// killed, and dropped event batches. The router keeps serving: nothing fails except
+/// streams that were already running on the replica that went away (those cannot be
+/// retried), and its index converges (it holds blocks at the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_router_keeps_serving_through_restart_kill_and_dropped_batches() {
+    let _serial = SERIAL.lock().await;
+    let (_, w, cs) = spec("seed", 120);
+    for fault in
+        [Fault::Restart { down_ms: 200 }, Fault::Kill, Fault::DropBatches(3), Fault::Error500]
+    {
+        let (got, m) =
+            run(with_router(cs.clone(), None), &w, &format!("{fault:?}"), Some((fault, 0)))
+                .await
+                .unwrap();
+        println!("{got}");
+        // Requests in flight on replica 0 when it dies break mid-stream and cannot be
+        // retried; a request that fails before its first byte could have been retried.
+        let before_first_byte: Vec<&String> =
+            got.errors.iter().filter(|e| !e.starts_with("stream broken")).collect();
+        match fault {
+            Fault::Kill | Fault::Restart { .. } => {
+                assert!(got.failed <= 4, "{got}");
+                // Known gaps in kvroute serve (reported): a request written to a pooled
+                // connection that the killed process reset comes back as 502 "SendRequest"
+                // instead of being retried on the next worker, and a request whose upstream
+                // died before the response head can see its connection closed ("error
+                // sending request"). Nothing else may fail before the first byte.
+                for e in &before_first_byte {
+                    assert!(
+                        e.contains("SendRequest") || e.starts_with("error sending request"),
+                        "a retryable request was lost: {e}\n{got}"
+                    );
+                }
+            }
+            _ => assert_eq!(got.failed, 0, "{got}"),
+        }
+        assert!(index_blocks(&m) > 0.0, "{fault:?}: index empty at the end: {m:?}");
+    }
 }
