@@ -33,7 +33,7 @@ fn one_unbounded_worker_reproduces_the_trace_ceiling() {
     engine.instant = true;
     // Unbounded: more blocks than the whole trace needs.
     engine.num_gpu_blocks = 2_000_000;
-    let cfg = SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: 1 };
+    let cfg = SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: 1, router_replicas: 1 };
     let rep = compare(&p, &cfg, &names(&["random", "oracle"]), &|_| {}).unwrap();
     for r in &rep.results {
         // README: 288,500 blocks, 182,790 distinct: every block but each id's first
@@ -55,7 +55,8 @@ fn one_unbounded_worker_reproduces_the_trace_ceiling() {
 fn seed_run(policies: &[&str], seed: u64) -> kvroute_sim::report::Report {
     let w = workload::seed_experiment(&SeedParams { seed, ..SeedParams::default() });
     let p = Prepared::new(w, 16).unwrap();
-    let cfg = SimConfig { workers: 5, engine: llama(16), event_delay_s: 0.05, seed };
+    let cfg =
+        SimConfig { workers: 5, engine: llama(16), event_delay_s: 0.05, seed, router_replicas: 1 };
     compare(&p, &cfg, &names(policies), &|_| {}).unwrap()
 }
 
@@ -110,6 +111,7 @@ fn precise_prefix_beats_random_on_shared_prefix() {
         engine: EngineConfig::preset("qwen3-32b", "h100-80gb", 16).unwrap(),
         event_delay_s: 0.05,
         seed: 0,
+        router_replicas: 1,
     };
     let rep = compare(&p, &cfg, &names(&["random", "prefix-precise", "oracle"]), &|_| {}).unwrap();
     let (rnd, pre, orc) = (&rep.results[0], &rep.results[1], &rep.results[2]);
@@ -135,7 +137,13 @@ fn router_prefix_precise_reaches_the_oracle_and_follows_every_event() {
         seed: 5,
     });
     let p = Prepared::new(w, 16).unwrap();
-    let cfg = SimConfig { workers: 4, engine: llama(16), event_delay_s: 0.05, seed: 5 };
+    let cfg = SimConfig {
+        workers: 4,
+        engine: llama(16),
+        event_delay_s: 0.05,
+        seed: 5,
+        router_replicas: 1,
+    };
     let oracle = kvroute_sim::run_oracle(&p, &cfg).unwrap();
     let mut pol =
         RouterPolicy::named("prefix-precise", cfg.workers, &cfg.engine, cfg.seed).unwrap();

@@ -149,7 +149,12 @@ impl Router {
                 return Err(e);
             }
         };
-        self.apply_ops(&worker, ops, &mut report, stream);
+        let ts_ms = if batch.ts.is_finite() && batch.ts > 0.0 {
+            (batch.ts * 1e3) as u64
+        } else {
+            super::wall_ms()
+        };
+        self.apply_ops(&worker, ops, &mut report, stream, ts_ms);
         {
             let mut c = worker.counters.lock();
             c.batches += 1;
@@ -315,6 +320,7 @@ impl Router {
         ops: Vec<Op<'_>>,
         report: &mut ApplyReport,
         stream: Option<(&str, u64)>,
+        ts_ms: u64,
     ) {
         let id = worker.id;
         let vllm = self.cfg.hash_algo.is_vllm();
@@ -353,6 +359,10 @@ impl Router {
                             report.blocks_stored += r.blocks;
                             report.orphans += u32::from(r.orphan);
                         }
+                        // Predicted residency: these blocks are now known, not predicted.
+                        let ks =
+                            if rekey.is_some() { &keys[start..start + chunk.len()] } else { chunk };
+                        self.confirm_predictions(worker, ks, ts_ms);
                     }
                 }
                 Op::Remove { tier, engine } => {
@@ -370,6 +380,7 @@ impl Router {
                 }
                 Op::Clear => {
                     self.index.write().clear_worker(id);
+                    self.overlay.write().clear_worker(id.0);
                 }
             }
         }
