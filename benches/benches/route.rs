@@ -91,6 +91,7 @@ fn load(w: u32) -> Load {
         inflight_prefill_tokens: 0,
         kv_usage: 0.05 + f64::from(w % 10) * 0.1,
         decode_blocks: 0,
+        ..Load::default()
     }
 }
 

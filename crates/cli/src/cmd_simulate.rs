@@ -25,8 +25,8 @@ struct Opts {
     /// Number of workers (default: 5 for seed, 8 otherwise).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     workers: Option<u32>,
-    /// Comma-separated policies: random, round-robin, session-affinity, prefix-approx,
-    /// prefix-precise, llm-d, cost, hybrid, oracle (default: all).
+    /// Comma-separated policies: kvroute, random, round-robin, session-affinity,
+    /// prefix-approx, prefix-precise, llm-d, cost, hybrid, oracle (default: all).
     #[arg(long, value_delimiter = ',')]
     policies: Option<Vec<String>>,
     /// Model preset (llama-3-8b, qwen3-8b, qwen3-32b, llama-3-70b; default: llama-3-8b,
@@ -55,6 +55,10 @@ struct Opts {
     /// Seconds before a precise policy sees a worker's cache events.
     #[arg(long, default_value_t = 0.05)]
     event_delay: f64,
+    /// Independent router replicas in front of the workers: requests are spread over them
+    /// round-robin; each sees every worker's events but only its own routings.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    router_replicas: u32,
     /// Write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -79,6 +83,7 @@ impl Opts {
             requests: self.requests,
             seed: self.seed,
             event_delay: self.event_delay,
+            router_replicas: self.router_replicas as usize,
         }
     }
 }

@@ -17,6 +17,8 @@ fn bad_flags_exit_2_with_a_clear_message() {
         &["simulate", "--rate", "-1"],
         &["simulate", "--model", "gpt-17", "--workload", "seed"],
         &["simulate", "--workload", "trace:/nonexistent/trace.jsonl"],
+        &["simulate", "--router-replicas", "0"],
+        &["simulate", "--router-replicas", "two"],
     ] {
         let out = kvroute().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -104,5 +106,25 @@ fn chat_workload_runs_end_to_end() {
     assert!(aff > rnd + 0.2, "{aff} vs {rnd}");
     assert!(aff <= oracle + 1e-12 && rnd <= oracle + 1e-12);
     assert_eq!(v["results"][1]["completed"], 600);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn kvroute_is_a_default_policy_and_router_replicas_is_a_flag() {
+    let dir = std::env::temp_dir().join(format!("kvroute-sim-rep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("r.json");
+    let out = kvroute()
+        .args(["simulate", "--workload", "seed", "--router-replicas", "2", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["config"]["cluster"]["router_replicas"], 2);
+    let policies: Vec<&str> =
+        v["results"].as_array().unwrap().iter().map(|r| r["policy"].as_str().unwrap()).collect();
+    assert_eq!(policies[0], "kvroute", "{policies:?}");
+    assert!(policies.contains(&"session-affinity") && policies.contains(&"oracle"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

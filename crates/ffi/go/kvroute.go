@@ -605,19 +605,35 @@ type WorkerMetrics struct {
 	Healthy               bool      `json:"healthy"`
 	Draining              bool      `json:"draining"`
 	HasEvents             bool      `json:"has_events"`
+	// Never-stale load and what the router learned about the worker (kvroute preset).
+	PendingPrefillTokens uint64  `json:"pending_prefill_tokens"`
+	ActiveRequests       uint32  `json:"active_requests"`
+	PrefillTokensPerS    float64 `json:"prefill_tokens_per_s"`
+	PrefillRateSamples   uint64  `json:"prefill_rate_samples"`
+	PredictionTTLS       float64 `json:"prediction_ttl_s"`
+}
+
+// PredictionCounters count the predicted-residency overlay's predictions (precise mode).
+type PredictionCounters struct {
+	Made      uint64 `json:"made"`
+	Confirmed uint64 `json:"confirmed"`
+	Expired   uint64 `json:"expired"`
+	Dropped   uint64 `json:"dropped"`
 }
 
 // Metrics is a snapshot of the router's counters (the main fields of MetricsJSON).
 type Metrics struct {
-	Routes             uint64          `json:"routes"`
-	PromptTokens       uint64          `json:"prompt_tokens"`
-	PredictedHitTokens uint64          `json:"predicted_hit_tokens"`
-	EventBatches       uint64          `json:"event_batches"`
-	EventErrors        uint64          `json:"event_errors"`
-	HashMismatches     uint64          `json:"hash_mismatches"`
-	InflightRequests   uint64          `json:"inflight_requests"`
-	Index              IndexStats      `json:"index"`
-	Workers            []WorkerMetrics `json:"workers"`
+	Routes             uint64             `json:"routes"`
+	PromptTokens       uint64             `json:"prompt_tokens"`
+	PredictedHitTokens uint64             `json:"predicted_hit_tokens"`
+	EventBatches       uint64             `json:"event_batches"`
+	EventErrors        uint64             `json:"event_errors"`
+	HashMismatches     uint64             `json:"hash_mismatches"`
+	InflightRequests   uint64             `json:"inflight_requests"`
+	Predictions        PredictionCounters `json:"predictions"`
+	PredictionsHeld    uint64             `json:"predictions_held"`
+	Index              IndexStats         `json:"index"`
+	Workers            []WorkerMetrics    `json:"workers"`
 }
 
 // Metrics returns the router's counters and gauges.

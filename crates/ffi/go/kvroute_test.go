@@ -502,3 +502,52 @@ func TestRestorePositionsReturnsTheStreamPositions(t *testing.T) {
 		t.Fatalf("truncated snapshot: %v", err)
 	}
 }
+
+// The default configuration is the kvroute preset: its decisions are explained in
+// seconds, routed requests are predicted on their worker, and the learned prefill rate
+// and prediction counters reach Go.
+func TestKvroutePresetAndPredictionMetrics(t *testing.T) {
+	r, err := New(`{"workers": [{"name": "a"}, {"name": "b"}]}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	tokens := make([]uint32, 160)
+	for i := range tokens {
+		tokens[i] = uint32(i*7 + 3)
+	}
+	d, err := r.Route(tokens, RouteOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(d.Candidates) != 2 || d.Candidates[0].Scores[0].Name != "ttft_s" {
+		t.Fatalf("not the kvroute preset: %+v", d.Candidates)
+	}
+	if err := r.OnRouted(d); err != nil {
+		t.Fatal(err)
+	}
+	again, err := r.Route(tokens, RouteOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.Worker != d.Worker || again.MatchedBlocks != 10 {
+		t.Fatalf("prediction not visible: %s %d", again.Worker, again.MatchedBlocks)
+	}
+	m, err := r.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Predictions.Made != 10 || m.PredictionsHeld != 10 {
+		t.Fatalf("predictions %+v held %d", m.Predictions, m.PredictionsHeld)
+	}
+	for _, w := range m.Workers {
+		if w.PrefillTokensPerS != 10000 || w.PredictionTTLS != 2 {
+			t.Fatalf("worker %+v", w)
+		}
+	}
+	prom, err := r.Prometheus()
+	if err != nil || !strings.Contains(prom, "kvroute_predictions_made_total 10") ||
+		!strings.Contains(prom, "kvroute_worker_prefill_tokens_per_second") {
+		t.Fatalf("prometheus: %v", err)
+	}
+}

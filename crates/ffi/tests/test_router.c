@@ -774,6 +774,38 @@ static void test_every_result_code(void) {
   CHECK(described == covered);
 }
 
+/* The default profile is the kvroute preset (explained in seconds); a routed request's
+ * blocks are predicted on its worker, and the prediction counters and learned prefill
+ * rates are in the metrics. */
+static void test_kvroute_preset_and_predictions(void) {
+  kvroute_router *r = new_router("{\"workers\": [{\"name\": \"a\"}, {\"name\": \"b\"}]}");
+  kvroute_router *named = new_router("{\"profile\": \"kvroute\"}");
+  kvroute_router_free(named);
+  uint32_t t[160];
+  iota(t, 160);
+  kvroute_decision_info info, again;
+  kvroute_decision *d = NULL;
+  CHECK_RC(kvroute_router_route(r, t, 160, NULL, NULL, NULL, &info, &d), KVROUTE_RESULT_OK);
+  const char *name = NULL;
+  double v = NAN;
+  CHECK_RC(kvroute_decision_score(d, 0, 0, &name, &v), KVROUTE_RESULT_OK);
+  CHECK(name && strcmp(name, "ttft_s") == 0 && v > 0.0);
+  CHECK_RC(kvroute_router_on_routed(r, d), KVROUTE_RESULT_OK);
+  CHECK_RC(kvroute_router_route(r, t, 160, NULL, NULL, NULL, &again, NULL), KVROUTE_RESULT_OK);
+  CHECK(strcmp(again.worker, info.worker) == 0 && again.matched_blocks == 10);
+  char *json = NULL, *prom = NULL;
+  CHECK_RC(kvroute_router_metrics_json(r, &json), KVROUTE_RESULT_OK);
+  CHECK(json && json_number(json, "made") == 10 && json_number(json, "predictions_held") == 10);
+  CHECK(json && strstr(json, "\"prefill_tokens_per_s\":10000") != NULL);
+  kvroute_string_free(json);
+  CHECK_RC(kvroute_router_prometheus(r, &prom), KVROUTE_RESULT_OK);
+  CHECK(prom && strstr(prom, "kvroute_predictions_made_total 10\n"));
+  CHECK(prom && strstr(prom, "kvroute_worker_prefill_tokens_per_second{worker=\"a\""));
+  kvroute_string_free(prom);
+  kvroute_decision_free(d);
+  kvroute_router_free(r);
+}
+
 int main(int argc, char **argv) {
   if (argc != 2 || load_vectors(argv[1]) != 0) {
     fprintf(stderr, "usage: %s VECTORS_FILE (from extract_vectors.py)\n", argv[0]);
@@ -789,6 +821,7 @@ int main(int argc, char **argv) {
   test_route_at_session_ttl();
   test_restore_positions();
   test_every_result_code();
+  test_kvroute_preset_and_predictions();
   free_vectors();
   printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -14,7 +14,7 @@ use pyo3::types::PyDict;
 /// Keyword arguments are the fields of the simulation spec: `workloads` (list of `"seed"`,
 /// `"shared-prefix"`, `"chat"`, `"trace:PATH"`; default seed then shared-prefix),
 /// `workers`, `policies` (list of names), `model`, `gpu`, `capacity_blocks`,
-/// `block_size`, `rate`, `requests`, `seed`, `event_delay`. A single `workload="..."` is
+/// `block_size`, `rate`, `requests`, `seed`, `event_delay`, `router_replicas`. A single `workload="..."` is
 /// accepted too. Unknown names or bad values raise `ConfigError`; a malformed trace
 /// raises `DecodeError` naming the line. The GIL is released while it runs.
 #[pyfunction]

@@ -108,3 +108,21 @@ def test_decision_to_dict():
     assert [c["worker"] for c in dd["candidates"]] == [c.worker for c in d.candidates]
     assert all(isinstance(c["scores"], dict) for c in dd["candidates"])
     assert "Decision(" in repr(d)
+
+
+def test_kvroute_preset_and_prediction_metrics():
+    # The default profile is the kvroute preset, explained in seconds.
+    r = kvroute.Router({"workers": [{"name": "a"}, {"name": "b"}]})
+    tokens = list(range(160))
+    d = r.route(tokens)
+    assert list(d.candidates[0].scores)[0] == "ttft_s"
+    r.on_routed(d)
+    # The routed request's blocks are predicted on its worker until events confirm them.
+    again = r.route(tokens)
+    assert (again.worker, again.matched_blocks) == (d.worker, 10)
+    m = r.metrics()
+    assert m["predictions"]["made"] == 10 and m["predictions_held"] == 10
+    assert all(w["prefill_tokens_per_s"] == 10000.0 for w in m["workers"])
+    assert all(w["prediction_ttl_s"] == 2.0 for w in m["workers"])
+    assert "kvroute_predictions_made_total 10" in r.prometheus()
+    assert kvroute.Router({"profile": "kvroute"}).metrics()["predictions"]["made"] == 0

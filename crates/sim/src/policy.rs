@@ -5,6 +5,7 @@
 //!
 //! | name | router mode | profile preset | what it knows | how it picks |
 //! |---|---|---|---|---|
+//! | `kvroute` | precise | `kvroute` | events + predicted residency + never-stale load + learned prefill rates | lowest predicted TTFT in seconds, balance guard, near-ties to the less loaded |
 //! | `random` | precise | `random` | nothing | uniform |
 //! | `round-robin` | precise | `round-robin` | nothing | in turn |
 //! | `session-affinity` | precise | `session-affinity` | the session key (client IP) | the worker that last served the key within the TTL (2 h), else random (Kubernetes `sessionAffinity: ClientIP`) |
@@ -94,6 +95,7 @@ pub trait Policy: Send {
 
 /// Names of the built-in policies, in report order.
 pub const BUILTIN: &[&str] = &[
+    "kvroute",
     "random",
     "round-robin",
     "session-affinity",
@@ -109,13 +111,15 @@ pub fn is_builtin(name: &str) -> bool {
     BUILTIN.contains(&name)
 }
 
-/// A built-in policy by name (see the module table), for `workers` workers of `engine`;
-/// `seed` fixes its random choices. Errors with [`Error::Config`] on an unknown name.
+/// A built-in policy by name (see the module table), for `workers` workers of `engine`,
+/// behind `replicas` router replicas ([`RouterPolicy::with_replicas`]); `seed` fixes its
+/// random choices. Errors with [`Error::Config`] on an unknown name.
 pub fn builtin(
     name: &str,
     workers: usize,
     seed: u64,
     engine: &EngineConfig,
+    replicas: usize,
 ) -> Result<Box<dyn Policy>> {
     if !is_builtin(name) {
         return Err(Error::config(format!(
@@ -124,5 +128,5 @@ pub fn builtin(
         )));
     }
     debug_assert!(ROUTER_POLICIES.iter().any(|(n, _, _)| *n == name));
-    Ok(Box::new(RouterPolicy::named(name, workers, engine, seed)?))
+    Ok(Box::new(RouterPolicy::named(name, workers, engine, seed)?.with_replicas(replicas)?))
 }

@@ -45,7 +45,7 @@ pub fn compare(
                 progress(p.workload.requests.len() as u64);
                 return r;
             }
-            let mut pol = builtin(name, cfg.workers, cfg.seed, &cfg.engine)?;
+            let mut pol = builtin(name, cfg.workers, cfg.seed, &cfg.engine, cfg.router_replicas)?;
             run_with_progress(p, cfg, pol.as_mut(), progress)
         })
         .collect::<Result<Vec<_>>>()?;

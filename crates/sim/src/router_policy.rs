@@ -43,6 +43,7 @@ pub const SESSION_TTL_S: u64 = 7_200;
 
 /// The named router policies: `(name, mode, profile preset)`.
 pub const ROUTER_POLICIES: &[(&str, Mode, &str)] = &[
+    ("kvroute", Mode::Precise, "kvroute"),
     ("random", Mode::Precise, "random"),
     ("round-robin", Mode::Precise, "round-robin"),
     ("session-affinity", Mode::Precise, "session-affinity"),
@@ -58,18 +59,24 @@ pub fn router_spec(name: &str) -> Option<(Mode, &'static str)> {
     ROUTER_POLICIES.iter().find(|(n, _, _)| *n == name).map(|&(_, m, p)| (m, p))
 }
 
-/// A [`Policy`] backed by a [`Router`] (see the module documentation).
+/// A [`Policy`] backed by one [`Router`], or by several independent replicas of it (see
+/// [`RouterPolicy::with_replicas`]).
 pub struct RouterPolicy {
     name: String,
-    router: Router,
+    /// The replicas; requests go to them in turn, each applies every worker's events.
+    routers: Vec<Router>,
+    /// The next replica to route.
+    next_replica: usize,
+    /// The configuration the replicas were built from (for more replicas).
+    cfg: RouterConfig,
     mode: Mode,
     /// Whether the profile reads prefix matches (otherwise events would be wasted work).
     needs_prefix: bool,
     block_size: usize,
     /// Worker names, by simulator index (`w0`, `w1`, ...).
     names: Vec<String>,
-    /// Simulator request id -> router request id, for requests in flight.
-    ids: HashMap<u64, u64>,
+    /// Simulator request id -> (replica, router request id), for requests in flight.
+    ids: HashMap<u64, (usize, u64)>,
     tokens: Vec<u32>,
     /// Load push interval, seconds; `None`: no load reports.
     refresh_s: Option<f64>,
@@ -82,6 +89,9 @@ impl RouterPolicy {
     /// and hybrid predictions model the same pool as the engine), XXH3 keys, `seed` for its
     /// random choices and a 2 h session TTL. Load is pushed every [`METRICS_REFRESH_S`].
     /// `name` is the name shown in reports.
+    // Fields are assigned one by one, never by a struct literal: the configuration may
+    // become non-exhaustive with a builder.
+    #[allow(clippy::field_reassign_with_default)]
     pub fn new(
         name: &str,
         mode: Mode,
@@ -112,7 +122,9 @@ impl RouterPolicy {
             .build()?;
         Ok(RouterPolicy {
             name: name.to_string(),
-            router: Router::new(cfg)?,
+            routers: vec![Router::new(cfg.clone())?],
+            next_replica: 0,
+            cfg,
             mode,
             needs_prefix,
             block_size: engine.block_size,
@@ -141,9 +153,33 @@ impl RouterPolicy {
         self
     }
 
-    /// The router, for inspection (metrics, index statistics).
+    /// Spreads requests over `replicas` independent routers (round-robin, as a
+    /// Kubernetes Service in front of them): each applies every worker's events and load
+    /// reports but sees only its own routings (its predictions, its in-flight load, its
+    /// learned rates). Replica 0 is the router of a single-router run (same seed), so one
+    /// replica is exactly the single-router run; replica `i` draws its random choices from
+    /// a seed derived from the policy's and `i`.
+    pub fn with_replicas(mut self, replicas: usize) -> Result<Self> {
+        if replicas == 0 {
+            return Err(Error::config("router_replicas must be at least 1"));
+        }
+        self.routers.truncate(1);
+        for i in 1..replicas {
+            let mut cfg = self.cfg.clone();
+            cfg.seed = splitmix64(self.cfg.seed ^ splitmix64(i as u64));
+            self.routers.push(Router::new(cfg)?);
+        }
+        Ok(self)
+    }
+
+    /// The router (the first replica), for inspection (metrics, index statistics).
     pub fn router(&self) -> &Router {
-        &self.router
+        &self.routers[0]
+    }
+
+    /// Every replica.
+    pub fn routers(&self) -> &[Router] {
+        &self.routers
     }
 
     fn push_load(&mut self, view: &ClusterView<'_>) -> Result<()> {
@@ -161,7 +197,9 @@ impl RouterPolicy {
                 kv_usage: Some(v.kv_usage.clamp(0.0, 1.0)),
                 loras: None,
             };
-            self.router.report_load(name, 0, &report)?;
+            for router in &self.routers {
+                router.report_load(name, 0, &report)?;
+            }
         }
         Ok(())
     }
@@ -172,7 +210,7 @@ impl RouterPolicy {
         self.needs_prefix || self.mode != Mode::Precise
     }
 
-    fn router_id(&self, req: &SimRequest) -> Result<u64> {
+    fn router_id(&self, req: &SimRequest) -> Result<(usize, u64)> {
         self.ids.get(&req.id).copied().ok_or_else(|| {
             Error::Internal(format!("{}: request {} was not routed", self.name, req.id))
         })
@@ -206,8 +244,11 @@ impl Policy for RouterPolicy {
             now_ms: Some((view.now_s.max(0.0) * 1_000.0).round() as u64),
             ..Request::default()
         };
-        let d = self.router.route(&req)?;
-        self.router.on_routed(&d)?;
+        let replica = self.next_replica;
+        self.next_replica = (replica + 1) % self.routers.len();
+        let router = &self.routers[replica];
+        let d = router.route(&req)?;
+        router.on_routed(&d)?;
         let w = d.worker_id.index();
         if self.names.get(w) != Some(&d.worker.name) {
             return Err(Error::Internal(format!(
@@ -215,7 +256,7 @@ impl Policy for RouterPolicy {
                 self.name, d.worker
             )));
         }
-        self.ids.insert(r.req.id, d.request_id);
+        self.ids.insert(r.req.id, (replica, d.request_id));
         Ok(w)
     }
 
@@ -270,18 +311,21 @@ impl Policy for RouterPolicy {
             .names
             .get(worker)
             .ok_or_else(|| Error::Internal(format!("events from unknown worker {worker}")))?;
-        self.router.apply_events(name, &KvEventBatch::new(now_s, events))?;
+        let batch = KvEventBatch::new(now_s, events);
+        for router in &self.routers {
+            router.apply_events(name, &batch)?;
+        }
         Ok(())
     }
 
-    fn on_first_token(&mut self, _worker: usize, req: &SimRequest, _now_s: f64) -> Result<()> {
-        let id = self.router_id(req)?;
-        self.router.on_first_token(id)
+    fn on_first_token(&mut self, _worker: usize, req: &SimRequest, now_s: f64) -> Result<()> {
+        let (replica, id) = self.router_id(req)?;
+        self.routers[replica].on_first_token_at(id, (now_s.max(0.0) * 1_000.0).round() as u64)
     }
 
     fn on_finished(&mut self, _worker: usize, req: &SimRequest, _now_s: f64) -> Result<()> {
-        let id = self.router_id(req)?;
+        let (replica, id) = self.router_id(req)?;
         self.ids.remove(&req.id);
-        self.router.on_finished(id)
+        self.routers[replica].on_finished(id)
     }
 }

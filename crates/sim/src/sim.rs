@@ -21,6 +21,9 @@ pub struct SimConfig {
     pub event_delay_s: f64,
     /// Seed for the policies' random choices.
     pub seed: u64,
+    /// Router replicas each policy runs behind (requests spread round-robin; 1 = one
+    /// router).
+    pub router_replicas: usize,
 }
 
 /// A workload with the simulator's block keys computed once for all runs.
@@ -543,7 +546,8 @@ pub fn run_oracle(p: &Prepared, cfg: &SimConfig) -> Result<RunResult> {
     let mut engine = cfg.engine.clone();
     engine.instant = true;
     engine.num_gpu_blocks = cap.max(2);
-    let ocfg = SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: cfg.seed };
+    let ocfg =
+        SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: cfg.seed, router_replicas: 1 };
     struct One;
     impl Policy for One {
         fn name(&self) -> String {

@@ -43,6 +43,8 @@ pub struct SimulateSpec {
     pub seed: u64,
     /// Seconds before a precise policy sees a worker's cache events.
     pub event_delay: f64,
+    /// Independent router replicas in front of the workers (requests round-robin).
+    pub router_replicas: usize,
 }
 
 impl Default for SimulateSpec {
@@ -59,6 +61,7 @@ impl Default for SimulateSpec {
             requests: None,
             seed: 0,
             event_delay: 0.05,
+            router_replicas: 1,
         }
     }
 }
@@ -88,6 +91,9 @@ impl SimulateSpec {
         }
         if self.capacity_blocks.is_some_and(|c| c < 2) {
             return Err(Error::config("capacity_blocks must be at least 2"));
+        }
+        if !(1..=64).contains(&self.router_replicas) {
+            return Err(Error::config("router_replicas must be between 1 and 64"));
         }
         if self.workloads.is_empty() {
             return Err(Error::config("no workload given"));
@@ -154,7 +160,13 @@ impl SimulateSpec {
             engine.num_gpu_blocks = c;
         }
         let workers = self.workers.map_or(if kind == "seed" { 5 } else { 8 }, |n| n as usize);
-        Ok(SimConfig { workers, engine, event_delay_s: self.event_delay, seed: self.seed })
+        Ok(SimConfig {
+            workers,
+            engine,
+            event_delay_s: self.event_delay,
+            seed: self.seed,
+            router_replicas: self.router_replicas,
+        })
     }
 
     /// Generates workload `kind` and its cluster, ready to run.

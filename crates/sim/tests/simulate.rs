@@ -33,7 +33,7 @@ fn one_unbounded_worker_reproduces_the_trace_ceiling() {
     engine.instant = true;
     // Unbounded: more blocks than the whole trace needs.
     engine.num_gpu_blocks = 2_000_000;
-    let cfg = SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: 1 };
+    let cfg = SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: 1, router_replicas: 1 };
     let rep = compare(&p, &cfg, &names(&["random", "oracle"]), &|_| {}).unwrap();
     for r in &rep.results {
         // README: 288,500 blocks, 182,790 distinct: every block but each id's first
@@ -55,7 +55,8 @@ fn one_unbounded_worker_reproduces_the_trace_ceiling() {
 fn seed_run(policies: &[&str], seed: u64) -> kvroute_sim::report::Report {
     let w = workload::seed_experiment(&SeedParams { seed, ..SeedParams::default() });
     let p = Prepared::new(w, 16).unwrap();
-    let cfg = SimConfig { workers: 5, engine: llama(16), event_delay_s: 0.05, seed };
+    let cfg =
+        SimConfig { workers: 5, engine: llama(16), event_delay_s: 0.05, seed, router_replicas: 1 };
     compare(&p, &cfg, &names(policies), &|_| {}).unwrap()
 }
 
@@ -110,6 +111,7 @@ fn precise_prefix_beats_random_on_shared_prefix() {
         engine: EngineConfig::preset("qwen3-32b", "h100-80gb", 16).unwrap(),
         event_delay_s: 0.05,
         seed: 0,
+        router_replicas: 1,
     };
     let rep = compare(&p, &cfg, &names(&["random", "prefix-precise", "oracle"]), &|_| {}).unwrap();
     let (rnd, pre, orc) = (&rep.results[0], &rep.results[1], &rep.results[2]);
@@ -135,7 +137,13 @@ fn router_prefix_precise_reaches_the_oracle_and_follows_every_event() {
         seed: 5,
     });
     let p = Prepared::new(w, 16).unwrap();
-    let cfg = SimConfig { workers: 4, engine: llama(16), event_delay_s: 0.05, seed: 5 };
+    let cfg = SimConfig {
+        workers: 4,
+        engine: llama(16),
+        event_delay_s: 0.05,
+        seed: 5,
+        router_replicas: 1,
+    };
     let oracle = kvroute_sim::run_oracle(&p, &cfg).unwrap();
     let mut pol =
         RouterPolicy::named("prefix-precise", cfg.workers, &cfg.engine, cfg.seed).unwrap();
@@ -167,4 +175,48 @@ fn router_prefix_precise_reaches_the_oracle_and_follows_every_event() {
     // and 2,300-token prompts have no full last block for vLLM's last-token rule to drop.
     let prompt_tokens = 36.0 * 2_300.0;
     assert_eq!(m.predicted_hit_tokens as f64, (pre.hit_rate * prompt_tokens).round());
+}
+
+#[test]
+fn router_replicas_are_deterministic_and_one_replica_is_the_single_router() {
+    let w = workload::chat(&workload::ChatParams {
+        conversations: 60,
+        turns: 3,
+        ..workload::ChatParams::default()
+    });
+    let p = Prepared::new(w, 16).unwrap();
+    let with = |replicas: usize| SimConfig {
+        workers: 4,
+        engine: llama(16),
+        event_delay_s: 0.05,
+        seed: 3,
+        router_replicas: replicas,
+    };
+    let run = |replicas: usize| {
+        compare(&p, &with(replicas), &names(&["kvroute", "llm-d"]), &|_| {}).unwrap().results
+    };
+    // One replica through the report is exactly one router driven directly.
+    let one = run(1);
+    let mut single = RouterPolicy::named("kvroute", 4, &llama(16), 3).unwrap();
+    assert_eq!(kvroute_sim::sim::run(&p, &with(1), &mut single).unwrap(), one[0]);
+    assert_eq!(single.routers().len(), 1);
+    // Several replicas: deterministic, and really independent routers (each sees only
+    // its own routings, so the placement differs from one router's).
+    let four = run(4);
+    assert_eq!(four, run(4));
+    assert_ne!(four[0].per_worker, one[0].per_worker);
+    for r in &four {
+        assert_eq!(r.completed + r.rejected, r.requests);
+    }
+    let mut replicated =
+        RouterPolicy::named("kvroute", 4, &llama(16), 3).unwrap().with_replicas(4).unwrap();
+    assert_eq!(kvroute_sim::sim::run(&p, &with(4), &mut replicated).unwrap(), four[0]);
+    // Every replica routed a quarter of the requests and saw every worker's events.
+    let routed: Vec<u64> = replicated.routers().iter().map(|r| r.metrics().routes).collect();
+    assert_eq!(routed.iter().sum::<u64>(), p.workload.requests.len() as u64);
+    assert!(routed.iter().all(|&n| n.abs_diff(routed[0]) <= 1), "{routed:?}");
+    let batches: Vec<u64> =
+        replicated.routers().iter().map(|r| r.metrics().event_batches).collect();
+    assert!(batches.iter().all(|&b| b == batches[0] && b > 0), "{batches:?}");
+    assert!(RouterPolicy::named("kvroute", 4, &llama(16), 3).unwrap().with_replicas(0).is_err());
 }

@@ -1,5 +1,6 @@
 //! The router's serde configuration (JSON), shared by the Rust, C and Python front ends.
 
+use super::PredictionConfig;
 use crate::error::{Error, Result};
 use crate::hash::{ExtraKeysStyle, HashAlgo, HashConfig};
 use crate::index::IndexConfig;
@@ -52,8 +53,8 @@ pub struct WorkerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ProfileSpec {
-    /// A preset (`"llm-d"`, `"prefix"`, `"cost"`, `"session-affinity"`, `"random"`,
-    /// `"round-robin"`).
+    /// A preset (`"kvroute"`, the default; `"llm-d"`, `"prefix"`, `"cost"`,
+    /// `"session-affinity"`, `"random"`, `"round-robin"`).
     Preset(String),
     /// A full configuration.
     Config(ProfileConfig),
@@ -61,7 +62,7 @@ pub enum ProfileSpec {
 
 impl Default for ProfileSpec {
     fn default() -> Self {
-        ProfileSpec::Preset("llm-d".into())
+        ProfileSpec::Preset("kvroute".into())
     }
 }
 
@@ -76,7 +77,7 @@ impl ProfileSpec {
 }
 
 /// The router's configuration. Every field has a default; `{}` is a valid configuration
-/// (precise mode, native hashing, the `llm-d` profile, no workers yet).
+/// (precise mode, native hashing, the `kvroute` profile, no workers yet).
 ///
 /// Build one from JSON ([`RouterConfig::from_json`]) or field by field with
 /// [`RouterConfig::builder`]; both validate, with errors that name the field
@@ -140,6 +141,8 @@ pub struct RouterConfig {
     /// Add a worker automatically when events arrive for an unknown one (otherwise such a
     /// batch is rejected with [`Error::UnknownWorker`]).
     pub auto_add_workers: bool,
+    /// Predicted residency between routing and events (precise mode).
+    pub predictions: PredictionConfig,
 }
 
 impl Default for RouterConfig {
@@ -162,6 +165,7 @@ impl Default for RouterConfig {
             verify_engine_hashes: true,
             on_hash_mismatch: OnHashMismatch::Error,
             auto_add_workers: false,
+            predictions: PredictionConfig::default(),
         }
     }
 }

@@ -174,7 +174,12 @@ impl Router {
                 return Err(e);
             }
         };
-        let store_errors = match self.apply_ops(&worker, ops, &mut report, stream) {
+        let ts_ms = if batch.ts.is_finite() && batch.ts > 0.0 {
+            (batch.ts * 1e3) as u64
+        } else {
+            super::wall_ms()
+        };
+        let store_errors = match self.apply_ops(&worker, ops, &mut report, stream, ts_ms) {
             Ok(n) => n,
             Err(e) => {
                 // The worker was removed while the batch was validated: nothing applied.
@@ -377,6 +382,7 @@ impl Router {
         ops: Vec<Op<'_>>,
         report: &mut ApplyReport,
         stream: Option<(&str, u64)>,
+        ts_ms: u64,
     ) -> Result<u64> {
         let id = worker.id;
         let vllm = self.cfg.hash_algo.is_vllm();
@@ -422,6 +428,10 @@ impl Router {
                             }
                             Err(_) => store_errors += chunk.len() as u64,
                         }
+                        // Predicted residency: these blocks are now known, not predicted.
+                        let ks =
+                            if rekey.is_some() { &keys[start..start + chunk.len()] } else { chunk };
+                        self.confirm_predictions(worker, ks, ts_ms);
                     }
                 }
                 Op::Remove { tier, engine } => {
@@ -439,6 +449,7 @@ impl Router {
                 }
                 Op::Clear => {
                     self.index.write().clear_worker(id);
+                    self.overlay.write().clear_worker(id.0);
                 }
             }
         }

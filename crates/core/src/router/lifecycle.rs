@@ -15,6 +15,10 @@ pub(crate) struct Inflight {
     pub(crate) blocks: u64,
     pub(crate) prefill_done: bool,
     pub(crate) modelled: bool,
+    /// When it was routed (the request's `now_ms`).
+    pub(crate) routed_ms: u64,
+    /// Prefill tokens ahead of it on its worker at routing, its own included.
+    pub(crate) work_tokens: u64,
 }
 
 impl Router {
@@ -51,6 +55,8 @@ impl Router {
                 full_blocks
             )));
         }
+        let mean = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
+        let ahead = worker.load(None, mean).pending_prefill_tokens;
         {
             let mut inflight = self.inflight.lock();
             if inflight.contains_key(&decision.request_id) {
@@ -67,17 +73,70 @@ impl Router {
                     blocks,
                     prefill_done: false,
                     modelled: predict,
+                    routed_ms: decision.routed_ms,
+                    work_tokens: ahead.saturating_add(prefill),
                 },
             );
             // Inside the lock: on_first_token/on_finished for this id (which take it too)
             // must never subtract before these adds.
             worker.running.fetch_add(1, Ordering::Relaxed);
             worker.inflight_prefill.fetch_add(prefill, Ordering::Relaxed);
+            worker.since_report_routed.fetch_add(1, Ordering::Relaxed);
+            worker.since_report_prefill.fetch_add(prefill, Ordering::Relaxed);
+            // Mean uncached tokens per request, weight 1/64 per request.
+            let next =
+                if mean == 0.0 { prefill as f64 } else { mean + (prefill as f64 - mean) / 64.0 };
+            self.mean_uncached.store(next.to_bits(), Ordering::Relaxed);
         }
         if predict {
             self.predict(&worker, decision);
         }
+        if self.predictions_on() {
+            self.predict_residency(&worker, decision);
+        }
         Ok(())
+    }
+
+    /// Precise mode: the blocks the request will create on its worker (past the matched
+    /// prefix) become predicted there until events confirm them or the TTL ends.
+    fn predict_residency(&self, worker: &WorkerState, decision: &Decision) {
+        let from = (decision.matched_blocks as usize).min(decision.keys.len());
+        if from == decision.keys.len() {
+            return;
+        }
+        let reg = self.registry.read();
+        let ttl = |w: u32| {
+            reg.slots
+                .get(w as usize)
+                .and_then(|s| s.as_ref())
+                .map_or(0, |s| s.pred_ttl_ms.load(Ordering::Relaxed))
+        };
+        let cap = self.cfg.predictions.capacity;
+        self.overlay.write().insert(
+            worker.id.0,
+            &decision.keys[from..],
+            decision.routed_ms,
+            cap,
+            ttl,
+        );
+    }
+
+    /// `worker`'s events stored `keys` (router keys) at `ts_ms`: predictions they cover
+    /// are confirmed, and the delays adapt the worker's TTL.
+    pub(crate) fn confirm_predictions(&self, worker: &WorkerState, keys: &[u64], ts_ms: u64) {
+        let mut overlay = self.overlay.write();
+        if overlay.nothing_to_confirm() {
+            return;
+        }
+        let mut learn = worker.learn.lock();
+        let mut seen = false;
+        overlay.confirm(worker.id.0, keys, ts_ms, |d| {
+            learn.observe_delay(d as f64);
+            seen = true;
+        });
+        if seen {
+            worker.pred_ttl_ms.store(learn.ttl_ms(&self.cfg.predictions), Ordering::Relaxed);
+        }
     }
 
     /// Runs a routed request through the worker's cache model and applies its events.
@@ -161,8 +220,18 @@ impl Router {
             .is_some_and(|w| std::ptr::eq(w, worker))
     }
 
-    /// The first token of the request came back: its prefill is done.
+    /// The first token of the request came back: its prefill is done. The time is the
+    /// wall clock; a host that routes with its own `now_ms` calls
+    /// [`on_first_token_at`](Self::on_first_token_at) with the same clock.
     pub fn on_first_token(&self, request_id: u64) -> Result<()> {
+        self.on_first_token_at(request_id, super::wall_ms())
+    }
+
+    /// The first token of the request came back at `now_ms` (the clock of the request's
+    /// `now_ms`): its prefill is done, and the time since routing is an observation of
+    /// the worker's prefill rate (see [`predict`](super::predict)). Observations on
+    /// another clock (negative, or longer than an hour) teach nothing and are skipped.
+    pub fn on_first_token_at(&self, request_id: u64, now_ms: u64) -> Result<()> {
         let mut inflight = self.inflight.lock();
         let f = inflight
             .get_mut(&request_id)
@@ -171,6 +240,12 @@ impl Router {
             f.prefill_done = true;
             f.worker.inflight_prefill.fetch_sub(f.prefill_tokens, Ordering::Relaxed);
             f.worker.decode_blocks.fetch_add(f.blocks, Ordering::Relaxed);
+            if now_ms >= f.routed_ms && now_ms - f.routed_ms <= 3_600_000 {
+                let elapsed = (now_ms - f.routed_ms) as f64 / 1e3;
+                let mut learn = f.worker.learn.lock();
+                learn.observe_prefill(f.work_tokens as f64, elapsed - self.step_overhead_s());
+                f.worker.rate_bits.store(learn.rate().to_bits(), Ordering::Relaxed);
+            }
         }
         Ok(())
     }

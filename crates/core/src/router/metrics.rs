@@ -1,6 +1,6 @@
 //! Counters and gauges a host can export, and their Prometheus text rendering.
 
-use super::Router;
+use super::{PredictionCounters, Router};
 use crate::index::IndexStats;
 use crate::types::WorkerKey;
 use serde::{Deserialize, Serialize};
@@ -76,6 +76,17 @@ pub struct WorkerMetrics {
     pub running: u32,
     /// Prompt tokens routed whose prefill has not finished.
     pub inflight_prefill_tokens: u64,
+    /// Prompt tokens queued or in prefill, never stale (see [`crate::score::Load`]).
+    pub pending_prefill_tokens: u64,
+    /// Requests waiting or running, never stale (see [`crate::score::Load`]).
+    pub active_requests: u32,
+    /// Its learned prefill rate, tokens per second (the configured default until its
+    /// first requests' first tokens).
+    pub prefill_tokens_per_s: f64,
+    /// Observations behind that rate (requests whose first token was reported).
+    pub prefill_rate_samples: u64,
+    /// The TTL of its predictions, seconds (adapted to its routing-to-event delay).
+    pub prediction_ttl_s: f64,
     /// Whether it is healthy (and not draining).
     pub healthy: bool,
     /// Whether it is draining.
@@ -118,6 +129,10 @@ pub struct RouterMetrics {
     pub prediction_errors: u64,
     /// Requests in flight.
     pub inflight_requests: u64,
+    /// Predicted residency (precise mode): predictions made, confirmed, expired, dropped.
+    pub predictions: PredictionCounters,
+    /// Predictions held now.
+    pub predictions_held: u64,
     /// Index statistics.
     pub index: IndexStats,
     /// Per worker.
@@ -131,12 +146,13 @@ impl Router {
         let stats = index.stats();
         let reg = self.registry.read();
         let streams = self.streams.lock().clone();
+        let mean = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
         let workers = reg
             .slots
             .iter()
             .flatten()
             .map(|w| {
-                let load = w.load(None);
+                let load = w.load(None, mean);
                 WorkerMetrics {
                     worker: w.key.clone(),
                     decisions: w.decisions.load(Ordering::Relaxed),
@@ -144,6 +160,11 @@ impl Router {
                     index_blocks: index.worker_blocks(w.id),
                     running: load.running,
                     inflight_prefill_tokens: load.inflight_prefill_tokens,
+                    pending_prefill_tokens: load.pending_prefill_tokens,
+                    active_requests: load.active_requests,
+                    prefill_tokens_per_s: load.prefill_tokens_per_s,
+                    prefill_rate_samples: w.learn.lock().rate_samples,
+                    prediction_ttl_s: w.pred_ttl_ms.load(Ordering::Relaxed) as f64 / 1e3,
                     healthy: w.healthy.load(Ordering::Relaxed)
                         && !w.draining.load(Ordering::Relaxed),
                     draining: w.draining.load(Ordering::Relaxed),
@@ -160,6 +181,10 @@ impl Router {
             .collect();
         drop(reg);
         drop(index);
+        let overlay = {
+            let o = self.overlay.read();
+            (o.counters, o.len() as u64)
+        };
         let c = &self.metrics;
         RouterMetrics {
             routes: c.routes.load(Ordering::Relaxed),
@@ -171,6 +196,8 @@ impl Router {
             store_errors: c.store_errors.load(Ordering::Relaxed),
             prediction_errors: c.prediction_errors.load(Ordering::Relaxed),
             inflight_requests: self.inflight_requests() as u64,
+            predictions: overlay.0,
+            predictions_held: overlay.1,
             index: stats,
             workers,
         }
@@ -251,6 +278,27 @@ impl Router {
             "(block, worker) pairs evicted by the index cap.",
             &one(m.index.evictions),
         );
+        for (name, help, v) in [
+            (
+                "predictions_made_total",
+                "Blocks predicted on a worker at routing.",
+                m.predictions.made,
+            ),
+            (
+                "predictions_confirmed_total",
+                "Predictions ended by the worker's covering KV event.",
+                m.predictions.confirmed,
+            ),
+            ("predictions_expired_total", "Predictions ended by their TTL.", m.predictions.expired),
+            (
+                "predictions_dropped_total",
+                "Predictions dropped to stay under the capacity.",
+                m.predictions.dropped,
+            ),
+        ] {
+            family(name, "counter", help, &one(v));
+        }
+        family("predictions", "gauge", "Predictions held.", &one(m.predictions_held));
         let per = |f: &dyn Fn(&WorkerMetrics) -> f64| -> Vec<(String, f64)> {
             m.workers
                 .iter()
@@ -289,6 +337,24 @@ impl Router {
             "gauge",
             "Requests running on the worker (tracked or reported).",
             &per(&|w| f64::from(w.running)),
+        );
+        family(
+            "worker_prefill_tokens_per_second",
+            "gauge",
+            "The worker's prefill rate learned from routing to first token.",
+            &per(&|w| w.prefill_tokens_per_s),
+        );
+        family(
+            "worker_prediction_ttl_seconds",
+            "gauge",
+            "TTL of the worker's predicted blocks, adapted to its routing-to-event delay.",
+            &per(&|w| w.prediction_ttl_s),
+        );
+        family(
+            "worker_pending_prefill_tokens",
+            "gauge",
+            "Prompt tokens queued or in prefill on the worker (never stale).",
+            &per(&|w| w.pending_prefill_tokens as f64),
         );
         family(
             "worker_healthy",

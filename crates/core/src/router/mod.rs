@@ -31,6 +31,7 @@ mod config;
 mod events;
 mod lifecycle;
 mod metrics;
+mod predict;
 mod request;
 mod route;
 mod snapshot;
@@ -42,6 +43,7 @@ pub use config::{
 };
 pub use events::{ApplyReport, APPLY_CHUNK, MAX_AUTO_RANK};
 pub use metrics::{RouterMetrics, WorkerMetrics};
+pub use predict::{PredictionConfig, PredictionCounters};
 pub use request::{CandidateExplanation, CandidateScore, Decision, LoadReport, Request};
 
 use crate::error::{Error, Result};
@@ -72,6 +74,11 @@ pub struct Router {
     pub(crate) apply_lock: Mutex<()>,
     /// Publisher stream positions recorded by the event transport (for snapshots).
     pub(crate) streams: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Predicted residency (precise mode; see [`predict`]).
+    pub(crate) overlay: RwLock<predict::Overlay>,
+    /// Mean uncached prompt tokens per routed request (f64 bits), to price a scraped
+    /// waiting request.
+    pub(crate) mean_uncached: AtomicU64,
 }
 
 impl std::fmt::Debug for Router {
@@ -96,7 +103,9 @@ impl Router {
     pub fn new(cfg: RouterConfig) -> Result<Router> {
         cfg.validate()?;
         let hasher = BlockHasher::new(cfg.hash_config())?;
-        let profile = cfg.profile.resolve()?.build()?;
+        let mut profile = cfg.profile.resolve()?.build()?;
+        profile.set_block_size(cfg.block_size);
+        cfg.predictions.validate()?;
         if cfg.session_capacity == 0 {
             return Err(Error::config("session_capacity must be positive"));
         }
@@ -118,6 +127,8 @@ impl Router {
             metrics: metrics::Counters::default(),
             apply_lock: Mutex::new(()),
             streams: Mutex::new(Default::default()),
+            overlay: RwLock::new(predict::Overlay::default()),
+            mean_uncached: AtomicU64::new(0f64.to_bits()),
             cfg,
         };
         for w in router.cfg.workers.clone() {
@@ -152,6 +163,30 @@ impl Router {
     /// calls this), so that snapshots can say where to resume.
     pub fn set_stream_position(&self, publisher: &str, seq: u64) {
         self.streams.lock().insert(publisher.to_string(), seq);
+    }
+
+    /// Whether routed requests' blocks are predicted on their worker: precise mode, a
+    /// profile that reads prefixes, and predictions enabled.
+    pub(crate) fn predictions_on(&self) -> bool {
+        self.cfg.mode == Mode::Precise
+            && self.cfg.predictions.enabled
+            && self.profile.needs_prefix()
+    }
+
+    /// The prefill rate a worker starts from, tokens/s (the `ttft` picker's default).
+    pub(crate) fn prior_rate(&self) -> f64 {
+        self.profile.ttft().copied().unwrap_or_default().prefill_tokens_per_s
+    }
+
+    /// The fixed step overhead subtracted from observed prefill times, seconds.
+    pub(crate) fn step_overhead_s(&self) -> f64 {
+        self.profile.ttft().copied().unwrap_or_default().step_overhead_s
+    }
+
+    /// The prediction TTL before any observation, ms.
+    pub(crate) fn initial_ttl_ms(&self) -> u64 {
+        let p = &self.cfg.predictions;
+        (p.ttl_s.clamp(p.min_ttl_s, p.max_ttl_s) * 1e3) as u64
     }
 
     /// The recorded stream positions.

@@ -74,10 +74,13 @@ pub struct Decision {
     pub total_blocks: u32,
     /// Tokens in the prompt.
     pub prompt_tokens: u32,
+    /// When it was routed, ms (the request's `now_ms`, or the wall clock).
+    pub routed_ms: u64,
     /// Every candidate that passed the filters.
     pub candidates: Vec<CandidateScore>,
-    /// The prompt's block keys (kept only in approximate and hybrid modes, where
-    /// [`Router::on_routed`](super::Router::on_routed) feeds them to the cache model).
+    /// The prompt's block keys (kept in approximate and hybrid modes, where
+    /// [`Router::on_routed`](super::Router::on_routed) feeds them to the cache model, and
+    /// in precise mode with predictions on, where it predicts them on the chosen worker).
     pub keys: Vec<BlockKey>,
     /// Worker names by dense id, as the registry had them at decision time (shared).
     pub(crate) names: Arc<[Option<WorkerKey>]>,

@@ -83,7 +83,8 @@ impl Router {
             let mut s = s.borrow_mut();
             let s = &mut *s;
             let need_prefix = self.profile.needs_prefix();
-            let keep_keys = self.cfg.mode != Mode::Precise;
+            let predictions = self.predictions_on();
+            let keep_keys = self.cfg.mode != Mode::Precise || predictions;
             if need_prefix || keep_keys {
                 self.hash_into(req.tokens, req.lora, req.extras, &mut s.keys);
             } else {
@@ -96,6 +97,13 @@ impl Router {
                 s.matches = Matches::new();
             }
             let reg = self.registry.read();
+            // Predicted residency: extend each worker's match over its predicted blocks.
+            let overlay = if predictions && !s.keys.is_empty() {
+                Some(self.overlay.read()).filter(|o| !o.is_empty())
+            } else {
+                None
+            };
+            let mean = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
             s.cands.clear();
             // Live workers come in id order and overlaps are sorted by id: merge them.
             let overlaps = s.matches.overlaps();
@@ -105,6 +113,11 @@ impl Router {
                     j += 1;
                 }
                 let m = overlaps.get(j).filter(|o| o.worker == w.id);
+                let mut matched = m.map_or(0, |o| o.blocks);
+                if let Some(o) = &overlay {
+                    let ttl = w.pred_ttl_ms.load(Ordering::Relaxed);
+                    matched = o.extend(w.id.0, &s.keys, matched as usize, now, ttl) as u32;
+                }
                 let last = w.last_routed_ms.load(Ordering::Relaxed);
                 let usage = if self.cfg.mode == Mode::Precise {
                     None
@@ -113,15 +126,16 @@ impl Router {
                 };
                 s.cands.push(Candidate {
                     worker: w.id,
-                    matched_blocks: m.map_or(0, |o| o.blocks),
+                    matched_blocks: matched,
                     matched_by_tier: m.map_or([0; 3], |o| o.by_tier),
-                    load: w.load(usage),
+                    load: w.load(usage, mean),
                     loaded_loras: if req.lora.is_some() { *w.loras.read() } else { LoraSet::new() },
                     last_routed_ms: (last != u64::MAX).then_some(last),
                     healthy: w.healthy.load(Ordering::Relaxed)
                         && !w.draining.load(Ordering::Relaxed),
                 });
             }
+            drop(overlay);
             if s.cands.is_empty() {
                 return Err(Error::NoWorkers("no workers are registered".into()));
             }
@@ -178,6 +192,7 @@ impl Router {
                 matched_blocks: matched,
                 total_blocks,
                 prompt_tokens: info.prompt_tokens,
+                routed_ms: now,
                 candidates,
                 keys: if keep_keys { s.keys.clone() } else { Vec::new() },
                 names: reg.names.clone(),

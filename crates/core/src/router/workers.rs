@@ -1,6 +1,7 @@
 //! The worker registry (dense ids, names, per-worker state) and the calls that add,
 //! remove, drain and report on workers.
 
+use super::predict::Learner;
 use super::{metrics, LoadReport, Mode, Router};
 use crate::error::{Error, Result};
 use crate::model::BlockPool;
@@ -33,6 +34,16 @@ pub(crate) struct WorkerState {
     pub(crate) has_events: AtomicBool,
     pub(crate) counters: Mutex<metrics::EventCounters>,
     pub(crate) model: Mutex<Option<WorkerModel>>,
+    // Routed by this router since the last load report (requests, uncached prompt tokens),
+    // so that load is never stale.
+    pub(crate) since_report_routed: AtomicU32,
+    pub(crate) since_report_prefill: AtomicU64,
+    /// The routing-to-event delay and prefill-rate learner.
+    pub(crate) learn: Mutex<Learner>,
+    /// The learned prefill rate (f64 bits), for the request path.
+    pub(crate) rate_bits: AtomicU64,
+    /// The current prediction TTL, ms.
+    pub(crate) pred_ttl_ms: AtomicU64,
 }
 
 /// A worker's cache model (approximate and hybrid modes).
@@ -43,7 +54,13 @@ pub(crate) struct WorkerModel {
 }
 
 impl WorkerState {
-    pub(crate) fn new(key: WorkerKey, id: WorkerId, model: Option<BlockPool>) -> Self {
+    pub(crate) fn new(
+        key: WorkerKey,
+        id: WorkerId,
+        model: Option<BlockPool>,
+        prior_rate: f64,
+        ttl_ms: u64,
+    ) -> Self {
         WorkerState {
             key,
             id,
@@ -62,20 +79,43 @@ impl WorkerState {
             has_events: AtomicBool::new(false),
             counters: Mutex::new(metrics::EventCounters::default()),
             model: Mutex::new(model.map(|pool| WorkerModel { pool, predictions_skipped: 0 })),
+            since_report_routed: AtomicU32::new(0),
+            since_report_prefill: AtomicU64::new(0),
+            learn: Mutex::new(Learner::new(prior_rate)),
+            rate_bits: AtomicU64::new(prior_rate.to_bits()),
+            pred_ttl_ms: AtomicU64::new(ttl_ms),
         }
     }
 
-    pub(crate) fn load(&self, model_usage: Option<f64>) -> Load {
+    /// The worker's load. `mean_uncached` prices a scraped waiting request in prompt
+    /// tokens (the router's mean uncached tokens per routed request).
+    pub(crate) fn load(&self, model_usage: Option<f64>, mean_uncached: f64) -> Load {
         let rep_w = self.rep_waiting.load(Ordering::Relaxed);
         let rep_r = self.rep_running.load(Ordering::Relaxed);
         let rep_u = f64::from_bits(self.rep_kv_usage.load(Ordering::Relaxed));
         let tracked = self.running.load(Ordering::Relaxed);
+        let inflight = self.inflight_prefill.load(Ordering::Relaxed);
+        let (mut active, mut pending) = (tracked, inflight);
+        if rep_w != u32::MAX || rep_r != u32::MAX {
+            // Never stale: the scrape plus what this router sent since, or this router's
+            // own count if larger (the scrape is older than its latest routes).
+            let since = self.since_report_routed.load(Ordering::Relaxed);
+            let w = if rep_w == u32::MAX { 0 } else { rep_w };
+            let r = if rep_r == u32::MAX { 0 } else { rep_r };
+            active = active.max(w.saturating_add(r).saturating_add(since));
+            let queued = (f64::from(w) * mean_uncached) as u64;
+            pending = pending
+                .max(queued.saturating_add(self.since_report_prefill.load(Ordering::Relaxed)));
+        }
         Load {
             waiting: if rep_w == u32::MAX { 0 } else { rep_w },
             running: if rep_r == u32::MAX { tracked } else { rep_r },
-            inflight_prefill_tokens: self.inflight_prefill.load(Ordering::Relaxed),
+            inflight_prefill_tokens: inflight,
             kv_usage: if rep_u.is_nan() { model_usage.unwrap_or(0.0) } else { rep_u },
             decode_blocks: self.decode_blocks.load(Ordering::Relaxed),
+            pending_prefill_tokens: pending,
+            active_requests: active,
+            prefill_tokens_per_s: f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
         }
     }
 }
@@ -135,7 +175,13 @@ impl Router {
         if id.0 > crate::index::MAX_WORKER {
             return Err(Error::invalid("too many workers"));
         }
-        let state = Arc::new(WorkerState::new(key.clone(), id, model));
+        let state = Arc::new(WorkerState::new(
+            key.clone(),
+            id,
+            model,
+            self.prior_rate(),
+            self.initial_ttl_ms(),
+        ));
         match slot {
             Some(i) => reg.slots[i] = Some(state),
             None => reg.slots.push(Some(state)),
@@ -165,6 +211,7 @@ impl Router {
         }
         self.sessions.remove_worker(id);
         self.inflight.lock().retain(|_, f| f.worker.id != id);
+        self.overlay.write().clear_worker(id.0);
         Ok(())
     }
 
@@ -216,6 +263,11 @@ impl Router {
             None => None,
         };
         let w = self.worker(name, dp_rank)?;
+        if report.waiting.is_some() || report.running.is_some() {
+            // A fresh scrape counts everything routed before it.
+            w.since_report_routed.store(0, Ordering::Relaxed);
+            w.since_report_prefill.store(0, Ordering::Relaxed);
+        }
         if let Some(v) = report.waiting {
             w.rep_waiting.store(v.min(u32::MAX - 1), Ordering::Relaxed);
         }

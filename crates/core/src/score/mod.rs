@@ -49,6 +49,7 @@ pub mod filters;
 pub mod picker;
 pub mod profile;
 pub mod session;
+pub mod ttft;
 
 pub use builtin::{
     CostPolicy, KvUtilizationScorer, LoadNorm, LoraScorer, LruScorer, PrefillScorer, PrefixScorer,
@@ -61,6 +62,7 @@ pub use profile::{
     ScorerConfig,
 };
 pub use session::{SessionLookup, SessionTable, ShardedSessionTable, SESSION_SHARDS};
+pub use ttft::{TtftParams, TtftPolicy};
 
 use crate::rng::SplitMix64;
 use crate::types::WorkerId;
@@ -101,6 +103,16 @@ pub struct Load {
     pub kv_usage: f64,
     /// KV blocks held by requests in their decode phase (Dynamo's "active blocks").
     pub decode_blocks: u64,
+    /// Prompt tokens queued or in prefill on the worker, never stale: the larger of the
+    /// router's own in-flight prefill and the last scraped queue (priced at the router's
+    /// mean uncached tokens per request) plus what the router sent since that scrape.
+    pub pending_prefill_tokens: u64,
+    /// Requests waiting or running on the worker, never stale: the larger of the router's
+    /// own in-flight count and the last scraped `waiting + running` plus what the router
+    /// sent since that scrape.
+    pub active_requests: u32,
+    /// The worker's prefill rate learned by the router, tokens per second (0: not known).
+    pub prefill_tokens_per_s: f64,
 }
 
 /// The 64-bit key of a LoRA adapter name (XXH3-64 of its UTF-8 bytes), as stored in

@@ -21,8 +21,8 @@ use super::{
     combine_into, Candidate, CostPolicy, Filter, HealthyFilter, KvUtilizationScorer,
     LoraLoadedFilter, LoraScorer, LruScorer, MaxPicker, MaxQueueFilter, Picker, PrefillScorer,
     PrefixScorer, QueueScorer, RandomScorer, RequestInfo, RoundRobinPicker, RunningScorer,
-    ScoreContext, ScoreScratch, Scorer, SessionScorer, SoftmaxPicker, TierWeights,
-    WeightedRandomPicker,
+    ScoreContext, ScoreScratch, Scorer, SessionScorer, SoftmaxPicker, TierWeights, TtftParams,
+    TtftPolicy, WeightedRandomPicker,
 };
 use crate::rng::SplitMix64;
 use crate::types::WorkerId;
@@ -39,10 +39,10 @@ pub const SCORER_NAMES: [&str; 9] =
 /// Names of the built-in filters.
 pub const FILTER_NAMES: [&str; 3] = ["healthy", "lora-loaded", "max-queue"];
 /// Names of the built-in pickers.
-pub const PICKER_NAMES: [&str; 4] = ["max", "softmax", "weighted-random", "round-robin"];
+pub const PICKER_NAMES: [&str; 5] = ["max", "softmax", "weighted-random", "round-robin", "ttft"];
 /// Names of the presets ([`ProfileConfig::preset`]).
-pub const PRESET_NAMES: [&str; 6] =
-    ["session-affinity", "prefix", "llm-d", "cost", "random", "round-robin"];
+pub const PRESET_NAMES: [&str; 7] =
+    ["kvroute", "session-affinity", "prefix", "llm-d", "cost", "random", "round-robin"];
 
 fn unknown(what: &str, name: &str, valid: &[&str]) -> Error {
     Error::config(format!("unknown {what} `{name}`; valid {what}s: {}", valid.join(", ")))
@@ -155,12 +155,15 @@ pub struct PickerConfig {
     /// The temperature of the `softmax` picker (finite, non-negative; default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
+    /// Parameters of the `ttft` picker ([`TtftParams`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Value>,
 }
 
 impl PickerConfig {
     /// A picker `name` with default parameters.
     pub fn new(name: &str) -> Self {
-        PickerConfig { name: name.to_owned(), temperature: None }
+        PickerConfig { name: name.to_owned(), temperature: None, params: None }
     }
 }
 
@@ -219,6 +222,11 @@ impl ProfileConfig {
 
     /// The preset `name` (one of [`PRESET_NAMES`]):
     ///
+    /// - `kvroute` (the default of [`crate::router::RouterConfig`]): no scorer, the `ttft`
+    ///   picker ([`TtftPolicy`]): the lowest predicted time to first token in seconds from
+    ///   prefix matches (with the router's predicted residency), never-stale queued prefill
+    ///   work and learned per-worker prefill rates, near-ties to the less loaded worker,
+    ///   and a balance guard;
     /// - `session-affinity`: the session scorer alone with the max picker, as Kubernetes
     ///   `sessionAffinity: ClientIP`: a known key goes back to its worker, a new key to a
     ///   uniformly random one;
@@ -233,6 +241,7 @@ impl ProfileConfig {
     pub fn preset(name: &str) -> Result<ProfileConfig> {
         let s = ScorerConfig::new;
         Ok(match name {
+            "kvroute" => Self::weighted(Vec::new(), "ttft"),
             "session-affinity" => Self::weighted(vec![s("session", 1.0)], "max"),
             "prefix" => Self::weighted(vec![s("prefix", 1.0)], "max"),
             "llm-d" => Self::weighted(
@@ -291,6 +300,23 @@ impl ProfileConfig {
                         )));
                     }
                     scorers.push((build_scorer(sc)?, sc.weight));
+                }
+                if let Some(p) = self.picker.as_ref().filter(|p| p.name == "ttft") {
+                    if !scorers.is_empty() {
+                        return Err(Error::config(
+                            "picker `ttft` computes its own cost in seconds; remove `scorers`",
+                        ));
+                    }
+                    if p.temperature.is_some() {
+                        return Err(Error::config(
+                            "picker `ttft`: field `temperature` applies only to picker `softmax`",
+                        ));
+                    }
+                    let params: TtftParams = parse_params("picker `ttft`", &p.params)?;
+                    return Ok(Profile {
+                        filters,
+                        body: Body::Ttft(TtftPolicy::from_params(&params)?),
+                    });
                 }
                 let picker = match &self.picker {
                     None => Box::new(MaxPicker) as Box<dyn Picker>,
@@ -407,6 +433,12 @@ fn build_filter(c: &FilterConfig) -> Result<Box<dyn Filter>> {
 }
 
 fn build_picker(c: &PickerConfig) -> Result<Box<dyn Picker>> {
+    if c.params.is_some() {
+        return Err(Error::config(format!(
+            "picker `{}`: field `params` applies only to picker `ttft`",
+            c.name
+        )));
+    }
     if c.temperature.is_some() && c.name != "softmax" {
         return Err(Error::config(format!(
             "picker `{}`: field `temperature` applies only to picker `softmax`",
@@ -433,6 +465,7 @@ fn build_picker(c: &PickerConfig) -> Result<Box<dyn Picker>> {
 enum Body {
     Weighted { scorers: Vec<(Box<dyn Scorer>, f64)>, picker: Box<dyn Picker> },
     Cost(CostPolicy),
+    Ttft(TtftPolicy),
 }
 
 /// A built scoring profile: filters, then weighted scorers and a picker, or the cost policy.
@@ -456,6 +489,9 @@ impl fmt::Debug for Profile {
             }
             Body::Cost(p) => {
                 f.debug_struct("Profile").field("filters", &filters).field("cost", p).finish()
+            }
+            Body::Ttft(p) => {
+                f.debug_struct("Profile").field("filters", &filters).field("ttft", p).finish()
             }
         }
     }
@@ -518,11 +554,27 @@ impl Profile {
         ProfileConfig::preset(name)?.build()
     }
 
-    /// The profile's kind.
+    /// The profile's kind (a `ttft` picker profile is of kind weighted).
     pub fn kind(&self) -> ProfileKind {
         match self.body {
-            Body::Weighted { .. } => ProfileKind::Weighted,
+            Body::Weighted { .. } | Body::Ttft(_) => ProfileKind::Weighted,
             Body::Cost(_) => ProfileKind::Cost,
+        }
+    }
+
+    /// The `ttft` picker's policy, if this profile uses it.
+    pub fn ttft(&self) -> Option<&TtftPolicy> {
+        match &self.body {
+            Body::Ttft(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Sets the block size the `ttft` picker converts matched blocks to tokens with (the
+    /// router sets its own).
+    pub fn set_block_size(&mut self, block_size: usize) {
+        if let Body::Ttft(p) = &mut self.body {
+            p.block_size = u32::try_from(block_size).unwrap_or(u32::MAX);
         }
     }
 
@@ -533,6 +585,7 @@ impl Profile {
         match &self.body {
             Body::Weighted { scorers, .. } => scorers.iter().any(|(s, _)| s.needs_prefix()),
             Body::Cost(p) => p.overlap_weight > 0.0,
+            Body::Ttft(_) => true,
         }
     }
 
@@ -541,7 +594,7 @@ impl Profile {
     pub fn uses_sessions(&self) -> bool {
         match &self.body {
             Body::Weighted { scorers, .. } => scorers.iter().any(|(s, _)| s.uses_sessions()),
-            Body::Cost(_) => false,
+            Body::Cost(_) | Body::Ttft(_) => false,
         }
     }
 
@@ -549,7 +602,7 @@ impl Profile {
     pub fn max_total(&self) -> f64 {
         match &self.body {
             Body::Weighted { scorers, .. } => scorers.iter().map(|(_, w)| *w).sum(),
-            Body::Cost(_) => 1.0,
+            Body::Cost(_) | Body::Ttft(_) => 1.0,
         }
     }
 
@@ -558,6 +611,7 @@ impl Profile {
         match &self.body {
             Body::Weighted { scorers, .. } => scorers.iter().map(|(s, _)| s.name()).collect(),
             Body::Cost(_) => CostPolicy::ROWS.to_vec(),
+            Body::Ttft(_) => TtftPolicy::ROWS.to_vec(),
         }
     }
 
@@ -623,6 +677,11 @@ impl Profile {
                 p.evaluate(req, view, rows, totals);
                 pick_softmax(totals, p.temperature, rng)
             }
+            Body::Ttft(p) => {
+                *n_rows = TtftPolicy::ROWS.len();
+                rows.resize(TtftPolicy::ROWS.len() * n, 0.0);
+                p.evaluate(req, view, rows, totals, rng)
+            }
         };
         if pos >= n {
             return Err(Error::Internal(format!("picker returned index {pos} of {n} candidates")));
@@ -658,7 +717,8 @@ mod tests {
     fn presets_build() {
         for name in PRESET_NAMES {
             let p = Profile::preset(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let expect_prefix = matches!(name, "prefix" | "llm-d" | "cost");
+            let expect_prefix = matches!(name, "kvroute" | "prefix" | "llm-d" | "cost");
+            assert_eq!(p.ttft().is_some(), name == "kvroute", "{name}");
             assert_eq!(p.needs_prefix(), expect_prefix, "{name}");
             assert_eq!(p.uses_sessions(), name == "session-affinity", "{name}");
             // Presets survive a JSON round trip.
@@ -997,6 +1057,13 @@ mod tests {
                             inflight_prefill_tokens: p,
                             kv_usage: kv,
                             decode_blocks: dec,
+                            pending_prefill_tokens: p / 2,
+                            active_requests: w + r,
+                            prefill_tokens_per_s: if dec % 4 == 0 {
+                                0.0
+                            } else {
+                                dec as f64 * 100.0
+                            },
                         };
                         cand.last_routed_ms = last;
                         if let Some(l) = lora {
@@ -1019,10 +1086,11 @@ mod tests {
                 0.0f64..2.0,
             )
                 .prop_map(|(pick, healthy, maxq, lora, picker, temp)| {
+                    // The `ttft` picker computes its own cost: no scorers with it.
                     let scorers = SCORER_NAMES
                         .iter()
                         .zip(pick)
-                        .filter(|(_, (on, _))| *on)
+                        .filter(|(_, (on, _))| *on && picker != "ttft")
                         .map(|(n, (_, w))| ScorerConfig::new(n, w))
                         .collect();
                     let mut filters = Vec::new();
@@ -1093,10 +1161,7 @@ mod tests {
                     now_ms: now,
                 };
                 let profile = cfg.build().unwrap();
-                let bound = match cfg.kind {
-                    ProfileKind::Weighted => cfg.scorers.iter().map(|s| s.weight).sum::<f64>(),
-                    ProfileKind::Cost => 1.0,
-                };
+                let bound = profile.max_total();
                 let kept: Vec<usize> =
                     (0..cands.len()).filter(|&i| keeps(&cfg, &req, &cands[i])).collect();
                 let mut s = ScoreScratch::new();

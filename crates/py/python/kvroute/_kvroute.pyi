@@ -270,6 +270,7 @@ def simulate(
     requests: Optional[int] = ...,
     seed: int = ...,
     event_delay: float = ...,
+    router_replicas: int = ...,
 ) -> Any:
     """Runs the simulator behind ``kvroute simulate``.
 

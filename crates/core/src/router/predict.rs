@@ -1,0 +1,388 @@
+//! What the router predicts between routing and the engines' reports: the *predicted
+//! residency* overlay (precise mode) and the per-worker prefill-rate learner.
+//!
+//! # Predicted residency
+//!
+//! In precise mode the index only learns a block exists when the engine's `BlockStored`
+//! event arrives, which is after the request's prefill (seconds under load). Until then a
+//! second request with the same prefix would see nothing and could land anywhere. So when a
+//! request is routed ([`Router::on_routed`](super::Router::on_routed)), the blocks it will
+//! create on the chosen worker (its prompt blocks past the matched prefix) become
+//! *predicted* there, in this overlay: never mixed into the event-fed index, read by the
+//! request path after the index match, extending a worker's matched prefix.
+//!
+//! A prediction ends when:
+//!
+//! - that worker's events store the block (*confirmed*; the delay since routing is an
+//!   observation of the worker's routing-to-event delay), or
+//! - it is older than the worker's TTL (*expired*). The TTL adapts per worker: until the
+//!   first confirmation it is the configured `ttl_s`; after that it is `mean + 4 x mean
+//!   absolute deviation` of the observed delays (exponentially weighted, 1/16 per
+//!   observation), bounded to `[min_ttl_s, max_ttl_s]`: a prediction lives a little longer
+//!   than events usually take to confirm it, and no longer;
+//! - the overlay holds `capacity` predictions and a newer one needs the room (oldest
+//!   first: *dropped*).
+//!
+//! Hybrid mode has its own prediction (a block-pool model per worker feeding the index
+//! until the worker's first events); the overlay is for precise mode, where events are the
+//! only source of truth and predictions must never outlive them.
+//!
+//! # Prefill rates
+//!
+//! Each worker's prefill rate (tokens per second) is learned from the lifecycle calls the
+//! host already makes: at [`on_routed`](super::Router::on_routed) the router notes the
+//! prefill work ahead of the request on that worker (queued prompt tokens not yet
+//! prefilled, plus the request's own uncached tokens) and at
+//! [`on_first_token_at`](super::Router::on_first_token_at) the elapsed time. With a fixed
+//! step overhead `o`, `elapsed = o + work / rate`, so the estimate is
+//! `rate = (W0 + sum work_i) / (T0 + sum (elapsed_i - o))` over exponentially weighted
+//! observations (1/64 per observation), where the prior `(W0, T0)` is one second of the
+//! configured default rate and never decays (it keeps the estimate defined when a worker
+//! has had few requests). The rate therefore includes what slows prefill down on a busy
+//! engine (decode steps batched with it), which is what a time-to-first-token prediction
+//! needs.
+
+use crate::types::BlockKey;
+use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// Configuration of the predicted-residency overlay (precise mode).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PredictionConfig {
+    /// Whether routed requests' blocks are predicted on their worker (precise mode only;
+    /// only profiles that read prefixes use them).
+    pub enabled: bool,
+    /// TTL of a prediction before the worker's first confirmation, seconds (2 s, llm-d's
+    /// fixed speculative-entry TTL).
+    pub ttl_s: f64,
+    /// Lower bound of the adaptive TTL, seconds (0.1 s: below a few engine steps a
+    /// prediction is useless).
+    pub min_ttl_s: f64,
+    /// Upper bound of the adaptive TTL, seconds (120 s: a prefill queued longer than that
+    /// means the worker is overloaded, and its predictions should not attract more).
+    pub max_ttl_s: f64,
+    /// Most predictions held at once (oldest dropped first). Each costs about 64 bytes.
+    pub capacity: usize,
+}
+
+impl Default for PredictionConfig {
+    fn default() -> Self {
+        PredictionConfig {
+            enabled: true,
+            ttl_s: 2.0,
+            min_ttl_s: 0.1,
+            max_ttl_s: 120.0,
+            capacity: 1 << 20,
+        }
+    }
+}
+
+impl PredictionConfig {
+    /// Checks the values.
+    pub fn validate(&self) -> crate::Result<()> {
+        let ok = |x: f64| x.is_finite() && x > 0.0;
+        if !(ok(self.ttl_s) && ok(self.min_ttl_s) && ok(self.max_ttl_s)) {
+            return Err(crate::Error::config(
+                "predictions: ttl_s, min_ttl_s and max_ttl_s must be positive and finite",
+            ));
+        }
+        if self.min_ttl_s > self.max_ttl_s {
+            return Err(crate::Error::config("predictions: min_ttl_s exceeds max_ttl_s"));
+        }
+        if self.capacity == 0 {
+            return Err(crate::Error::config("predictions: capacity must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Counters of the overlay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PredictionCounters {
+    /// Predictions made (a block newly predicted on a worker).
+    pub made: u64,
+    /// Predictions ended by a covering `BlockStored` event of their worker.
+    pub confirmed: u64,
+    /// Predictions ended by their TTL.
+    pub expired: u64,
+    /// Predictions dropped to stay under the capacity.
+    pub dropped: u64,
+}
+
+/// The overlay: `(worker, block) -> creation time`, with a FIFO for expiry and the cap.
+///
+/// Expired predictions are kept a while longer as *tombstones* (invisible to routes): a
+/// covering event that arrives after the TTL is still an observation of the worker's
+/// delay. Without it the TTL would learn only from the delays shorter than itself and
+/// shrink towards its lower bound.
+#[derive(Debug, Default)]
+pub(crate) struct Overlay {
+    map: HashMap<(u32, BlockKey), u64>,
+    /// Insertion order; entries whose time no longer matches the map are stale (the block
+    /// was predicted again, confirmed or expired) and skipped.
+    fifo: VecDeque<(u32, BlockKey, u64)>,
+    /// Expired predictions, by expiry order (bounded like the live ones).
+    tombs: HashMap<(u32, BlockKey), u64>,
+    tomb_fifo: VecDeque<(u32, BlockKey, u64)>,
+    pub(crate) counters: PredictionCounters,
+}
+
+impl Overlay {
+    /// Predictions held.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether nothing is predicted.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Extends `matched` (a prefix length of `keys` already held by `worker`) over the
+    /// blocks predicted on `worker` and still within `ttl_ms` at `now_ms`.
+    pub(crate) fn extend(
+        &self,
+        worker: u32,
+        keys: &[BlockKey],
+        mut matched: usize,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> usize {
+        while let Some(&k) = keys.get(matched) {
+            match self.map.get(&(worker, k)) {
+                Some(&t) if now_ms.saturating_sub(t) <= ttl_ms => matched += 1,
+                _ => break,
+            }
+        }
+        matched
+    }
+
+    /// Predicts `keys` on `worker` at `now_ms`, then expires what is due and drops the
+    /// oldest beyond `capacity`. `ttl_ms(worker)` gives each worker's current TTL.
+    pub(crate) fn insert(
+        &mut self,
+        worker: u32,
+        keys: &[BlockKey],
+        now_ms: u64,
+        capacity: usize,
+        ttl_ms: impl Fn(u32) -> u64,
+    ) {
+        for &k in keys {
+            if self.map.insert((worker, k), now_ms).is_none() {
+                self.counters.made += 1;
+            }
+            self.fifo.push_back((worker, k, now_ms));
+        }
+        // Expire from the front while the oldest live entry is past its worker's TTL.
+        while let Some(&(w, k, t)) = self.fifo.front() {
+            let live = self.map.get(&(w, k)) == Some(&t);
+            if !live {
+                self.fifo.pop_front();
+            } else if now_ms.saturating_sub(t) > ttl_ms(w) {
+                self.map.remove(&(w, k));
+                self.counters.expired += 1;
+                self.fifo.pop_front();
+                self.tombs.insert((w, k), t);
+                self.tomb_fifo.push_back((w, k, t));
+            } else {
+                break;
+            }
+        }
+        while self.tomb_fifo.len() > capacity {
+            if let Some((w, k, t)) = self.tomb_fifo.pop_front() {
+                if self.tombs.get(&(w, k)) == Some(&t) {
+                    self.tombs.remove(&(w, k));
+                }
+            }
+        }
+        // The cap: the FIFO (live and stale entries) bounds the memory.
+        while self.fifo.len() > capacity {
+            if let Some((w, k, t)) = self.fifo.pop_front() {
+                if self.map.get(&(w, k)) == Some(&t) {
+                    self.map.remove(&(w, k));
+                    self.counters.dropped += 1;
+                }
+            }
+        }
+    }
+
+    /// `worker`'s events stored `keys` at `now_ms`: the predictions they cover end
+    /// (confirmed). Calls `observe(delay_ms)` for each confirmed one.
+    pub(crate) fn confirm(
+        &mut self,
+        worker: u32,
+        keys: &[BlockKey],
+        now_ms: u64,
+        mut observe: impl FnMut(u64),
+    ) {
+        if self.map.is_empty() && self.tombs.is_empty() {
+            return;
+        }
+        for &k in keys {
+            if let Some(t) = self.map.remove(&(worker, k)) {
+                self.counters.confirmed += 1;
+                observe(now_ms.saturating_sub(t));
+            } else if let Some(t) = self.tombs.remove(&(worker, k)) {
+                observe(now_ms.saturating_sub(t));
+            }
+        }
+    }
+
+    /// Forgets every prediction for `worker` (removed or cleared).
+    pub(crate) fn clear_worker(&mut self, worker: u32) {
+        self.map.retain(|&(w, _), _| w != worker);
+        self.tombs.retain(|&(w, _), _| w != worker);
+    }
+
+    /// Whether there is nothing to confirm (no prediction, no tombstone).
+    pub(crate) fn nothing_to_confirm(&self) -> bool {
+        self.map.is_empty() && self.tombs.is_empty()
+    }
+
+    /// Entries in the FIFO, live or stale (what the cap bounds).
+    #[cfg(test)]
+    pub(crate) fn fifo_len(&self) -> usize {
+        self.fifo.len()
+    }
+}
+
+/// Per-worker learned figures: the routing-to-event delay (for the TTL) and the prefill
+/// rate.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Learner {
+    /// Exponentially weighted mean of the routing-to-event delay, ms (NaN: none yet).
+    delay_mean_ms: f64,
+    /// Exponentially weighted mean absolute deviation of that delay, ms.
+    delay_dev_ms: f64,
+    /// Decayed sums of prefill work (tokens) and prefill time (seconds).
+    work: f64,
+    time: f64,
+    /// The prior, one second of the default rate.
+    prior_rate: f64,
+    /// Observations of the prefill rate so far.
+    pub(crate) rate_samples: u64,
+}
+
+/// Weight of a new delay observation.
+const DELAY_ALPHA: f64 = 1.0 / 16.0;
+/// Deviations added to the mean delay for the TTL.
+const DELAY_DEVS: f64 = 4.0;
+/// Decay of the rate sums per observation (a memory of about 64 requests).
+const RATE_DECAY: f64 = 1.0 - 1.0 / 64.0;
+/// Seconds of the default rate the prior is worth.
+const RATE_PRIOR_S: f64 = 1.0;
+
+impl Learner {
+    pub(crate) fn new(prior_rate: f64) -> Self {
+        Learner {
+            delay_mean_ms: f64::NAN,
+            delay_dev_ms: 0.0,
+            work: 0.0,
+            time: 0.0,
+            prior_rate,
+            rate_samples: 0,
+        }
+    }
+
+    /// A routing-to-event delay was observed.
+    pub(crate) fn observe_delay(&mut self, delay_ms: f64) {
+        if self.delay_mean_ms.is_nan() {
+            self.delay_mean_ms = delay_ms;
+            self.delay_dev_ms = delay_ms / 2.0;
+        } else {
+            let dev = (delay_ms - self.delay_mean_ms).abs();
+            self.delay_mean_ms += DELAY_ALPHA * (delay_ms - self.delay_mean_ms);
+            self.delay_dev_ms += DELAY_ALPHA * (dev - self.delay_dev_ms);
+        }
+    }
+
+    /// The prediction TTL, ms, within the configured bounds.
+    pub(crate) fn ttl_ms(&self, cfg: &PredictionConfig) -> u64 {
+        let s = if self.delay_mean_ms.is_nan() {
+            cfg.ttl_s
+        } else {
+            (self.delay_mean_ms + DELAY_DEVS * self.delay_dev_ms) / 1e3
+        };
+        (s.clamp(cfg.min_ttl_s, cfg.max_ttl_s) * 1e3) as u64
+    }
+
+    /// A prefill of `work_tokens` (queued ahead plus its own) took `prefill_s` seconds
+    /// (elapsed minus the step overhead).
+    pub(crate) fn observe_prefill(&mut self, work_tokens: f64, prefill_s: f64) {
+        if !(work_tokens > 0.0 && prefill_s.is_finite()) {
+            return;
+        }
+        // An engine step cannot be shorter than a millisecond; a smaller figure is a clock
+        // artefact (both calls in one tick).
+        let t = prefill_s.max(1e-3);
+        self.work = self.work * RATE_DECAY + work_tokens;
+        self.time = self.time * RATE_DECAY + t;
+        self.rate_samples += 1;
+    }
+
+    /// The prefill rate, tokens per second.
+    pub(crate) fn rate(&self) -> f64 {
+        (self.prior_rate * RATE_PRIOR_S + self.work) / (RATE_PRIOR_S + self.time)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_extends_expires_confirms_and_caps() {
+        let mut o = Overlay::default();
+        let keys: Vec<u64> = (1..=6).collect();
+        o.insert(0, &keys[..4], 1_000, 100, |_| 500);
+        assert_eq!(o.counters.made, 4);
+        // Visible to worker 0 only, from any matched start, within the TTL.
+        assert_eq!(o.extend(0, &keys, 0, 1_200, 500), 4);
+        assert_eq!(o.extend(0, &keys, 2, 1_200, 500), 4);
+        assert_eq!(o.extend(1, &keys, 0, 1_200, 500), 0);
+        assert_eq!(o.extend(0, &keys, 0, 1_501, 500), 0, "past its TTL");
+        // Confirmed by a covering store: gone, delay observed.
+        let mut delays = Vec::new();
+        o.confirm(0, &keys[..2], 1_300, |d| delays.push(d));
+        assert_eq!(delays, vec![300, 300]);
+        assert_eq!(o.counters.confirmed, 2);
+        assert_eq!(o.extend(0, &keys, 0, 1_300, 500), 0);
+        assert_eq!(o.extend(0, &keys, 2, 1_300, 500), 4);
+        // A later insert expires what is past its TTL.
+        o.insert(1, &keys[4..5], 2_000, 100, |_| 500);
+        assert_eq!(o.counters.expired, 2);
+        assert_eq!(o.len(), 1);
+        // The cap under a flood of unique blocks.
+        for i in 0..10_000u64 {
+            o.insert(2, &[1_000 + i], 2_000, 64, |_| 1_000_000);
+            assert!(o.fifo_len() <= 64 && o.len() <= 64);
+        }
+        assert_eq!(o.counters.made, 4 + 1 + 10_000);
+        assert!(o.counters.dropped >= 10_000 - 64);
+        o.clear_worker(2);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn ttl_follows_observed_delays_within_bounds() {
+        let cfg = PredictionConfig::default();
+        let mut l = Learner::new(10_000.0);
+        assert_eq!(l.ttl_ms(&cfg), 2_000);
+        for _ in 0..200 {
+            l.observe_delay(300.0);
+        }
+        assert!((300..=320).contains(&l.ttl_ms(&cfg)), "{}", l.ttl_ms(&cfg));
+        for _ in 0..200 {
+            l.observe_delay(1e9);
+        }
+        assert_eq!(l.ttl_ms(&cfg), 120_000);
+        let mut l = Learner::new(10_000.0);
+        l.observe_delay(1.0);
+        for _ in 0..100 {
+            l.observe_delay(0.0);
+        }
+        assert_eq!(l.ttl_ms(&cfg), 100);
+    }
+}

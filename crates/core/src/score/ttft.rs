@@ -1,0 +1,383 @@
+//! The `ttft` picker: each candidate's predicted time to first token, in seconds, with a
+//! balance guard and near-ties going to the less loaded worker.
+//!
+//! Per candidate `w` (after the filters):
+//!
+//! - `cached = min(matched_blocks x block_size, prompt_tokens - 1)` (vLLM recomputes the
+//!   last token), `uncached = prompt_tokens - cached`;
+//! - `rate` = the worker's learned prefill rate (`Load::prefill_tokens_per_s`, tokens/s;
+//!   the configured default when the router has none);
+//! - `queue_s = pending_prefill_tokens / rate`: the prefill work already queued or running
+//!   there, never stale (the router's own in-flight requests, or the scraped queue plus
+//!   what it routed since the scrape, whichever is larger);
+//! - `ttft_s = step_overhead_s + queue_s + uncached / rate`, the predicted time to first
+//!   token; `saved_s = cached / rate` is what the match is worth;
+//! - `cost_s = ttft_s + externality x uncached / rate`: the request's own prefill also
+//!   delays the request that queues behind it on that worker (`externality` = 1), so work
+//!   that a cache hit avoids counts for both. Without this term the choice is greedy for
+//!   the request alone, and under load it recomputes a long shared prefix on an emptier
+//!   worker, which adds work for everyone (measured in docs/simulation.md).
+//!
+//! The cheapest candidate wins; candidates within `tie_s` of it are near-ties (default:
+//! one step overhead, the granularity at which an engine finishes prefills) and go to the
+//! fewest active requests, then uniformly at random.
+//!
+//! **Balance guard.** With `a_w` = the worker's active requests (waiting plus running,
+//! never stale), `m = min a`, `μ = mean a`: a candidate is *guarded* when `a_w - m > abs`
+//! and `a_w > rel x m`, with `rel` = 1.5 (the relative threshold of SGLang's cache-aware
+//! router) and, unless configured, `abs = 3 x sqrt(μ) + 1`: an imbalance larger than three
+//! standard deviations of the count a uniformly random placement would produce (Poisson),
+//! so random fluctuation does not trip it but a worker that attracts traffic because of a
+//! prefix everyone shares does. When the cheapest candidate is guarded, the request goes
+//! to the least loaded unguarded candidate that can start it at once (no queued prefill)
+//! and costs no more than the cheapest one would without its match (the guard gives up the
+//! prefix advantage, never more); if there is none, the queue already prices the imbalance
+//! and the guard stands aside. This keeps a short common prefix (a system prompt) from
+//! deciding placement on its own: once its first holder is guarded, the next request goes
+//! to an idle worker, and from then on several workers hold the prefix.
+//!
+//! The total of a candidate is `best_cost / cost` (1 for the cheapest), 0 when the guard
+//! decided against it; the explanation rows are `ttft_s`, `saved_s`, `queue_s`, `cost_s`,
+//! `active` and `guard` (1 = guarded).
+
+use super::{Candidate, RequestInfo};
+use crate::rng::SplitMix64;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Parameters of the `ttft` picker (JSON: `{"name": "ttft", "params": {...}}`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtftParams {
+    /// Prefill rate assumed before a worker's rate is learned, tokens/s.
+    pub prefill_tokens_per_s: Option<f64>,
+    /// Fixed per-step overhead, seconds.
+    pub step_overhead_s: Option<f64>,
+    /// Relative imbalance threshold of the balance guard.
+    pub balance_rel: Option<f64>,
+    /// Absolute imbalance threshold of the balance guard, requests (default: statistical,
+    /// `3 x sqrt(mean active) + 1`).
+    pub balance_abs: Option<f64>,
+    /// Near-tie tolerance, seconds (default: `step_overhead_s`).
+    pub tie_s: Option<f64>,
+    /// Requests its prefill delays besides itself (default 1).
+    pub externality: Option<f64>,
+}
+
+/// The `ttft` picker's policy (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TtftPolicy {
+    /// Default prefill rate, tokens/s (10,000: the low end of what vLLM users report for
+    /// an 8B model on one H100 with long prompts).
+    pub prefill_tokens_per_s: f64,
+    /// Fixed step overhead, seconds (0.01: one decode step of a mid-size model, the usual
+    /// 10-20 ms order).
+    pub step_overhead_s: f64,
+    /// Relative imbalance threshold (1.5, SGLang's `balance_rel_threshold`).
+    pub balance_rel: f64,
+    /// Absolute imbalance threshold in requests; `None`: `3 x sqrt(mean active) + 1`.
+    pub balance_abs: Option<f64>,
+    /// Near-tie tolerance, seconds; `None`: `step_overhead_s`.
+    pub tie_s: Option<f64>,
+    /// How many other requests a request's own prefill delays (1: the next request that
+    /// queues behind it on that worker). The cost of a candidate is its predicted TTFT
+    /// plus `externality x uncached / rate`.
+    pub externality: f64,
+    /// Tokens per block (set by the router).
+    pub block_size: u32,
+}
+
+impl Default for TtftPolicy {
+    fn default() -> Self {
+        TtftPolicy {
+            prefill_tokens_per_s: 10_000.0,
+            step_overhead_s: 0.01,
+            balance_rel: 1.5,
+            balance_abs: None,
+            tie_s: None,
+            externality: 1.0,
+            block_size: 16,
+        }
+    }
+}
+
+impl TtftPolicy {
+    /// Names of the explanation rows, in order.
+    pub const ROWS: [&'static str; 6] =
+        ["ttft_s", "saved_s", "queue_s", "cost_s", "active", "guard"];
+
+    /// The policy from its JSON parameters, validated.
+    pub fn from_params(p: &TtftParams) -> Result<Self> {
+        let d = TtftPolicy::default();
+        let t = TtftPolicy {
+            prefill_tokens_per_s: p.prefill_tokens_per_s.unwrap_or(d.prefill_tokens_per_s),
+            step_overhead_s: p.step_overhead_s.unwrap_or(d.step_overhead_s),
+            balance_rel: p.balance_rel.unwrap_or(d.balance_rel),
+            balance_abs: p.balance_abs,
+            tie_s: p.tie_s,
+            externality: p.externality.unwrap_or(d.externality),
+            block_size: d.block_size,
+        };
+        t.validate()?;
+        Ok(t)
+    }
+
+    /// Checks the parameters.
+    pub fn validate(&self) -> Result<()> {
+        let pos = |x: f64| x.is_finite() && x > 0.0;
+        let nonneg = |x: f64| x.is_finite() && x >= 0.0;
+        let checks = [
+            ("prefill_tokens_per_s", pos(self.prefill_tokens_per_s)),
+            ("step_overhead_s", nonneg(self.step_overhead_s)),
+            ("balance_rel", self.balance_rel.is_finite() && self.balance_rel >= 1.0),
+            ("balance_abs", self.balance_abs.is_none_or(nonneg)),
+            ("tie_s", self.tie_s.is_none_or(nonneg)),
+            ("externality", nonneg(self.externality)),
+        ];
+        for (name, ok) in checks {
+            if !ok {
+                return Err(Error::config(format!(
+                    "picker `ttft`: `{name}` is out of range (rates positive, times and \
+                     thresholds finite and non-negative, balance_rel >= 1)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn rate(&self, c: &Candidate) -> f64 {
+        let r = c.load.prefill_tokens_per_s;
+        if r.is_finite() && r > 0.0 {
+            r
+        } else {
+            self.prefill_tokens_per_s
+        }
+    }
+
+    /// `(ttft_s, saved_s, queue_s, cost_s)` of one candidate.
+    #[inline]
+    pub fn predict(&self, req: &RequestInfo, c: &Candidate) -> (f64, f64, f64, f64) {
+        let rate = self.rate(c);
+        let prompt = f64::from(req.prompt_tokens);
+        let cached =
+            (f64::from(c.matched_blocks) * f64::from(self.block_size)).min((prompt - 1.0).max(0.0));
+        let queue = c.load.pending_prefill_tokens as f64 / rate;
+        let own = (prompt - cached) / rate;
+        let ttft = self.step_overhead_s + queue + own;
+        (ttft, cached / rate, queue, ttft + self.externality * own)
+    }
+
+    /// Fills the rows (`rows.len() == 6 * n`) and totals for `cands`, and returns the
+    /// chosen position.
+    pub fn evaluate(
+        &self,
+        req: &RequestInfo,
+        cands: &[Candidate],
+        rows: &mut [f64],
+        totals: &mut [f64],
+        rng: &mut SplitMix64,
+    ) -> usize {
+        let n = cands.len();
+        let (ttft, rest) = rows.split_at_mut(n);
+        let (saved, rest) = rest.split_at_mut(n);
+        let (queue, rest) = rest.split_at_mut(n);
+        let (cost, rest) = rest.split_at_mut(n);
+        let (active, guard) = rest.split_at_mut(n);
+        let (mut lo, mut sum) = (f64::INFINITY, 0.0);
+        for (k, c) in cands.iter().enumerate() {
+            let (t, s, q, x) = self.predict(req, c);
+            ttft[k] = t;
+            saved[k] = s;
+            queue[k] = q;
+            cost[k] = x;
+            let a = f64::from(c.load.active_requests);
+            active[k] = a;
+            lo = lo.min(a);
+            sum += a;
+        }
+        let mean = sum / n as f64;
+        let abs = self.balance_abs.unwrap_or(3.0 * mean.sqrt() + 1.0);
+        let tie = self.tie_s.unwrap_or(self.step_overhead_s);
+        let mut fastest = 0;
+        for k in 0..n {
+            let a = active[k];
+            guard[k] = if a - lo > abs && a > self.balance_rel * lo { 1.0 } else { 0.0 };
+            if cost[k] < cost[fastest] {
+                fastest = k;
+            }
+        }
+        let best = cost[fastest];
+        // The guard decides when the cheapest candidate is guarded and an unguarded one
+        // can start the request at once (no queued prefill: the imbalance is one the queue
+        // does not price, such as decode contention or memory) for no more than the
+        // cheapest one's prefix advantage (its cost had it matched nothing). The request
+        // then goes to the least loaded such worker (SGLang's rule under imbalance), which
+        // also replicates the prefix that made the guarded worker attractive.
+        let budget = best + saved[fastest] * (1.0 + self.externality) + super::TIE_EPSILON;
+        let idle = |k: usize| guard[k] == 0.0 && queue[k] <= tie && cost[k] <= budget;
+        let guarded = guard[fastest] != 0.0 && (0..n).any(idle);
+        // Otherwise near-ties (within `tie` of the cheapest) go to the fewest active, then
+        // uniformly at random.
+        let near = |k: usize| if guarded { idle(k) } else { cost[k] <= best + tie };
+        let mut amin = f64::INFINITY;
+        for (k, t) in totals.iter_mut().enumerate() {
+            *t = if guarded && guard[k] != 0.0 || cost[k] <= 0.0 { 0.0 } else { best / cost[k] };
+            if near(k) {
+                amin = amin.min(active[k]);
+            }
+        }
+        // Equal load among near-ties: uniform. (Not the lowest cost: learned rates differ a
+        // little between workers, and the busiest would win every tie.)
+        let tied = |k: usize| near(k) && active[k] == amin;
+        let count = (0..n).filter(|&k| tied(k)).count();
+        let r = if count > 1 { rng.below(count as u64) as usize } else { 0 };
+        (0..n).filter(|&k| tied(k)).nth(r).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::WorkerId;
+
+    fn cand(w: u32, matched: u32, pending: u64, active: u32, rate: f64) -> Candidate {
+        let mut c = Candidate::new(WorkerId(w));
+        c.matched_blocks = matched;
+        c.load.pending_prefill_tokens = pending;
+        c.load.active_requests = active;
+        c.load.prefill_tokens_per_s = rate;
+        c
+    }
+
+    fn run(p: &TtftPolicy, req: &RequestInfo, cands: &[Candidate]) -> (usize, Vec<f64>) {
+        let mut rows = vec![0.0; 6 * cands.len()];
+        let mut totals = vec![0.0; cands.len()];
+        let k = p.evaluate(req, cands, &mut rows, &mut totals, &mut SplitMix64::new(3));
+        (k, rows)
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    #[test]
+    fn ttft_prices_match_against_queue_in_seconds() {
+        let p = TtftPolicy { step_overhead_s: 0.01, ..TtftPolicy::default() };
+        let req = RequestInfo { prompt_tokens: 1_000, total_blocks: 62, ..Default::default() };
+        // w0 holds 50 blocks (800 tokens) but has 4,000 tokens queued; w1 is idle and cold.
+        // TTFT w0: 0.01 + 0.4 + 0.02 = 0.43 s ; w1: 0.01 + 0 + 0.1 = 0.11 s.
+        // Cost adds the own prefill once more: 0.45 and 0.21.
+        let cands = [cand(0, 50, 4_000, 1, 10_000.0), cand(1, 0, 0, 0, 10_000.0)];
+        let (k, rows) = run(&p, &req, &cands);
+        assert_eq!(k, 1);
+        assert!(close(rows[0], 0.43) && close(rows[1], 0.11), "ttft {rows:?}");
+        assert!(close(rows[2], 0.08), "saved_s {rows:?}");
+        assert!(close(rows[4], 0.4) && close(rows[5], 0.0), "queue_s {rows:?}");
+        assert!(close(rows[6], 0.45) && close(rows[7], 0.21), "cost_s {rows:?}");
+        // With 400 tokens queued instead, w0 wins: 0.01 + 0.04 + 0.02 + 0.02 = 0.09 s.
+        let cands = [cand(0, 50, 400, 1, 10_000.0), cand(1, 0, 0, 0, 10_000.0)];
+        assert_eq!(run(&p, &req, &cands).0, 0);
+        // A slower learned rate on w0 (2,000 tokens/s) makes it lose again:
+        // 0.01 + 0.2 + 0.1 + 0.1 = 0.41 s against 0.21 s.
+        let cands = [cand(0, 50, 400, 1, 2_000.0), cand(1, 0, 0, 0, 10_000.0)];
+        assert_eq!(run(&p, &req, &cands).0, 1);
+        // Without the externality the choice is the bare TTFT, and recomputing 800 tokens
+        // on a slightly emptier worker looks cheaper; with it, it costs the next request.
+        let bare = TtftPolicy { externality: 0.0, ..p };
+        let cands = [cand(0, 50, 4_000, 1, 10_000.0), cand(1, 0, 3_000, 0, 10_000.0)];
+        // w0: 0.43 (0.45) ; w1: 0.41 (0.51): the bare TTFT moves it, the cost keeps it.
+        assert_eq!(run(&bare, &req, &cands).0, 1);
+        assert_eq!(run(&p, &req, &cands).0, 0);
+    }
+
+    #[test]
+    fn near_ties_go_to_the_less_loaded() {
+        let p = TtftPolicy::default();
+        let req = RequestInfo { prompt_tokens: 1_000, total_blocks: 62, ..Default::default() };
+        // 1 block apart (3.2 ms of cost < one 10 ms step): tied, the less active wins.
+        let cands = [cand(0, 1, 0, 3, 10_000.0), cand(1, 0, 0, 1, 10_000.0)];
+        assert_eq!(run(&p, &req, &cands).0, 1);
+        // 10 blocks apart (32 ms): not a tie.
+        let cands = [cand(0, 10, 0, 3, 10_000.0), cand(1, 0, 0, 1, 10_000.0)];
+        assert_eq!(run(&p, &req, &cands).0, 0);
+        // Exact ties in cost and load are broken at random, each side sometimes.
+        let cands = [cand(0, 0, 0, 1, 10_000.0), cand(1, 0, 0, 1, 10_000.0)];
+        let mut seen = [false; 2];
+        let mut rows = vec![0.0; 12];
+        let mut totals = vec![0.0; 2];
+        let mut rng = SplitMix64::new(1);
+        for _ in 0..64 {
+            seen[p.evaluate(&req, &cands, &mut rows, &mut totals, &mut rng)] = true;
+        }
+        assert_eq!(seen, [true, true]);
+    }
+
+    #[test]
+    fn balance_guard_trips_on_absolute_and_relative_imbalance() {
+        let p = TtftPolicy::default();
+        let req = RequestInfo { prompt_tokens: 640, total_blocks: 40, ..Default::default() };
+        // w0 holds a shared 31-block prefix (496 tokens, 50 ms of prefill at 10k tokens/s).
+        // Active 6 vs 0, 0, 0: mean 1.5, abs = 3 x sqrt(1.5) + 1 = 4.67; 6 - 0 > 4.67 and
+        // 6 > 1.5 x 0: guarded, and the idle workers cost 0.01 + 2 x 0.064 = 0.138 s, within
+        // w0's 0.038 s + 2 x 0.0496 s without its match: the request goes to an idle one.
+        let cands = [
+            cand(0, 31, 0, 6, 10_000.0),
+            cand(1, 0, 0, 0, 10_000.0),
+            cand(2, 0, 0, 0, 10_000.0),
+            cand(3, 0, 0, 0, 10_000.0),
+        ];
+        let (k, rows) = run(&p, &req, &cands);
+        assert_ne!(k, 0);
+        assert_eq!(&rows[20..24], &[1.0, 0.0, 0.0, 0.0], "guard row");
+        // 4 vs 0: within the absolute threshold (4 < 1 + 3 x sqrt(1)): the match decides.
+        let mut c = cands.clone();
+        c[0].load.active_requests = 4;
+        assert_eq!(run(&p, &req, &c).0, 0);
+        // 12 vs 9, 9, 9: 3 < abs = 3 x sqrt(9.75) + 1. Not guarded.
+        let mut c = cands.clone();
+        for (i, x) in c.iter_mut().enumerate() {
+            x.load.active_requests = if i == 0 { 12 } else { 9 };
+        }
+        assert_eq!(run(&p, &req, &c).0, 0);
+        // An explicit absolute threshold of 2: 12 - 9 > 2, but 12 < 1.5 x 9: relative
+        // threshold not met, still not guarded; 14 > 13.5 is.
+        let p2 = TtftPolicy { balance_abs: Some(2.0), ..p };
+        assert_eq!(run(&p2, &req, &c).0, 0);
+        c[0].load.active_requests = 14;
+        assert_ne!(run(&p2, &req, &c).0, 0);
+        // The guard stands aside when every other worker has a prefill queue (the queue
+        // prices the imbalance) ...
+        let mut c = cands.clone();
+        for x in &mut c[1..] {
+            x.load.pending_prefill_tokens = 2_000;
+        }
+        assert_eq!(run(&p, &req, &c).0, 0);
+        // ... and when moving would cost more than the guarded worker's prefix advantage:
+        // a 2,000-token prompt with 1,900 tokens matched on w0.
+        let req = RequestInfo { prompt_tokens: 2_000, total_blocks: 125, ..Default::default() };
+        let mut c = cands.clone();
+        c[0].matched_blocks = 118;
+        let (k, rows) = run(&p, &req, &c);
+        assert_eq!(rows[20], 1.0, "guarded");
+        assert_ne!(k, 0, "moving costs the advantage (equal rates): allowed");
+        c[1..].iter_mut().for_each(|x| x.load.prefill_tokens_per_s = 5_000.0);
+        assert_eq!(run(&p, &req, &c).0, 0, "slower idle workers: moving costs more");
+    }
+
+    #[test]
+    fn params_are_validated() {
+        let ok = TtftPolicy::from_params(&TtftParams::default()).unwrap();
+        assert_eq!(ok, TtftPolicy::default());
+        for bad in [
+            TtftParams { prefill_tokens_per_s: Some(0.0), ..Default::default() },
+            TtftParams { step_overhead_s: Some(f64::NAN), ..Default::default() },
+            TtftParams { balance_rel: Some(0.5), ..Default::default() },
+            TtftParams { balance_abs: Some(-1.0), ..Default::default() },
+            TtftParams { tie_s: Some(f64::INFINITY), ..Default::default() },
+            TtftParams { externality: Some(-0.1), ..Default::default() },
+        ] {
+            assert!(TtftPolicy::from_params(&bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The `kvroute` preset through the router's public API: predicted residency (visible to
+//! the next route, confirmed by a covering event, expired after its TTL, bounded), the
+//! prefill-rate learner, never-stale load and the metrics that export them.
+
+use kvroute::events::{BlockStored, EngineHash, KvEvent, KvEventBatch};
+use kvroute::rng::SplitMix64;
+use kvroute::router::{LoadReport, Request, Router, RouterConfig};
+
+fn router(workers: &[&str], tweak: impl FnOnce(&mut RouterConfig)) -> Router {
+    let mut cfg = RouterConfig::default();
+    tweak(&mut cfg);
+    let r = Router::new(cfg).unwrap();
+    for w in workers {
+        r.add_worker(w, 0).unwrap();
+    }
+    r
+}
+
+fn prompt(seed: u64, len: usize) -> Vec<u32> {
+    let mut g = SplitMix64::new(seed);
+    (0..len).map(|_| g.below(50_000) as u32).collect()
+}
+
+fn at(tokens: &[u32], now_ms: u64) -> Request<'_> {
+    Request { now_ms: Some(now_ms), ..Request::new(tokens) }
+}
+
+/// The event a vLLM worker sends once it has cached `tokens`' full blocks.
+fn stored(tokens: &[u32], ts: f64) -> KvEventBatch {
+    let blocks = tokens.len() / 16;
+    let ev = KvEvent::BlockStored(BlockStored {
+        block_hashes: (0..blocks as u64).map(|i| EngineHash::Int(1_000 + i)).collect(),
+        token_ids: tokens[..blocks * 16].to_vec(),
+        block_size: 16,
+        ..BlockStored::default()
+    });
+    KvEventBatch::new(ts, vec![ev])
+}
+
+#[test]
+fn the_default_profile_is_kvroute() {
+    let r = router(&["a"], |_| {});
+    let d = r.route(&Request::new(&prompt(1, 64))).unwrap();
+    assert_eq!(d.score_names(), ["ttft_s", "saved_s", "queue_s", "cost_s", "active", "guard"]);
+    assert_eq!(RouterConfig::from_json("{}").unwrap(), RouterConfig::default());
+}
+
+#[test]
+fn a_prediction_is_visible_confirmed_and_expires() {
+    let r = router(&["a", "b", "c"], |_| {});
+    let p = prompt(7, 160); // 10 blocks
+    let d1 = r.route(&at(&p, 1_000)).unwrap();
+    assert_eq!(d1.matched_blocks, 0);
+    r.on_routed(&d1).unwrap();
+    let m = r.metrics();
+    assert_eq!((m.predictions.made, m.predictions_held), (10, 10));
+    // Before any event, the next request with that prefix sees it on the same worker.
+    let d2 = r.route(&at(&p, 1_100)).unwrap();
+    assert_eq!((d2.worker.clone(), d2.matched_blocks), (d1.worker.clone(), 10));
+    // The worker's events cover the blocks 300 ms after routing: confirmed, and the index
+    // now answers for them.
+    r.apply_events(&d1.worker.name, &stored(&p, 1.3)).unwrap();
+    let m = r.metrics();
+    assert_eq!((m.predictions.confirmed, m.predictions_held), (10, 0));
+    let d3 = r.route(&at(&p, 1_400)).unwrap();
+    assert_eq!((d3.worker.clone(), d3.matched_blocks), (d1.worker.clone(), 10));
+    // The TTL adapted to the ten observed 300 ms delays: mean + 4 mean deviations, the
+    // deviation starting at half the first delay and decaying by 15/16 per observation.
+    let w = m.workers.iter().find(|w| w.worker == d1.worker).unwrap();
+    let want = (300.0 + 4.0 * 150.0 * (15.0f64 / 16.0).powi(9)).floor() / 1e3;
+    assert!((w.prediction_ttl_s - want).abs() < 1e-9, "{} vs {want}", w.prediction_ttl_s);
+    let other = m.workers.iter().find(|w| w.worker != d1.worker).unwrap();
+    assert_eq!(other.prediction_ttl_s, 2.0, "the configured TTL until observations");
+
+    // A prediction nobody confirms is gone after its TTL (0.9 s on that worker).
+    let q = prompt(8, 160);
+    let e1 = r.route(&at(&q, 10_000)).unwrap();
+    r.on_routed(&e1).unwrap();
+    let ttl_ms = (r.metrics().workers.iter().find(|w| w.worker == e1.worker).unwrap())
+        .prediction_ttl_s
+        * 1e3;
+    let before = r.route(&at(&q, 10_000 + ttl_ms as u64)).unwrap();
+    assert_eq!(before.matched_blocks, 10, "still within its TTL");
+    let after = r.route(&at(&q, 10_001 + ttl_ms as u64)).unwrap();
+    assert_eq!(after.matched_blocks, 0, "past its TTL");
+    // Expiry is counted when the overlay next takes a prediction.
+    let e2 = r.route(&at(&prompt(9, 32), 20_000)).unwrap();
+    r.on_routed(&e2).unwrap();
+    assert_eq!(r.metrics().predictions.expired, 10);
+    // Removing a worker drops its predictions.
+    r.remove_worker(&e2.worker.name, 0).unwrap();
+    assert_eq!(r.metrics().predictions_held, 0);
+}
+
+#[test]
+fn predictions_stay_under_their_cap_under_a_flood_of_unique_prompts() {
+    let r = router(&["a", "b"], |c| c.predictions.capacity = 500);
+    for i in 0..2_000u64 {
+        let p = prompt(100 + i, 160);
+        let d = r.route(&at(&p, 1_000 + i)).unwrap();
+        r.on_routed(&d).unwrap();
+        assert!(r.metrics().predictions_held <= 500);
+    }
+    let m = r.metrics();
+    assert_eq!(m.predictions.made, 20_000);
+    assert!(m.predictions.dropped >= 20_000 - 500, "{:?}", m.predictions);
+    // Predictions off: nothing is predicted.
+    let r = router(&["a", "b"], |c| c.predictions.enabled = false);
+    let p = prompt(5, 160);
+    let d = r.route(&at(&p, 1)).unwrap();
+    r.on_routed(&d).unwrap();
+    assert_eq!(r.route(&at(&p, 2)).unwrap().matched_blocks, 0);
+    assert_eq!(r.metrics().predictions.made, 0);
+    // Bad prediction settings are configuration errors.
+    for bad in [
+        r#"{"predictions": {"capacity": 0}}"#,
+        r#"{"predictions": {"ttl_s": -1}}"#,
+        r#"{"predictions": {"min_ttl_s": 5, "max_ttl_s": 1}}"#,
+    ] {
+        assert!(Router::from_json(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn prefill_rates_are_learned_from_lifecycle_calls() {
+    // Two workers with known prefill rates and the picker's fixed 10 ms step overhead;
+    // requests one at a time (no queue), first token after overhead + tokens / rate. Each
+    // worker serves alone for a while (the other drained).
+    let truth = [("slow", 5_000.0), ("fast", 20_000.0)];
+    let r = router(&["slow", "fast"], |_| {});
+    let mut now = 1_000u64;
+    for (phase, (only, rate)) in truth.iter().enumerate() {
+        for (name, _) in truth {
+            r.drain_worker(name, 0, name != *only).unwrap();
+        }
+        for i in 0..200u64 {
+            let p = prompt(1_000 * (phase as u64 + 1) + i, 8_000);
+            let d = r.route(&at(&p, now)).unwrap();
+            assert_eq!(d.worker.name, *only);
+            r.on_routed(&d).unwrap();
+            now += (10.0 + 8_000.0 / rate * 1e3) as u64;
+            r.on_first_token_at(d.request_id, now).unwrap();
+            r.on_finished(d.request_id).unwrap();
+            now += 5;
+        }
+    }
+    for (name, _) in truth {
+        r.drain_worker(name, 0, false).unwrap();
+    }
+    let m = r.metrics();
+    for (name, rate) in truth {
+        let w = m.workers.iter().find(|w| w.worker.name == name).unwrap();
+        assert!(w.prefill_rate_samples > 20, "{name}: {} samples", w.prefill_rate_samples);
+        let err = (w.prefill_tokens_per_s - rate).abs() / rate;
+        assert!(err < 0.03, "{name}: learned {} vs {rate}", w.prefill_tokens_per_s);
+    }
+    // With both available, a cold request goes to the faster one (lower predicted TTFT).
+    let d = r.route(&at(&prompt(77, 8_000), now)).unwrap();
+    assert_eq!(d.worker.name, "fast");
+    // Exported for Prometheus.
+    let prom = r.prometheus();
+    assert!(prom.contains("kvroute_worker_prefill_tokens_per_second{worker=\"fast\""));
+    assert!(prom.contains("kvroute_predictions_made_total "));
+    // A first token on another clock (wall clock after simulated routing) teaches nothing.
+    let before = r.metrics().workers[0].prefill_tokens_per_s;
+    let d = r.route(&at(&prompt(3, 8_000), 5)).unwrap();
+    r.on_routed(&d).unwrap();
+    r.on_first_token_at(d.request_id, 5 + 7_200_000).unwrap();
+    let m = r.metrics();
+    let w = m.workers.iter().find(|w| w.worker == d.worker).unwrap();
+    if d.worker.name == m.workers[0].worker.name {
+        assert_eq!(w.prefill_tokens_per_s, before);
+    }
+}
+
+#[test]
+fn load_is_never_stale_between_scrapes() {
+    let r = router(&["a", "b"], |_| {});
+    let zero = LoadReport { waiting: Some(0), running: Some(0), ..LoadReport::default() };
+    r.report_load("a", 0, &zero).unwrap();
+    r.report_load("b", 0, &zero).unwrap();
+    // A burst of distinct prompts inside one scrape interval alternates between the
+    // workers: each route sees the ones before it.
+    let mut count = [0u32; 2];
+    for i in 0..10u64 {
+        let d = r.route(&at(&prompt(50 + i, 1_600), 1_000)).unwrap();
+        r.on_routed(&d).unwrap();
+        count[(d.worker.name == "b") as usize] += 1;
+    }
+    assert_eq!(count, [5, 5]);
+    let m = r.metrics();
+    assert!(m.workers.iter().all(|w| w.active_requests == 5 && w.pending_prefill_tokens > 0));
+    // A scrape resets what was counted since: the report now covers those requests.
+    let seven = LoadReport { waiting: Some(7), running: Some(0), ..LoadReport::default() };
+    r.report_load("a", 0, &seven).unwrap();
+    let m = r.metrics();
+    let a = m.workers.iter().find(|w| w.worker.name == "a").unwrap();
+    assert_eq!(a.active_requests, 7);
+}
