@@ -188,7 +188,13 @@ impl Router {
                             crate::index::MAX_WORKER
                         )));
                     }
-                    added.push(Arc::new(WorkerState::new(key, id, self.default_model()?)));
+                    added.push(Arc::new(WorkerState::new(
+                        key,
+                        id,
+                        self.default_model()?,
+                        self.prior_rate(),
+                        self.initial_ttl_ms(),
+                    )));
                     id
                 }
             };
