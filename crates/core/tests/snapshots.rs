@@ -320,13 +320,13 @@ fn inner_index(snap: &[u8]) -> Vec<u8> {
     snap[12 + len..snap.len() - 8].to_vec()
 }
 
-/// The fuzz targets' seed corpus (`fuzz/corpus/restore_index/seed-*`,
-/// `fuzz/corpus/restore_router/seed-*`): real snapshots that must keep restoring, so the
+/// The fuzz targets' seed corpus (`fuzz/seeds/restore_index/seed-*`,
+/// `fuzz/seeds/restore_router/seed-*`): real snapshots that must keep restoring, so the
 /// fuzzers start from valid inputs. With `KVROUTE_WRITE_FUZZ_CORPUS=1` the test writes
 /// them anew first (after a format change).
 #[test]
 fn fuzz_seed_corpus_restores() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
     // The router fuzz target's configuration (fuzz/fuzz_targets/restore_router.rs).
     const FUZZ_CONFIG: &str = r#"{"hash_algo": "sha256", "session_capacity": 16}"#;
     if std::env::var_os("KVROUTE_WRITE_FUZZ_CORPUS").is_some() {
@@ -354,7 +354,7 @@ fn fuzz_seed_corpus_restores() {
     }
     let seeds = |target: &str| -> Vec<(String, Vec<u8>)> {
         let mut v: Vec<_> = std::fs::read_dir(dir.join(target))
-            .unwrap_or_else(|e| panic!("fuzz/corpus/{target}: {e}"))
+            .unwrap_or_else(|e| panic!("fuzz/seeds/{target}: {e}"))
             .map(|e| e.unwrap().path())
             .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("seed-"))
             .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
