@@ -52,3 +52,12 @@ def test_malformed_trace_names_the_line(tmp_path):
     )
     with pytest.raises(kvroute.KvrouteError, match="line 2"):
         kvroute.simulate(workload=f"trace:{trace}", policies=["random"])
+
+
+def test_kvroute_policy_and_router_replicas():
+    rep = kvroute.simulate(workload="seed", policies=["kvroute", "oracle"], router_replicas=2)
+    assert rep["config"]["cluster"]["router_replicas"] == 2
+    assert [r["policy"] for r in rep["results"]] == ["kvroute", "oracle"]
+    assert rep["results"][0]["hit_rate"] <= rep["results"][1]["hit_rate"] + 1e-12
+    with pytest.raises(kvroute.ConfigError):
+        kvroute.simulate(workload="seed", router_replicas=0)

@@ -165,12 +165,13 @@ impl Router {
         self.streams.lock().insert(publisher.to_string(), seq);
     }
 
-    /// Whether routed requests' blocks are predicted on their worker: precise mode, a
-    /// profile that reads prefixes, and predictions enabled.
+    /// Whether routed requests' blocks are predicted on their worker: precise mode,
+    /// predictions enabled, and a profile that uses them (the `ttft` picker, as in the
+    /// `kvroute` preset; the presets that model peers keep their peers' behaviour).
     pub(crate) fn predictions_on(&self) -> bool {
         self.cfg.mode == Mode::Precise
             && self.cfg.predictions.enabled
-            && self.profile.needs_prefix()
+            && self.profile.ttft().is_some()
     }
 
     /// The prefill rate a worker starts from, tokens/s (the `ttft` picker's default).

@@ -51,8 +51,8 @@ use std::collections::VecDeque;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PredictionConfig {
-    /// Whether routed requests' blocks are predicted on their worker (precise mode only;
-    /// only profiles that read prefixes use them).
+    /// Whether routed requests' blocks are predicted on their worker (precise mode, with
+    /// the `ttft` picker of the `kvroute` preset; other profiles keep their behaviour).
     pub enabled: bool,
     /// TTL of a prediction before the worker's first confirmation, seconds (2 s, llm-d's
     /// fixed speculative-entry TTL).
