@@ -10,7 +10,7 @@
 //! prefilled requests emit their first token and their full prompt blocks become cached;
 //! decoding requests emit one token and cache each output block once it is full.
 //!
-//! Block keys are the u64 event hashes of vLLM's own scheme ([`BlockHasher`] with the
+//! Block keys are the u64 event hashes of vLLM's own scheme ([`BlockHasher`](kvroute::hash::BlockHasher) with the
 //! configured algorithm and `PYTHONHASHSEED`), computed over prompt + output tokens, so the
 //! pool's cache and the KV events name blocks exactly as a vLLM engine would. Every step
 //! that changed the cache publishes one `KVEventBatch` (vLLM's `take_events` after

@@ -208,7 +208,7 @@ impl RouterConfig {
 
     /// Checks every value's range and the parts that must resolve (profile, capacities),
     /// with an [`Error::Config`] that names the field (for example
-    /// `session_ttl_s = 9223372036854775808 is out of range`). [`Router::new`]
+    /// `session_ttl_s = 9223372036854775808 is out of range`). [`Router::new`](crate::router::Router::new)
     /// (crate::router::Router::new) calls it too, so a configuration changed after it was
     /// built is still checked.
     pub fn validate(&self) -> Result<()> {

@@ -229,7 +229,7 @@ impl Router {
 
     /// The first token of the request came back at `now_ms` (the clock of the request's
     /// `now_ms`): its prefill is done, and the time since routing is an observation of
-    /// the worker's prefill rate (see [`predict`](super::predict)). Observations on
+    /// the worker's prefill rate (learned for the `ttft` picker). Observations on
     /// another clock (negative, or longer than an hour) teach nothing and are skipped.
     pub fn on_first_token_at(&self, request_id: u64, now_ms: u64) -> Result<()> {
         let mut inflight = self.inflight.lock();
