@@ -27,7 +27,12 @@ fuzz_target!(|data: &[u8]| {
                 Err(e) => panic!("restoring our own snapshot failed: {e}"),
             };
             assert_eq!(again.snapshot(), once, "snapshot -> restore -> snapshot is not stable");
-            assert_eq!(again.stats(), idx.stats());
+            // Heap bytes count allocated capacities, which follow the input's history (a
+            // crafted snapshot can make restore reserve differently from our own); every
+            // other figure must be equal.
+            let (mut a, mut b) = (again.stats(), idx.stats());
+            (a.heap_bytes, b.heap_bytes) = (0, 0);
+            assert_eq!(a, b);
         }
     }
 });
