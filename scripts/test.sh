@@ -5,7 +5,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step's wall time is printed at the end (CI budget: well under 30 minutes).
+STEP_NAMES=(); STEP_TIMES=(); STEP_START=$SECONDS
+step() {
+  if [ "${#STEP_NAMES[@]}" -gt 0 ]; then STEP_TIMES+=($((SECONDS - STEP_START))); fi
+  STEP_NAMES+=("$*"); STEP_START=$SECONDS
+  printf '\n==> %s\n' "$*"
+}
+summary() {
+  STEP_TIMES+=($((SECONDS - STEP_START)))
+  printf '\n==> all tests passed in %d s\n' "$SECONDS"
+  for i in "${!STEP_NAMES[@]}"; do printf '%6d s  %s\n' "${STEP_TIMES[$i]}" "${STEP_NAMES[$i]}"; done
+}
+
+# Build settings for the suite (not for benchmarks, which keep the committed profiles):
+# the release profile's thin LTO and debug info cost minutes when linking the many test
+# binaries and buy nothing a test can observe. The dev profile (clippy, cargo package's
+# verify build, cargo install --debug) drops debug info for the same reason. Exported so
+# that every step and the scripts below share one set of artifacts.
+export CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_DEBUG=false \
+  CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_DEV_DEBUG=false
 
 step "self-contained checkout"
 # Everything the tests read is inside the repository (testdata/, provenance in its README);
@@ -37,24 +56,18 @@ export KVROUTE_PYTHON="$ROOT/.venv/bin/python"
 
 step "Rust tests"
 cargo test --workspace --release
+# The C, Go, Kubernetes and Python steps reuse these artifacts (scripts/release-build.sh).
+export KVROUTE_WORKSPACE_BUILT=1
 
 step "API docs (rustdoc, warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
-
-step "cargo install --path crates/cli"
-# What the README tells users; reuses the release build above.
-CLI_ROOT=$(mktemp -d)
-cargo install --quiet --locked --path crates/cli --root "$CLI_ROOT" --target-dir "$ROOT/target"
-"$CLI_ROOT/bin/kvroute" --version
-echo '[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16]' | "$CLI_ROOT/bin/kvroute" hash --algo xxh3 >/dev/null
-rm -rf "$CLI_ROOT"
 
 step "crates.io packages (cargo package, verified)"
 # Packs the publishable crates together (workspace dependencies resolve through a temporary
 # local registry) and builds each from its packaged files alone. Cargo unpacks that registry's
 # crates under $CARGO_HOME/registry, and treats registry sources as immutable: an earlier
 # unpacking or build of the same name and version would be reused and stale sources
-# verified. Drop those first (the dev profile is used only here).
+# verified. Drop those first.
 PUBLISHED=(kvroute kvroute-zmq kvroute-sim kvroute-tokenize kvroute-server kvroute-emulate kvroute-cli)
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 for c in "${PUBLISHED[@]}"; do
@@ -62,7 +75,17 @@ for c in "${PUBLISHED[@]}"; do
          "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$c-$VERSION.crate"
 done
 cargo clean --quiet --profile dev "${PUBLISHED[@]/#/-p=}"
-CARGO_PROFILE_DEV_DEBUG=false cargo package --quiet --locked --allow-dirty "${PUBLISHED[@]/#/-p=}"
+cargo package --quiet --locked --allow-dirty "${PUBLISHED[@]/#/-p=}"
+
+step "cargo install --path crates/cli"
+# What the README tells users. Installing builds kvroute-cli alone, whose dependency
+# features differ from the workspace test build's; in the dev profile it reuses what the
+# package verification above compiled for the same crate, instead of a third release build.
+CLI_ROOT=$(mktemp -d)
+cargo install --quiet --locked --debug --path crates/cli --root "$CLI_ROOT" --target-dir "$ROOT/target"
+"$CLI_ROOT/bin/kvroute" --version
+echo '[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16]' | "$CLI_ROOT/bin/kvroute" hash --algo xxh3 >/dev/null
+rm -rf "$CLI_ROOT"
 
 step "C tests"
 crates/ffi/tests/run_c_tests.sh
@@ -80,3 +103,5 @@ step "fuzz targets run"
 # Every target of fuzz/Cargo.toml (found with `cargo fuzz list`) runs FUZZ_SECONDS (30)
 # from its committed seeds in fuzz/seeds/<target>/; installs cargo-fuzz if missing.
 bash scripts/fuzz.sh
+
+summary

@@ -44,7 +44,7 @@ PY
 "${PIP[@]}" install --quiet --force-reinstall --no-deps "$WHEEL"
 
 # test_tokenize_conformance.py drives the real `kvroute serve` binary.
-cargo build --release --quiet -p kvroute-cli
+bash "$ROOT/scripts/release-build.sh" kvroute-cli
 
 # pytest exits 5 when it collected no test: that is a failure here too. Under CI=true a
 # missing numpy or pyzmq fails the run instead of skipping (conftest.require).

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 command -v go >/dev/null || { echo "error: go is required" >&2; exit 1; }
-cargo build -p kvroute-cli --release
+bash "$ROOT/scripts/release-build.sh" kvroute-cli
 export KVROUTE_BIN="$ROOT/target/release/kvroute" GOFLAGS=-mod=mod
 cd deploy/kubernetes
 go vet ./...

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 ROOT=$PWD
 command -v go >/dev/null || { echo "error: go is required" >&2; exit 1; }
-cargo build -p kvroute-ffi --release
+bash "$ROOT/scripts/release-build.sh" kvroute-ffi
 export CGO_ENABLED=1 GOFLAGS=-mod=mod
 for dir in crates/ffi/go examples/go; do
   echo "--- $dir"

@@ -17,7 +17,7 @@ for tool in cc python3 cmake; do
   command -v "$tool" >/dev/null || { echo "error: $tool is required" >&2; exit 1; }
 done
 
-cargo build -p kvroute-ffi --release
+bash "$ROOT/scripts/release-build.sh" kvroute-ffi
 LIB=$ROOT/target/release/libkvroute.a
 # The system libraries a Rust staticlib needs (rustc --print native-static-libs).
 SYSLIBS="-lpthread -lm -ldl -lrt -lutil"
