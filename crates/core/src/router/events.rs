@@ -488,8 +488,9 @@ mod tests {
     fn a_batch_for_a_worker_removed_mid_batch_is_an_error_not_an_empty_success() {
         let r = std::sync::Arc::new(vllm_router());
         let batch = KvEventBatch::new(1.0, vec![stored(&[1, 2, 3])]);
-        // Hold the apply lock so the batch stops after validation, remove the worker's
-        // registration meanwhile, then let the batch go on.
+        // Hold the apply lock so the batch stops after validation, and meanwhile do what
+        // `remove_worker` does under that lock (it takes the worker out of the registry),
+        // then let the batch go on.
         let hold = r.apply_lock.lock();
         let applier = {
             let r = r.clone();
@@ -498,15 +499,13 @@ mod tests {
         // Give the batch time to look its worker up and validate (it then waits on the
         // lock; if it were later, it would fail the lookup, an error just the same).
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let remover = {
-            let r = r.clone();
-            std::thread::spawn(move || r.remove_worker("a", 0))
-        };
-        while !r.workers().is_empty() {
-            std::thread::yield_now();
+        {
+            let mut reg = r.registry.write();
+            let id = reg.by_key.remove(&WorkerKey::new("a", 0)).unwrap();
+            reg.slots[id.index()] = None;
+            reg.rebuild_names();
         }
         drop(hold);
-        remover.join().unwrap().unwrap();
         let result = applier.join().unwrap();
         assert!(matches!(result, Err(Error::UnknownWorker(_))), "{result:?}");
         let m = r.metrics();

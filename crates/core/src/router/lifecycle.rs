@@ -105,6 +105,16 @@ impl Router {
             return;
         }
         let reg = self.registry.read();
+        // A worker removed since it was chosen gets no predictions: its cleanup ran (or
+        // runs after this read lock), and its id may already be reused.
+        let registered = reg
+            .slots
+            .get(worker.id.index())
+            .and_then(|s| s.as_deref())
+            .is_some_and(|w| std::ptr::eq(w, worker));
+        if !registered {
+            return;
+        }
         let ttl = |w: u32| {
             reg.slots
                 .get(w as usize)

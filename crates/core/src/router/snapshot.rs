@@ -169,7 +169,7 @@ impl Router {
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.is_none())
+            .filter(|(i, s)| s.is_none() && !reg.retiring.contains(&WorkerId(*i as u32)))
             .map(|(i, _)| i)
             .collect::<Vec<_>>()
             .into_iter()

@@ -127,6 +127,8 @@ pub(crate) struct Registry {
     pub(crate) by_key: HashMap<WorkerKey, WorkerId>,
     /// Worker names by id, rebuilt when workers come and go; decisions share it.
     pub(crate) names: Arc<[Option<WorkerKey>]>,
+    /// Ids of removed workers whose entries are still being cleaned up: not free yet.
+    pub(crate) retiring: Vec<WorkerId>,
 }
 
 impl Registry {
@@ -170,7 +172,11 @@ impl Router {
         if reg.by_key.contains_key(&key) {
             return Err(Error::WorkerExists(key.to_string()));
         }
-        let slot = reg.slots.iter().position(Option::is_none);
+        let slot = reg
+            .slots
+            .iter()
+            .enumerate()
+            .position(|(i, s)| s.is_none() && !reg.retiring.contains(&WorkerId(i as u32)));
         let id = WorkerId(slot.unwrap_or(reg.slots.len()) as u32);
         if id.0 > crate::index::MAX_WORKER {
             return Err(Error::invalid("too many workers"));
@@ -191,34 +197,49 @@ impl Router {
         Ok(id)
     }
 
-    /// Removes a worker: its index entries, session entries and in-flight requests go.
+    /// Removes a worker: its index entries, session entries, predictions and in-flight
+    /// requests go.
+    ///
+    /// The whole removal runs under `apply_lock` (no event batch, prediction, snapshot or
+    /// restore is half way through meanwhile), and the worker's id stays reserved until
+    /// everything of it is cleaned up: the worker disappears from the registry first (routes
+    /// and batches no longer find it), but [`add_worker`](Self::add_worker) cannot hand its
+    /// id to a new worker before the index, session, prediction and in-flight entries of
+    /// the old one are gone, so a reused id never inherits them, and the cleanup never
+    /// drops entries of the new worker.
     pub fn remove_worker(&self, name: &str, dp_rank: u32) -> Result<()> {
         let key = WorkerKey::new(name, dp_rank);
-        let id = {
+        let _batch = self.apply_lock.lock();
+        let (id, state) = {
             let mut reg = self.registry.write();
             let id =
                 reg.by_key.remove(&key).ok_or_else(|| Error::UnknownWorker(key.to_string()))?;
-            reg.slots[id.index()] = None;
+            let state = reg.slots[id.index()].take();
+            reg.retiring.push(id);
             reg.rebuild_names();
-            id
+            (id, state)
         };
-        // Under apply_lock, so that no event batch or prediction for the removed worker
-        // is half way through: those re-check the registry under the same lock and drop
-        // their work if their worker is gone, so a reused id never inherits blocks.
-        {
-            let _batch = self.apply_lock.lock();
-            self.index.write().remove_worker(id);
-        }
+        // Routes that chose the worker before it left the registry held its read lock
+        // until they recorded their session, so the session cleanup below sees them; a
+        // prediction checks the registry under its read lock before it inserts.
+        self.index.write().remove_worker(id);
         self.sessions.remove_worker(id);
-        self.inflight.lock().retain(|_, f| f.worker.id != id);
+        if let Some(state) = state {
+            self.inflight.lock().retain(|_, f| !Arc::ptr_eq(&f.worker, &state));
+        }
         self.overlay.write().clear_worker(id.0);
+        self.registry.write().retiring.retain(|&r| r != id);
         Ok(())
     }
 
     /// Drops every index entry of every data-parallel rank of worker `name` (for example
     /// when its event stream restarted or a gap could not be replayed); new events
     /// rebuild them. Returns the (block, worker) pairs dropped.
+    ///
+    /// Takes `apply_lock`, as event batches do: a batch for the worker is applied either
+    /// wholly before the clear or wholly after it, never cut in two by it.
     pub fn clear_worker(&self, name: &str) -> Result<u64> {
+        let _batch = self.apply_lock.lock();
         let ids: Vec<WorkerId> = self
             .registry
             .read()
@@ -291,5 +312,112 @@ impl Router {
     pub(crate) fn worker(&self, name: &str, dp_rank: u32) -> Result<Arc<WorkerState>> {
         let key = WorkerKey::new(name, dp_rank);
         self.registry.read().get(&key).cloned().ok_or_else(|| Error::UnknownWorker(key.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Removal and clearing racing other calls, made deterministic by holding the locks a
+    //! concurrent batch or index write would hold.
+
+    use super::*;
+    use crate::events::{BlockStored, EngineHash, KvEvent, KvEventBatch};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    fn router() -> Arc<Router> {
+        Arc::new(
+            Router::from_json(r#"{"hash_algo": "sha256", "workers": [{"name": "a"}]}"#).unwrap(),
+        )
+    }
+
+    fn store(r: &Router, name: &str, hashes: &[u64]) {
+        let ev = KvEvent::BlockStored(BlockStored {
+            block_hashes: hashes.iter().map(|&h| EngineHash::Int(h)).collect(),
+            block_size: 16,
+            ..Default::default()
+        });
+        r.apply_events(name, &KvEventBatch::new(1.0, vec![ev])).unwrap();
+    }
+
+    /// Waits up to `limit` for `cond`.
+    fn wait_for(limit: Duration, cond: impl Fn() -> bool) {
+        let t = Instant::now();
+        while !cond() && t.elapsed() < limit {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn registered(r: &Router, name: &str) -> bool {
+        r.workers().iter().any(|w| w.name == name)
+    }
+
+    #[test]
+    fn a_worker_added_during_a_removal_does_not_inherit_the_removed_workers_entries() {
+        let r = router();
+        store(&r, "a", &[1, 2, 3]);
+        let a = r.worker("a", 0).unwrap().id;
+        // Hold the index write lock, as a concurrent store does: the removal gets as far
+        // as its index cleanup and waits there.
+        let index = r.index.write();
+        let remover = {
+            let r = r.clone();
+            thread::spawn(move || r.remove_worker("a", 0))
+        };
+        wait_for(Duration::from_secs(5), || !registered(&r, "a"));
+        assert!(!registered(&r, "a"), "the removal took the worker out of the registry");
+        let b = r.add_worker("b", 0).unwrap();
+        assert_ne!(b, a, "the removed worker's id is not reused before its cleanup");
+        assert_eq!(index.worker_blocks(b), 0, "the new worker inherits nothing");
+        drop(index);
+        remover.join().unwrap().unwrap();
+        store(&r, "b", &[4, 5]);
+        assert_eq!(r.index.read().worker_blocks(b), 2);
+        assert_eq!(r.index_stats().holder_blocks, 2, "the removed worker's blocks are gone");
+        // Once cleaned up, the id is free again.
+        assert_eq!(r.add_worker("c", 0).unwrap(), a);
+        assert_eq!(r.index.read().worker_blocks(a), 0);
+    }
+
+    #[test]
+    fn a_removal_waits_for_the_batch_being_applied_before_it_frees_the_id() {
+        let r = router();
+        store(&r, "a", &[1, 2, 3]);
+        let a = r.worker("a", 0).unwrap().id;
+        // Hold the apply lock, as a batch being applied does.
+        let batch = r.apply_lock.lock();
+        let remover = {
+            let r = r.clone();
+            thread::spawn(move || r.remove_worker("a", 0))
+        };
+        // Time for the removal to get as far as it goes without the lock.
+        wait_for(Duration::from_millis(300), || !registered(&r, "a"));
+        let b = r.add_worker("b", 0).unwrap();
+        assert_eq!(r.index.read().worker_blocks(b), 0, "the new worker inherits nothing");
+        drop(batch);
+        remover.join().unwrap().unwrap();
+        assert_eq!(r.index.read().worker_blocks(a), 0);
+        assert_eq!(r.index.read().worker_blocks(b), 0);
+        store(&r, "b", &[4]);
+        assert_eq!(r.index.read().worker_blocks(b), 1);
+    }
+
+    #[test]
+    fn clear_worker_never_cuts_a_batch_in_two() {
+        let r = router();
+        store(&r, "a", &[1, 2, 3]);
+        let a = r.worker("a", 0).unwrap().id;
+        // Hold the apply lock, as a batch for "a" that is half applied does.
+        let batch = r.apply_lock.lock();
+        let clearer = {
+            let r = r.clone();
+            thread::spawn(move || r.clear_worker("a"))
+        };
+        wait_for(Duration::from_millis(300), || clearer.is_finished());
+        assert!(!clearer.is_finished(), "the clear waits for the batch");
+        assert_eq!(r.index.read().worker_blocks(a), 3, "nothing cleared mid-batch");
+        drop(batch);
+        assert_eq!(clearer.join().unwrap().unwrap(), 3);
+        assert_eq!(r.index.read().worker_blocks(a), 0);
     }
 }

@@ -54,11 +54,14 @@
 //! # Modules
 //!
 //! The decoder, the msgspec encoder and the JSON view live in one module each
-//! (`decoder.rs`, `encoder.rs`, `json.rs`); this module re-exports their entry points.
+//! (`decoder.rs`, `encoder.rs`, `json.rs`), and `skip.rs` finds the end of a token-id
+//! array without decoding it (SIMD where the CPU has AVX2); this module re-exports the
+//! entry points.
 
 mod decoder;
 mod encoder;
 mod json;
+mod skip;
 
 pub use decoder::{decode, decode_with, DecodeOptions, TokenIds};
 pub use encoder::encode;
