@@ -43,6 +43,7 @@
 //! links, which only carry engine hashes, still find their blocks.
 
 pub(crate) mod snapshot;
+mod table;
 mod tree;
 
 pub use tree::{PrefixIndex, MAX_WORKER};
