@@ -1,11 +1,11 @@
 //! The key table: block key -> location `(node, offset)`.
 //!
-//! An open-addressing hash table in groups of eight slots, with the layout split by how
-//! each part is used: the groups' 1-byte tags (7 bits of the key's hash, 0 = empty) in
-//! one array (one 8-byte word per group), their 8-byte locations in another (one 64-byte
-//! cache line per group), and an overflow count per group in a third, the number of keys
-//! whose probe sequence passed over the group because it was full. The tags and counts
-//! are an eighth of the table's bytes, so the reads that every operation waits for (is
+//! An open-addressing hash table in groups of seven slots, with the layout split by how
+//! each part is used: one 8-byte control word per group in one array (the slots' 1-byte
+//! tags, 7 bits of the key's hash with 0 = empty, and the group's overflow count, the
+//! number of keys whose probe sequence passed over the group because it was full), and
+//! the 8-byte locations in another (56 bytes per group). The control words are an eighth
+//! of the table's bytes, so the reads that every operation waits for (is
 //! the key there? where is a free slot?) mostly hit the cache even when the table is
 //! hundreds of megabytes; a new key's location is a write, which the processor does not
 //! wait for; and the one line a removal or lookup waits for in the location array is a
@@ -29,13 +29,15 @@
 use super::tree::{mix, Loc};
 
 /// Slots per group.
-const SLOTS: usize = 8;
-const LOW: u64 = 0x0101_0101_0101_0101;
-const HIGH: u64 = 0x8080_8080_8080_8080;
+const SLOTS: usize = 7;
+/// The tag bytes of a control word (bytes 0-6; byte 7 is the overflow count).
+const TAG_BYTES: u64 = 0x00FF_FFFF_FFFF_FFFF;
+const LOW: u64 = 0x0001_0101_0101_0101;
+const HIGH: u64 = 0x0080_8080_8080_8080;
+const OVER_ONE: u64 = 1 << 56;
 
-/// The locations of one group: one cache line.
+/// The locations of one group.
 #[derive(Clone, Copy, Debug)]
-#[repr(C, align(64))]
 struct Group([Loc; SLOTS]);
 
 const EMPTY_GROUP: Group = Group([Loc { node: 0, off: 0 }; SLOTS]);
@@ -50,7 +52,7 @@ fn tag_at(tags: u64, j: usize) -> u8 {
 /// candidates after a true match may be false: callers check the tag exactly).
 #[inline]
 fn candidates(tags: u64, tag: u8) -> u64 {
-    let x = tags ^ (u64::from(tag) * LOW);
+    let x = (tags ^ (u64::from(tag) * LOW)) & TAG_BYTES;
     x.wrapping_sub(LOW) & !x & HIGH
 }
 
@@ -58,7 +60,15 @@ fn candidates(tags: u64, tag: u8) -> u64 {
 /// false positives).
 #[inline]
 fn free(tags: u64) -> u64 {
-    tags.wrapping_sub(LOW) & !tags & HIGH
+    let x = tags & TAG_BYTES;
+    x.wrapping_sub(LOW) & !x & HIGH
+}
+
+/// The overflow count of a control word (saturating: a saturated count is never
+/// decremented, so it may be too high, never too low).
+#[inline]
+fn over(tags: u64) -> u64 {
+    tags >> 56
 }
 
 /// The tag of a hash: its low 7 bits (the group comes from the high bits), with the high
@@ -139,11 +149,8 @@ fn huge_vec<T: Copy>(n: usize, fill: T) -> Vec<T> {
 /// The key table. See the [module documentation](self).
 #[derive(Clone, Debug, Default)]
 pub(super) struct KeyTable {
-    /// Eight tags per group.
+    /// Control word per group: seven tags and the overflow count.
     tags: Vec<u64>,
-    /// Overflow count per group (saturating: a saturated count is never decremented, so
-    /// it may be too high, never too low).
-    over: Vec<u8>,
     slots: Vec<Group>,
     len: usize,
 }
@@ -166,12 +173,7 @@ impl KeyTable {
         while !is_prime(groups) {
             groups += 1;
         }
-        KeyTable {
-            tags: huge_vec(groups, 0),
-            over: huge_vec(groups, 0),
-            slots: huge_vec(groups, EMPTY_GROUP),
-            len: 0,
-        }
+        KeyTable { tags: huge_vec(groups, 0), slots: huge_vec(groups, EMPTY_GROUP), len: 0 }
     }
 
     /// Keys held.
@@ -188,9 +190,7 @@ impl KeyTable {
 
     /// Heap bytes.
     pub(super) fn allocation_size(&self) -> usize {
-        self.tags.capacity() * 8
-            + self.over.capacity()
-            + self.slots.capacity() * std::mem::size_of::<Group>()
+        self.tags.capacity() * 8 + self.slots.capacity() * std::mem::size_of::<Group>()
     }
 
     /// The home group of hash `h` (from its high bits, by a multiply: any group count).
@@ -224,7 +224,9 @@ impl KeyTable {
         }
         let g = self.home(mix(key));
         prefetch_line(&self.tags[g]);
-        prefetch_line(&self.slots[g]);
+        // A group's 56 bytes may span two lines.
+        prefetch_line(&self.slots[g].0[0]);
+        prefetch_line(&self.slots[g].0[SLOTS - 1]);
     }
 
     /// Starts loading the home group's tags of `key` (enough to insert a new key).
@@ -259,7 +261,7 @@ impl KeyTable {
                     return Some((i, j, k));
                 }
             }
-            if self.over[i] == 0 {
+            if over(t) == 0 {
                 return None;
             }
             i = self.next(i, tag);
@@ -293,7 +295,9 @@ impl KeyTable {
         let tag = tag_of(h);
         let mut i = self.home(h);
         while free(self.tags[i]) == 0 {
-            self.over[i] = self.over[i].saturating_add(1);
+            if over(self.tags[i]) != 0xFF {
+                self.tags[i] += OVER_ONE;
+            }
             i = self.next(i, tag);
         }
         let j = (free(self.tags[i]).trailing_zeros() / 8) as usize;
@@ -321,8 +325,8 @@ impl KeyTable {
         let tag = tag_of(h);
         let mut x = self.home(h);
         for _ in 0..k {
-            if self.over[x] != u8::MAX {
-                self.over[x] -= 1;
+            if over(self.tags[x]) != 0xFF {
+                self.tags[x] -= OVER_ONE;
             }
             x = self.next(x, tag);
         }
