@@ -601,6 +601,11 @@ impl PrefixIndex {
         if keys.is_empty() {
             return Ok(report);
         }
+        // The parent's and the first key's lookups below are independent misses.
+        if let Some(p) = parent {
+            self.table.prefetch(p);
+        }
+        self.table.prefetch(keys[0]);
         // The cursor is the key after which the next key attaches (None = root).
         let mut cursor: Option<u64> = match parent {
             None => None,
