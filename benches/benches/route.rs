@@ -8,6 +8,7 @@
 //! - `route_four_scorers/<case>`: prefix 3, queue 2, kv-utilization 2, running 1, max
 //!   picker (DESIGN.md section 7's "4 scorers").
 //! - `route_llm_d/<case>`: the `llm-d` preset (prefix 3, queue 2, kv-utilization 2).
+//! - `route_kvroute/<case>`: the `kvroute` preset (the default profile).
 //! - `baseline/hash_8192`: `BlockHasher::block_keys` alone on one prompt.
 //! - `baseline/match/<case>`: `PrefixIndex::find_matches` alone, on a standalone index
 //!   holding the same keys (built with `PrefixIndex::store` from the router's own keys).
@@ -165,6 +166,16 @@ fn bench_route(c: &mut Criterion) {
     // --- the llm-d preset ---------------------------------------------------------------
     let (router, probes) = build(r#""llm-d""#);
     let mut g = c.benchmark_group("route_llm_d");
+    for p in &probes {
+        let req = Request::new(&p.tokens);
+        g.bench_function(p.name, |b| b.iter(|| router.route(black_box(&req)).unwrap()));
+    }
+    g.finish();
+    drop(router);
+
+    // --- the kvroute preset (the default: prefix, load and the ttft picker) -------------
+    let (router, probes) = build(r#""kvroute""#);
+    let mut g = c.benchmark_group("route_kvroute");
     for p in &probes {
         let req = Request::new(&p.tokens);
         g.bench_function(p.name, |b| b.iter(|| router.route(black_box(&req)).unwrap()));

@@ -194,6 +194,8 @@ impl PrefixIndex {
                 idx.holder_blocks += k as u64;
             }
             let first = keys[0];
+            // Room in the key table before the keys are in a node (see `reserve_keys`).
+            idx.reserve_keys(k);
             idx.nodes[id as usize].keys = keys;
             idx.nodes[id as usize].holders = holders;
             for off in 0..k {

@@ -1,9 +1,9 @@
 //! The path-compressed radix tree behind [`PrefixIndex`].
 
+use super::table::KeyTable;
 use super::{IndexConfig, IndexStats, MatchOptions, Matches, Overlap, RemoveReport, StoreReport};
 use crate::error::{Error, Result};
 use crate::types::{BlockKey, Tier, WorkerId};
-use hashbrown::hash_table::HashTable;
 use hashbrown::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +13,9 @@ pub(super) const ROOT: u32 = 0;
 const NIL: u32 = u32::MAX;
 /// The largest worker id the index accepts (ids are dense; this bounds per-worker arrays).
 pub const MAX_WORKER: u32 = 1 << 20;
-/// Keys whose table probes are warmed together (see `PrefixIndex::warm`).
+/// How far ahead of a loop over keys their table groups are prefetched.
+const AHEAD: usize = 16;
+/// Keys written to a node at a time by a store (see `PrefixIndex::attach_new`).
 const WARM: usize = 64;
 /// Children lists longer than this become hash maps.
 const SMALL_CHILDREN: usize = 8;
@@ -238,7 +240,7 @@ pub struct PrefixIndex {
     pub(super) config: IndexConfig,
     pub(super) nodes: Vec<Node>,
     free: Vec<u32>,
-    pub(super) table: HashTable<Loc>,
+    pub(super) table: KeyTable,
     /// Per worker: engine hash -> router key.
     pub(super) engine_maps: Vec<KeyMap<u64>>,
     /// Orphan root first key -> declared parent.
@@ -269,7 +271,7 @@ impl PrefixIndex {
             config,
             nodes: vec![root],
             free: Vec::new(),
-            table: HashTable::new(),
+            table: KeyTable::default(),
             engine_maps: Vec::new(),
             orphan_parent: KeyMap::default(),
             orphans_by_parent: KeyMap::default(),
@@ -293,52 +295,88 @@ impl PrefixIndex {
     #[inline]
     pub(super) fn lookup(&self, key: u64) -> Option<Loc> {
         let nodes = &self.nodes;
-        self.table.find(mix(key), |l| nodes[l.node as usize].keys[l.off as usize] == key).copied()
+        self.table.find(key, |l| nodes[l.node as usize].keys[l.off as usize])
     }
 
     /// Points `key` at `loc`. The key must still be readable at its old location.
     fn relocate(&mut self, key: u64, loc: Loc) {
         let nodes = &self.nodes;
-        if let Some(l) =
-            self.table.find_mut(mix(key), |l| nodes[l.node as usize].keys[l.off as usize] == key)
-        {
-            *l = loc;
-        } else {
-            debug_assert!(false, "relocate of a missing key");
-        }
+        let found = self.table.set(key, loc, |l| nodes[l.node as usize].keys[l.off as usize]);
+        debug_assert!(found, "relocate of a missing key");
     }
 
-    /// Adds `key`, which must already be written at `loc`.
+    /// Adds `key`, which must already be written at `loc` and not be in the table. Callers
+    /// that write several keys into nodes before adding them call
+    /// [`reserve_keys`](Self::reserve_keys) first, before writing them.
     pub(super) fn insert_key(&mut self, key: u64, loc: Loc) {
-        let nodes = &self.nodes;
-        self.table
-            .insert_unique(mix(key), loc, |l| mix(nodes[l.node as usize].keys[l.off as usize]));
+        if self.table.room() == 0 {
+            // Not reserved: rebuild from the table's own entries (a node may hold keys
+            // written but not added yet, so the tree cannot be walked here).
+            let nodes = &self.nodes;
+            let old = std::mem::take(&mut self.table);
+            let mut t = KeyTable::with_room(old.len() * 2 + 1);
+            for l in old.entries() {
+                t.insert_new(nodes[l.node as usize].keys[l.off as usize], l);
+            }
+            self.table = t;
+        }
+        self.table.insert_new(key, loc);
     }
 
-    /// Probes the table for each of `keys` without changing it, ahead of a loop that
-    /// inserts or forgets them. The table is far larger than the caches, so each probe
-    /// misses; these probes are independent of each other and their misses overlap, where
-    /// the loop's own probes, each followed by writes, would take them about one at a time.
-    /// Callers warm at most [`WARM`] keys at a time, so that the first are still cached
-    /// when they are used.
-    #[inline]
-    fn warm(&self, keys: &[u64]) {
-        let nodes = &self.nodes;
-        for &k in keys {
-            let hit = self.table.find(mix(k), |l| {
-                nodes[l.node as usize].keys.get(l.off as usize).is_some_and(|&x| x == k)
-            });
-            std::hint::black_box(hit.is_some());
+    /// Makes room in the key table for `n` more keys. The table is rebuilt (larger) by
+    /// walking the nodes, whose keys are read in order, rather than by rehashing its
+    /// entries, which needs one random read of a node's key per entry. Every key written
+    /// in a node must be in the table when this is called.
+    pub(super) fn reserve_keys(&mut self, n: usize) {
+        if self.table.room() < n {
+            self.rebuild_table(self.table.len() + n);
         }
     }
 
-    /// Drops `key`, which must still be readable at its location.
-    fn forget_key(&mut self, key: u64) {
+    /// Rebuilds the key table with room for `n` keys from the nodes.
+    #[inline(never)]
+    fn rebuild_table(&mut self, n: usize) {
+        self.table = KeyTable::default();
+        let mut t = KeyTable::with_room(n);
+        for (id, node) in self.nodes.iter().enumerate() {
+            if !node.live {
+                continue;
+            }
+            let keys = &node.keys;
+            for &k in keys.iter().take(AHEAD) {
+                t.prefetch_tags(k);
+            }
+            for (off, &k) in keys.iter().enumerate() {
+                if let Some(&a) = keys.get(off + AHEAD) {
+                    t.prefetch_tags(a);
+                }
+                t.insert_new(k, Loc { node: id as u32, off: off as u32 });
+            }
+        }
+        self.table = t;
+    }
+
+    /// Prefetches the table tags of the first [`AHEAD`] of `keys` (about to be added).
+    #[inline]
+    fn prefetch_keys(&self, keys: &[u64]) {
+        for &k in keys.iter().take(AHEAD) {
+            self.table.prefetch_tags(k);
+        }
+    }
+
+    /// Drops keys `[a, b)` of node `n` from the table (the keys stay in the node),
+    /// prefetching ahead.
+    fn forget_range(&mut self, n: u32, a: usize, b: usize) {
         let nodes = &self.nodes;
-        if let Ok(e) =
-            self.table.find_entry(mix(key), |l| nodes[l.node as usize].keys[l.off as usize] == key)
-        {
-            e.remove();
+        let keys = &nodes[n as usize].keys[a..b];
+        for &k in keys.iter().take(AHEAD) {
+            self.table.prefetch(k);
+        }
+        for (i, &k) in keys.iter().enumerate() {
+            if let Some(&ahead) = keys.get(i + AHEAD) {
+                self.table.prefetch(ahead);
+            }
+            self.table.remove(k, |l| nodes[l.node as usize].keys[l.off as usize]);
         }
     }
 
@@ -495,17 +533,8 @@ impl PrefixIndex {
                 return;
             }
             let p = node.parent;
-            let keys = std::mem::take(&mut self.nodes[n as usize].keys);
-            let first = keys[0];
-            self.nodes[n as usize].keys = keys;
-            for i in 0..self.nodes[n as usize].keys.len() {
-                if i % WARM == 0 {
-                    let ks = &self.nodes[n as usize].keys;
-                    self.warm(&ks[i..ks.len().min(i + WARM)]);
-                }
-                let k = self.nodes[n as usize].keys[i];
-                self.forget_key(k);
-            }
+            let first = self.nodes[n as usize].keys[0];
+            self.forget_range(n, 0, self.nodes[n as usize].keys.len());
             self.nodes[p as usize].children.remove(first);
             if p == ROOT {
                 self.forget_orphan(first);
@@ -572,6 +601,11 @@ impl PrefixIndex {
         if keys.is_empty() {
             return Ok(report);
         }
+        // The parent's and the first key's lookups below are independent misses.
+        if let Some(p) = parent {
+            self.table.prefetch(p);
+        }
+        self.table.prefetch(keys[0]);
         // The cursor is the key after which the next key attaches (None = root).
         let mut cursor: Option<u64> = match parent {
             None => None,
@@ -685,27 +719,27 @@ impl PrefixIndex {
         // one chunk too many.
         let mut got = 0;
         let mut written = 0;
+        // Room for the whole run before any key is written (a rebuild reads the nodes).
+        self.reserve_keys(run.len());
+        self.prefetch_keys(run);
         'chunks: for chunk in run.chunks(WARM) {
-            self.warm(chunk);
             let keys = &mut self.nodes[target as usize].keys;
             keys.reserve_exact(chunk.len());
             keys.extend_from_slice(chunk);
             written += chunk.len();
             for &k in chunk {
-                let loc = Loc { node: target, off: (base + got) as u32 };
-                let nodes = &self.nodes;
-                let entry = self.table.entry(
-                    mix(k),
-                    |l| l != &loc && nodes[l.node as usize].keys[l.off as usize] == k,
-                    |l| mix(nodes[l.node as usize].keys[l.off as usize]),
-                );
-                match entry {
-                    hashbrown::hash_table::Entry::Vacant(v) => {
-                        v.insert(loc);
-                        got += 1;
-                    }
-                    hashbrown::hash_table::Entry::Occupied(_) => break 'chunks,
+                // `k` is `run[got]`.
+                if let Some(&ahead) = run.get(got + AHEAD) {
+                    self.table.prefetch_tags(ahead);
                 }
+                let nodes = &self.nodes;
+                // A key already present ends the run (it is a repeat within `run` when
+                // it is one of the keys just written).
+                if self.table.find(k, |l| nodes[l.node as usize].keys[l.off as usize]).is_some() {
+                    break 'chunks;
+                }
+                self.table.insert_new(k, Loc { node: target, off: (base + got) as u32 });
+                got += 1;
             }
         }
         let tk = &mut self.nodes[target as usize].keys;
@@ -829,13 +863,7 @@ impl PrefixIndex {
                 // The tail of a leaf that only this reference holds: cut it off in place
                 // (one table operation per key, where a split would relocate the tail
                 // first and then forget it).
-                for off in a..b {
-                    if (off - a) % WARM == 0 {
-                        self.warm(&self.nodes[loc.node as usize].keys[off..b.min(off + WARM)]);
-                    }
-                    let k = self.nodes[loc.node as usize].keys[off];
-                    self.forget_key(k);
-                }
+                self.forget_range(loc.node, a, b);
                 self.nodes[loc.node as usize].keys.truncate(a);
                 report.removed += len as u32;
                 self.holder_blocks -= len as u64;
@@ -1261,8 +1289,7 @@ impl PrefixIndex {
 
     /// Releases spare capacity of the key table (for example after a large drain).
     pub fn shrink_to_fit(&mut self) {
-        let nodes = &self.nodes;
-        self.table.shrink_to_fit(|l| mix(nodes[l.node as usize].keys[l.off as usize]));
+        self.rebuild_table(self.table.len());
         // Trailing free nodes can be dropped; interior ones stay for reuse.
         while self.nodes.len() > 1 && !self.nodes.last().is_some_and(|n| n.live) {
             let id = (self.nodes.len() - 1) as u32;

@@ -1,0 +1,410 @@
+//! The key table: block key -> location `(node, offset)`.
+//!
+//! An open-addressing hash table in groups of seven slots, with the layout split by how
+//! each part is used: one 8-byte control word per group in one array (the slots' 1-byte
+//! tags, 7 bits of the key's hash with 0 = empty, and the group's overflow count, the
+//! number of keys whose probe sequence passed over the group because it was full), and
+//! the 8-byte locations in another (56 bytes per group). The control words are an eighth
+//! of the table's bytes, so the reads that every operation waits for (is
+//! the key there? where is a free slot?) mostly hit the cache even when the table is
+//! hundreds of megabytes; a new key's location is a write, which the processor does not
+//! wait for; and the one line a removal or lookup waits for in the location array is a
+//! function of the key alone, so it is prefetched together with the tags.
+//!
+//! Overflow counts are exact (decremented on removal), so there are no tombstones and
+//! removals never lengthen later probes (a SwissTable marks removed slots deleted when
+//! their group was ever full, and reads the group before a slot to decide).
+//!
+//! Keys are not stored: a location is checked by reading the key from its node (the
+//! caller passes `key_at`), which keeps the table at about 9.1 bytes per slot. Callers
+//! prefetch the groups of a whole run of keys before they touch them, so that the misses
+//! of a run overlap.
+//!
+//! Growth does not rehash the table's entries (that needs the key of every entry, one
+//! random read each): the index rebuilds the table from its nodes, whose keys it reads in
+//! order ([`KeyTable::with_room`] and [`KeyTable::insert_new`]). The group count is a
+//! prime (the home group comes from a multiply, so any count works), which lets the table
+//! grow by 1.5x rather than 2x and lets every probe stride reach every group.
+
+use super::tree::{mix, Loc};
+
+/// Slots per group.
+const SLOTS: usize = 7;
+/// The tag bytes of a control word (bytes 0-6; byte 7 is the overflow count).
+const TAG_BYTES: u64 = 0x00FF_FFFF_FFFF_FFFF;
+const LOW: u64 = 0x0001_0101_0101_0101;
+const HIGH: u64 = 0x0080_8080_8080_8080;
+const OVER_ONE: u64 = 1 << 56;
+
+/// The locations of one group.
+#[derive(Clone, Copy, Debug)]
+struct Group([Loc; SLOTS]);
+
+const EMPTY_GROUP: Group = Group([Loc { node: 0, off: 0 }; SLOTS]);
+
+/// Tag `j` of a group's tag word.
+#[inline]
+fn tag_at(tags: u64, j: usize) -> u8 {
+    (tags >> (8 * j)) as u8
+}
+
+/// Slots whose tag byte may equal `tag` (a bit at 8 * j + 7 per candidate slot `j`;
+/// candidates after a true match may be false: callers check the tag exactly).
+#[inline]
+fn candidates(tags: u64, tag: u8) -> u64 {
+    let x = (tags ^ (u64::from(tag) * LOW)) & TAG_BYTES;
+    x.wrapping_sub(LOW) & !x & HIGH
+}
+
+/// Empty slots, exactly (tags have their high bit set, so the zero-byte test has no
+/// false positives).
+#[inline]
+fn free(tags: u64) -> u64 {
+    let x = tags & TAG_BYTES;
+    x.wrapping_sub(LOW) & !x & HIGH
+}
+
+/// The overflow count of a control word (saturating: a saturated count is never
+/// decremented, so it may be too high, never too low).
+#[inline]
+fn over(tags: u64) -> u64 {
+    tags >> 56
+}
+
+/// The tag of a hash: its low 7 bits (the group comes from the high bits), with the high
+/// bit set so that it is never 0.
+#[inline]
+fn tag_of(h: u64) -> u8 {
+    h as u8 | 0x80
+}
+
+/// The largest share of slots in use before the table grows.
+const MAX_LOAD: (usize, usize) = (17, 20);
+/// A table grows to hold this many times the keys it must hold.
+const GROWTH: (usize, usize) = (3, 2);
+
+/// True when `n` is prime (trial division; `n` is a group count, at most about 10^9).
+fn is_prime(n: usize) -> bool {
+    if n < 4 {
+        return n >= 2;
+    }
+    if n % 2 == 0 || n % 3 == 0 {
+        return false;
+    }
+    let mut d = 5;
+    while d * d <= n {
+        if n % d == 0 || n % (d + 2) == 0 {
+            return false;
+        }
+        d += 6;
+    }
+    true
+}
+
+/// Starts loading the cache line at `p` (a hint: no effect on results).
+#[inline]
+fn prefetch_line<T>(p: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch never faults and has no effect on memory; the pointer comes
+        // from a reference besides.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const T).cast::<i8>()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = p;
+    }
+}
+
+/// A vector of `n` copies of `fill`. On Linux, a large one asks the kernel for huge pages
+/// (`madvise(MADV_HUGEPAGE)`, before its memory is first touched): the table is read at
+/// random, and with 4 KiB pages nearly every probe of a table of hundreds of megabytes
+/// also misses the TLB. Only a hint: without it, or where it is refused, nothing changes
+/// but the speed.
+fn huge_vec<T: Copy>(n: usize, fill: T) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let bytes = n * std::mem::size_of::<T>();
+        if bytes >= 4 << 20 {
+            let start = v.as_ptr() as usize;
+            let a = start.next_multiple_of(PAGE);
+            let b = (start + bytes) / PAGE * PAGE;
+            if b > a {
+                // SAFETY: [a, b) lies inside the allocation just made for `v`, which is
+                // not yet read or written; MADV_HUGEPAGE changes no contents, and its
+                // result is ignored (it is a hint).
+                unsafe {
+                    libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
+                }
+            }
+        }
+    }
+    v.resize(n, fill);
+    v
+}
+
+/// The key table. See the [module documentation](self).
+#[derive(Clone, Debug, Default)]
+pub(super) struct KeyTable {
+    /// Control word per group: seven tags and the overflow count.
+    tags: Vec<u64>,
+    slots: Vec<Group>,
+    len: usize,
+}
+
+impl KeyTable {
+    /// Most keys a table of `groups` groups holds.
+    #[inline]
+    fn max_len(groups: usize) -> usize {
+        groups * SLOTS * MAX_LOAD.0 / MAX_LOAD.1
+    }
+
+    /// An empty table with room for `n` keys and a margin: its group count is the first
+    /// prime at or above what holds `n * 3 / 2` keys, so that it is not full again soon.
+    pub(super) fn with_room(n: usize) -> Self {
+        if n == 0 {
+            return Self::default();
+        }
+        let want = n * GROWTH.0 / GROWTH.1 + 1;
+        let mut groups = (want * MAX_LOAD.1).div_ceil(SLOTS * MAX_LOAD.0).max(2);
+        while !is_prime(groups) {
+            groups += 1;
+        }
+        KeyTable { tags: huge_vec(groups, 0), slots: huge_vec(groups, EMPTY_GROUP), len: 0 }
+    }
+
+    /// Keys held.
+    #[inline]
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// How many more keys fit before the table must be rebuilt larger.
+    #[inline]
+    pub(super) fn room(&self) -> usize {
+        Self::max_len(self.tags.len()).saturating_sub(self.len)
+    }
+
+    /// Heap bytes.
+    pub(super) fn allocation_size(&self) -> usize {
+        self.tags.capacity() * 8 + self.slots.capacity() * std::mem::size_of::<Group>()
+    }
+
+    /// The home group of hash `h` (from its high bits, by a multiply: any group count).
+    #[inline]
+    fn home(&self, h: u64) -> usize {
+        ((u128::from(h) * self.tags.len() as u128) >> 64) as usize
+    }
+
+    /// The group after `i` in the probe sequence of `tag` (double hashing: keys that
+    /// share a home group go on to different groups, so overflow does not cluster). The
+    /// group count is prime, so every stride visits every group.
+    #[inline]
+    fn next(&self, i: usize, tag: u8) -> usize {
+        let n = self.tags.len();
+        // Any step in 1..n works (n is prime); skip the division for all but tiny tables.
+        let t = usize::from(tag);
+        let step = if n > 256 { 1 + t } else { 1 + t % (n - 1) };
+        let j = i + step;
+        if j >= n {
+            j - n
+        } else {
+            j
+        }
+    }
+
+    /// Starts loading the home group of `key` (tags and locations) into the cache.
+    #[inline]
+    pub(super) fn prefetch(&self, key: u64) {
+        if self.tags.is_empty() {
+            return;
+        }
+        let g = self.home(mix(key));
+        prefetch_line(&self.tags[g]);
+        // A group's 56 bytes may span two lines.
+        prefetch_line(&self.slots[g].0[0]);
+        prefetch_line(&self.slots[g].0[SLOTS - 1]);
+    }
+
+    /// Starts loading the control words of `key`'s first two groups (enough to insert a
+    /// new key: at the loads the table runs at, a quarter of the home groups have
+    /// overflowed, and the second group would otherwise be a miss of its own after the
+    /// first).
+    #[inline]
+    pub(super) fn prefetch_tags(&self, key: u64) {
+        if self.tags.is_empty() {
+            return;
+        }
+        let h = mix(key);
+        let g = self.home(h);
+        prefetch_line(&self.tags[g]);
+        prefetch_line(&self.tags[self.next(g, tag_of(h))]);
+    }
+
+    /// The group and slot of `key`, if present, and the number of groups probed before.
+    #[inline]
+    fn position(
+        &self,
+        key: u64,
+        h: u64,
+        key_at: impl Fn(Loc) -> u64,
+    ) -> Option<(usize, usize, usize)> {
+        if self.tags.is_empty() {
+            return None;
+        }
+        let tag = tag_of(h);
+        let mut i = self.home(h);
+        for k in 0..self.tags.len() {
+            let t = self.tags[i];
+            let mut m = candidates(t, tag);
+            while m != 0 {
+                let j = (m.trailing_zeros() / 8) as usize;
+                m &= m - 1;
+                if tag_at(t, j) == tag && key_at(self.slots[i].0[j]) == key {
+                    return Some((i, j, k));
+                }
+            }
+            if over(t) == 0 {
+                return None;
+            }
+            i = self.next(i, tag);
+        }
+        None
+    }
+
+    /// The location of `key`, if present.
+    #[inline]
+    pub(super) fn find(&self, key: u64, key_at: impl Fn(Loc) -> u64) -> Option<Loc> {
+        self.position(key, mix(key), key_at).map(|(i, j, _)| self.slots[i].0[j])
+    }
+
+    /// Points `key` at `loc`; false when `key` is absent.
+    #[inline]
+    pub(super) fn set(&mut self, key: u64, loc: Loc, key_at: impl Fn(Loc) -> u64) -> bool {
+        match self.position(key, mix(key), key_at) {
+            Some((i, j, _)) => {
+                self.slots[i].0[j] = loc;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds `key` at `loc`. The key must be absent and [`room`](Self::room) not zero.
+    #[inline]
+    pub(super) fn insert_new(&mut self, key: u64, loc: Loc) {
+        debug_assert!(self.room() > 0, "insert into a full key table");
+        let h = mix(key);
+        let tag = tag_of(h);
+        let mut i = self.home(h);
+        while free(self.tags[i]) == 0 {
+            if over(self.tags[i]) != 0xFF {
+                self.tags[i] += OVER_ONE;
+            }
+            i = self.next(i, tag);
+        }
+        let j = (free(self.tags[i]).trailing_zeros() / 8) as usize;
+        self.tags[i] |= u64::from(tag) << (8 * j);
+        self.slots[i].0[j] = loc;
+        self.len += 1;
+    }
+
+    /// Every location held, in table order.
+    pub(super) fn entries(&self) -> impl Iterator<Item = Loc> + '_ {
+        self.tags
+            .iter()
+            .zip(&self.slots)
+            .flat_map(|(&t, g)| (0..SLOTS).filter(move |&j| tag_at(t, j) != 0).map(move |j| g.0[j]))
+    }
+
+    /// Removes `key`; returns its location, or `None` when it was absent.
+    #[inline]
+    pub(super) fn remove(&mut self, key: u64, key_at: impl Fn(Loc) -> u64) -> Option<Loc> {
+        let h = mix(key);
+        let (i, j, k) = self.position(key, h, key_at)?;
+        self.tags[i] &= !(0xFF << (8 * j));
+        let loc = self.slots[i].0[j];
+        // It passed over the `k` groups before it.
+        let tag = tag_of(h);
+        let mut x = self.home(h);
+        for _ in 0..k {
+            if over(self.tags[x]) != 0xFF {
+                self.tags[x] -= OVER_ONE;
+            }
+            x = self.next(x, tag);
+        }
+        self.len -= 1;
+        Some(loc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys are their own "node" here: `Loc { node: key as u32, off: key >> 32 }`.
+    fn loc(k: u64) -> Loc {
+        Loc { node: k as u32, off: (k >> 32) as u32 }
+    }
+    fn key_at(l: Loc) -> u64 {
+        u64::from(l.node) | u64::from(l.off) << 32
+    }
+
+    /// Against a `HashSet` through growth, removals and re-insertions at full load, with
+    /// many keys sharing a home chunk (small tables, so chains of overflow form).
+    #[test]
+    fn agrees_with_a_set_under_heavy_load_and_removals() {
+        let mut rng = 0x1234_5678u64;
+        let mut next = || {
+            rng = crate::rng::splitmix64(rng);
+            rng % 5000
+        };
+        let mut set = std::collections::HashSet::new();
+        let mut t = KeyTable::default();
+        for step in 0..200_000 {
+            let k = next();
+            if set.contains(&k) {
+                assert_eq!(t.remove(k, key_at), Some(loc(k)), "step {step}");
+                set.remove(&k);
+            } else {
+                assert_eq!(t.find(k, key_at), None);
+                if t.room() == 0 {
+                    let mut bigger = KeyTable::with_room(t.len() + 1);
+                    for &s in &set {
+                        bigger.insert_new(s, loc(s));
+                    }
+                    t = bigger;
+                }
+                t.insert_new(k, loc(k));
+                set.insert(k);
+            }
+            assert_eq!(t.len(), set.len());
+            if step % 10_000 == 0 {
+                for x in 0..5000 {
+                    assert_eq!(t.find(x, key_at).is_some(), set.contains(&x), "key {x}");
+                }
+            }
+        }
+        // Fill to the limit: every key still found.
+        let mut t = KeyTable::with_room(1000);
+        let n = t.room();
+        for k in 0..n as u64 {
+            t.insert_new(k, loc(k));
+        }
+        assert_eq!(t.room(), 0);
+        for k in 0..n as u64 {
+            assert_eq!(t.find(k, key_at), Some(loc(k)));
+        }
+        assert_eq!(t.find(n as u64, key_at), None);
+        for k in (0..n as u64).step_by(2) {
+            assert!(t.remove(k, key_at).is_some());
+        }
+        for k in 0..n as u64 {
+            assert_eq!(t.find(k, key_at).is_some(), k % 2 == 1);
+        }
+        assert!(t.set(1, loc(7), |l| if l == loc(7) { 1 } else { key_at(l) }));
+    }
+}
