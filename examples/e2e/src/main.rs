@@ -124,21 +124,9 @@ async fn main_async(args: Args) -> Result<(), String> {
             .collect()
     };
     for (label, serve) in runs {
-        let (s, router_metrics) =
+        let (s, _router_metrics) =
             run(ClusterSpec { serve, ..base.clone() }, &workload, &label, fault).await?;
         print!("{s}");
-        if let Some(m) = router_metrics {
-            for l in m
-                .lines()
-                .filter(|l| {
-                    !l.starts_with('#')
-                        && (l.contains("index") || l.contains("upstream") || l.contains("retr"))
-                })
-                .take(20)
-            {
-                println!("  router: {l}");
-            }
-        }
         summaries.push(s);
     }
     if !args.sim_policies.is_empty() {
