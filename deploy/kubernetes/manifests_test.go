@@ -3,14 +3,20 @@
 // flags, ports, names and settings agree with each other, with `kvroute serve --help` and
 // with `kvroute emulate --help`.
 //
-// Run with: KVROUTE_BIN=/path/to/kvroute go test ./... (scripts/k8s_manifests_test.sh).
+// It also runs the pods' and the router's arguments on this machine (per-pod KV-event
+// topics reach the router) and checks the Dockerfile statically.
+//
+// Run with: KVROUTE_BIN=/path/to/kvroute go test ./... (deploy/kubernetes/run_manifest_tests.sh).
 package kubernetes
 
 import (
 	"bytes"
+	"debug/elf"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -256,6 +262,64 @@ func (m *manifests) seedRef(t *testing.T, c *corev1.Container) string {
 	return ""
 }
 
+// subscriptionAccepts says whether kvroute's subscriber with topic sub receives batches
+// published on topic: kvroute-zmq subscribes with sub as the ZeroMQ prefix and then skips a
+// topic frame that differs from a non-empty sub, so "" receives every topic and any other
+// value only itself.
+func subscriptionAccepts(sub, topic string) bool {
+	return sub == "" || sub == topic
+}
+
+var varRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)|\$\$`)
+
+// expandArgs expands $(VAR) in args as the kubelet does with the container's environment
+// ($$ is a literal $); a reference to an undefined variable fails the test (the kubelet
+// would leave it as is, which vLLM would then publish literally).
+func expandArgs(t *testing.T, env map[string]string, args []string) []string {
+	t.Helper()
+	out := make([]string, len(args))
+	for i, a := range args {
+		out[i] = varRef.ReplaceAllStringFunc(a, func(ref string) string {
+			if ref == "$$" {
+				return "$"
+			}
+			name := ref[2 : len(ref)-1]
+			v, ok := env[name]
+			if !ok {
+				t.Errorf("arg %q refers to $(%s), which the container does not define", a, name)
+				return ref
+			}
+			return v
+		})
+	}
+	return out
+}
+
+// podEnv is the container's environment on a pod with IP podIP: literal values, keys of
+// the manifests' ConfigMaps and the downward API's status.podIP.
+func (m *manifests) podEnv(t *testing.T, c *corev1.Container, podIP string) map[string]string {
+	t.Helper()
+	env := map[string]string{}
+	for _, e := range c.Env {
+		switch {
+		case e.ValueFrom == nil:
+			env[e.Name] = e.Value
+		case e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "status.podIP":
+			env[e.Name] = podIP
+		case e.ValueFrom.ConfigMapKeyRef != nil:
+			ref := e.ValueFrom.ConfigMapKeyRef
+			cm, ok := m.configMaps[ref.Name]
+			if !ok {
+				t.Fatalf("%s: env %s: ConfigMap %s not in the manifests", c.Name, e.Name, ref.Name)
+			}
+			env[e.Name] = cm.Data[ref.Key]
+		default:
+			t.Fatalf("%s: env %s: no check for this source; add one", c.Name, e.Name)
+		}
+	}
+	return env
+}
+
 type kvEventsConfig struct {
 	Enable         bool   `json:"enable_kv_cache_events"`
 	Publisher      string `json:"publisher"`
@@ -275,8 +339,8 @@ type serveConfig struct {
 			ReplayPort   int32   `json:"replay_port"`
 			IntervalS    float64 `json:"interval_s"`
 		} `json:"dns"`
-		Tokenizer string `json:"tokenizer"`
-		Topic     string `json:"topic"`
+		Tokenizer string  `json:"tokenizer"`
+		Topic     *string `json:"topic"`
 	} `json:"server"`
 }
 
@@ -297,6 +361,22 @@ func TestManifestsAgree(t *testing.T) {
 	}
 	if !kv.Enable || kv.Publisher != "zmq" || kv.Topic == "" {
 		t.Fatalf("vllm --kv-events-config must enable zmq events with a topic: %+v", kv)
+	}
+	// A topic per pod, llm-d style: kv@<pod IP>:<port>@<served model>, with the pod IP
+	// from the downward API. Expanded for two pods as the kubelet would, the topics must
+	// differ and name each pod.
+	podTopics := map[string]string{}
+	for _, ip := range []string{"10.1.0.7", "10.1.3.12"} {
+		expanded := expandArgs(t, m.podEnv(t, vc, ip), vc.Args)
+		var pk kvEventsConfig
+		if err := json.Unmarshal([]byte(argMap(t, "vllm", expanded)["--kv-events-config"]), &pk); err != nil {
+			t.Fatalf("vllm --kv-events-config on pod %s: %v", ip, err)
+		}
+		want := fmt.Sprintf("kv@%s:%s@%s", ip, va["--port"], va["--served-model-name"])
+		if pk.Topic != want {
+			t.Errorf("vllm topic on pod %s is %q, want the per-pod topic %q", ip, pk.Topic, want)
+		}
+		podTopics[ip] = pk.Topic
 	}
 	httpPort := containerPort(t, vc, "http")
 	if va["--port"] != strconv.Itoa(int(httpPort)) {
@@ -382,8 +462,18 @@ func TestManifestsAgree(t *testing.T) {
 	if d.Port != servicePort["http"] || d.KvEventsPort != servicePort["kv-events"] || d.ReplayPort != servicePort["kv-replay"] {
 		t.Errorf("kvroute dns ports %d/%d/%d != vLLM's %v", d.Port, d.KvEventsPort, d.ReplayPort, servicePort)
 	}
-	if sc.Server.Topic != kv.Topic {
-		t.Errorf("kvroute topic %q != vLLM topic %q", sc.Server.Topic, kv.Topic)
+	routerTopic := sc.Server.Topic
+	if tf, ok := ka["--topic"]; ok {
+		routerTopic = &tf
+	}
+	if routerTopic == nil {
+		t.Errorf("kvroute config.json: set server.topic explicitly (\"\" for every pod's topic)")
+	} else {
+		for ip, topic := range podTopics {
+			if !subscriptionAccepts(*routerTopic, topic) {
+				t.Errorf("kvroute topic %q does not receive pod %s's topic %q", *routerTopic, ip, topic)
+			}
+		}
 	}
 	var algo string
 	_ = json.Unmarshal(sc.Router["hash_algo"], &algo)
@@ -424,7 +514,13 @@ func TestManifestsAgree(t *testing.T) {
 			t.Errorf("emulate %s %s: must use vLLM's %s port %d", flag, ea[flag], port, containerPort(t, vc, port))
 		}
 	}
-	if ea["--topic"] != kv.Topic || ea["--hash-algo"] != algo || m.seedRef(t, ec) != vllmSeed || ea["--hash-seed"] != "$(PYTHONHASHSEED)" {
+	for ip, topic := range podTopics {
+		got := argMap(t, "emulate", expandArgs(t, m.podEnv(t, ec, ip), ec.Args))["--topic"]
+		if got != topic {
+			t.Errorf("the emulator's topic on pod %s is %q, vLLM's %q", ip, got, topic)
+		}
+	}
+	if ea["--hash-algo"] != algo || m.seedRef(t, ec) != vllmSeed || ea["--hash-seed"] != "$(PYTHONHASHSEED)" {
 		t.Errorf("the emulator's topic, hash algo and seed must be vLLM's")
 	}
 	if !labels.SelectorFromSet(svc.Spec.Selector).Matches(labels.Set(em.Spec.Template.Labels)) {
@@ -494,5 +590,387 @@ func TestServeAcceptsTheConfigMap(t *testing.T) {
 	case <-time.After(1500 * time.Millisecond):
 		_ = cmd.Process.Kill()
 		<-done
+	}
+}
+
+// freeAddr returns 127.0.0.1:PORT with a port that was free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// startProc starts the kvroute binary with args; it is killed when the test ends.
+func startProc(t *testing.T, name string, args []string) *bytes.Buffer {
+	t.Helper()
+	cmd := exec.Command(kvrouteBin(t), args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("%s output:\n%s", name, out.String())
+		}
+	})
+	return &out
+}
+
+func waitHTTP(t *testing.T, url string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if r, err := http.Get(url); err == nil {
+			r.Body.Close()
+			if r.StatusCode == 200 {
+				return
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("%s did not answer 200", url)
+}
+
+var batchesRe = regexp.MustCompile(`(?m)^kvroute_serve_backend_event_batches_total\{backend="([^"]+)"\} (\d+)$`)
+
+// routerBatches reads kvroute serve's event batches per backend from its /metrics.
+func routerBatches(t *testing.T, addr string) map[string]int {
+	t.Helper()
+	r, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	body, _ := io.ReadAll(r.Body)
+	got := map[string]int{}
+	for _, m := range batchesRe.FindAllStringSubmatch(string(body), -1) {
+		n, _ := strconv.Atoi(m[2])
+		got[m[1]] = n
+	}
+	return got
+}
+
+// TestRouterReceivesEveryPodsTopic runs the manifests' processes on this machine: two
+// emulated pods started with the emulated Deployment's args as the kubelet expands them
+// (two pod IPs, so two topics), and kvroute serve on the ConfigMap's config with the
+// Deployment's args. Only the addresses (the pods' own IPs and fixed ports cannot be bound
+// here), the tokenizer path and DNS (replaced by the two backends) change. The router must
+// receive the KV events of both pods. A second router subscribed to the first pod's topic
+// only must receive that pod's events and none of the other's: the topics really differ on
+// the wire, and the check can fail.
+func TestRouterReceivesEveryPodsTopic(t *testing.T) {
+	m := load(t)
+	em := m.deployment(t, "emulated/vllm-emulated.yaml", "vllm")
+	ec := &em.Spec.Template.Spec.Containers[0]
+	tok, err := filepath.Abs("../../testdata/tokenize/chatml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	type pod struct{ http, kv, replay, topic string }
+	var pods []pod
+	for _, ip := range []string{"10.1.0.7", "10.1.3.12"} {
+		p := pod{http: freeAddr(t), kv: "tcp://" + freeAddr(t), replay: "tcp://" + freeAddr(t)}
+		args := expandArgs(t, m.podEnv(t, ec, ip), ec.Args)
+		for i, a := range args {
+			k, _, _ := strings.Cut(a, "=")
+			switch k {
+			case "--listen":
+				args[i] = k + "=" + p.http
+			case "--kv-events":
+				args[i] = k + "=" + p.kv
+			case "--replay-endpoint":
+				args[i] = k + "=" + p.replay
+			case "--tokenizer":
+				args[i] = k + "=" + tok
+			case "--topic":
+				_, p.topic, _ = strings.Cut(a, "=")
+			}
+		}
+		if !strings.Contains(p.topic, ip) {
+			t.Fatalf("the emulated pod's topic %q does not name its pod %s", p.topic, ip)
+		}
+		startProc(t, "emulated pod "+ip, args)
+		pods = append(pods, p)
+	}
+	for _, p := range pods {
+		waitHTTP(t, "http://"+p.http+"/health")
+	}
+
+	kr := m.deployment(t, "kvroute.yaml", "kvroute")
+	kc := &kr.Spec.Template.Spec.Containers[0]
+	var cfg map[string]interface{}
+	if err := json.Unmarshal([]byte(m.configMaps["kvroute-config"].Data["config.json"]), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	server := cfg["server"].(map[string]interface{})
+	delete(server, "dns")
+	server["tokenizer"] = tok
+	var backends, kvs, replays []string
+	for _, p := range pods {
+		backends = append(backends, "http://"+p.http)
+		kvs = append(kvs, p.kv)
+		replays = append(replays, p.replay)
+	}
+	server["backends"], server["kv_events"], server["replay_endpoints"] = backends, kvs, replays
+	b, _ := json.Marshal(cfg)
+	cfgPath := filepath.Join(t.TempDir(), "config.json")
+	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	startRouter := func(name string, extra ...string) string {
+		addr := freeAddr(t)
+		args := expandArgs(t, m.podEnv(t, kc, "10.1.9.9"), kc.Args)
+		for i, a := range args {
+			switch k, _, _ := strings.Cut(a, "="); k {
+			case "--config":
+				args[i] = k + "=" + cfgPath
+			case "--listen":
+				args[i] = k + "=" + addr
+			}
+		}
+		startProc(t, name, append(args, extra...))
+		waitHTTP(t, "http://"+addr+"/ready")
+		return addr
+	}
+	router := startRouter("kvroute serve")
+	onlyFirst := startRouter("kvroute serve --topic <pod 0's>", "--topic="+pods[0].topic)
+
+	// Keep both pods busy until the router has batches from each (ZeroMQ drops what a
+	// subscriber that is still joining would have received).
+	prompt := make([]int, 40)
+	for i := range prompt {
+		prompt[i] = i + 1
+	}
+	body, _ := json.Marshal(map[string]interface{}{"prompt": prompt, "max_tokens": 2})
+	var all, first map[string]int
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, p := range pods {
+			r, err := http.Post("http://"+p.http+"/v1/completions", "application/json", bytes.NewReader(body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.Body.Close()
+			if r.StatusCode != 200 {
+				t.Fatalf("pod %s: /v1/completions: %s", p.http, r.Status)
+			}
+		}
+		all, first = routerBatches(t, router), routerBatches(t, onlyFirst)
+		if all[pods[0].http] > 0 && all[pods[1].http] > 0 && first[pods[0].http] > 0 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, p := range pods {
+		if all[p.http] == 0 {
+			t.Errorf("kvroute serve with the ConfigMap's topic received no KV events from the pod on topic %q: %v", p.topic, all)
+		}
+	}
+	if first[pods[0].http] == 0 || first[pods[1].http] != 0 {
+		t.Errorf("a router subscribed to %q must receive that pod only: %v", pods[0].topic, first)
+	}
+}
+
+// dockerInstr is one Dockerfile instruction: its keyword (upper case) and its text.
+type dockerInstr struct{ cmd, arg string }
+
+// parseDockerfile splits a Dockerfile into instructions (comments dropped, continuation
+// lines joined) and groups them by stage (each FROM starts one).
+func parseDockerfile(t *testing.T, path string) [][]dockerInstr {
+	t.Helper()
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stages [][]dockerInstr
+	var cur strings.Builder
+	flush := func() {
+		line := strings.TrimSpace(cur.String())
+		cur.Reset()
+		if line == "" {
+			return
+		}
+		cmd, arg, _ := strings.Cut(line, " ")
+		in := dockerInstr{strings.ToUpper(cmd), strings.TrimSpace(arg)}
+		if in.cmd == "FROM" {
+			stages = append(stages, nil)
+		}
+		if len(stages) == 0 {
+			t.Fatalf("%s: %s before the first FROM", path, in.cmd)
+		}
+		stages[len(stages)-1] = append(stages[len(stages)-1], in)
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if strings.HasPrefix(strings.TrimSpace(l), "#") {
+			continue
+		}
+		if strings.HasSuffix(l, "\\") {
+			cur.WriteString(strings.TrimSuffix(l, "\\") + " ")
+			continue
+		}
+		cur.WriteString(l)
+		flush()
+	}
+	flush()
+	return stages
+}
+
+// TestDockerfile checks the Dockerfile without a container engine (none runs here, and
+// the base images cannot be pulled): every COPY source exists in the build context and is
+// not excluded by .dockerignore, the build stage builds the package whose binary the final
+// stage copies and runs, the runtime stage installs the shared libraries that binary
+// needs beyond glibc, the image tag the manifests use carries the workspace's version, the
+// exposed port is kvroute's container port, and the default command is a real subcommand.
+func TestDockerfile(t *testing.T) {
+	root := "../.."
+	stages := parseDockerfile(t, filepath.Join(root, "Dockerfile"))
+	if len(stages) != 2 {
+		t.Fatalf("expected a build and a runtime stage, got %d", len(stages))
+	}
+	ignoreRaw, err := os.ReadFile(filepath.Join(root, ".dockerignore"))
+	if err != nil {
+		t.Fatalf("no .dockerignore: COPY . . would send target/ (gigabytes) as context: %v", err)
+	}
+	ignored := map[string]bool{}
+	for _, l := range strings.Split(string(ignoreRaw), "\n") {
+		if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") {
+			ignored[strings.TrimSuffix(l, "/")] = true
+		}
+	}
+	if !ignored["target"] {
+		t.Errorf(".dockerignore must exclude target")
+	}
+
+	// Stage 1: the package, its binary, where the binary is put.
+	buildName := ""
+	if _, as, ok := strings.Cut(stages[0][0].arg, " AS "); ok {
+		buildName = strings.TrimSpace(as)
+	}
+	var pkg, builtPath string
+	cargoRe := regexp.MustCompile(`cargo build --release -p ([a-z0-9-]+)`)
+	cpRe := regexp.MustCompile(`cp target/release/([a-z0-9_-]+) (\S+)`)
+	for _, in := range stages[0] {
+		switch in.cmd {
+		case "COPY":
+			fields := strings.Fields(in.arg)
+			for _, src := range fields[:len(fields)-1] {
+				if strings.HasPrefix(src, "--") {
+					t.Fatalf("build stage COPY %s: no check for flags here; add one", in.arg)
+				}
+				if _, err := os.Stat(filepath.Join(root, src)); err != nil || ignored[src] {
+					t.Errorf("COPY %s: not in the build context (%v)", src, err)
+				}
+			}
+		case "RUN":
+			if m := cargoRe.FindStringSubmatch(in.arg); m != nil {
+				pkg = m[1]
+			}
+			if m := cpRe.FindStringSubmatch(in.arg); m != nil {
+				if m[1] != "kvroute" {
+					t.Errorf("the build stage copies target/release/%s; the binary is kvroute", m[1])
+				}
+				builtPath = m[2]
+			}
+		}
+	}
+	cargoToml, err := os.ReadFile(filepath.Join(root, "crates/cli/Cargo.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pkg == "" || !strings.Contains(string(cargoToml), fmt.Sprintf("name = %q", pkg)) ||
+		!regexp.MustCompile(`(?s)\[\[bin\]\]\s*name = "kvroute"`).Match(cargoToml) {
+		t.Errorf("the build stage must build crates/cli (package %q), whose binary is kvroute", pkg)
+	}
+	if builtPath == "" {
+		t.Fatal("the build stage never copies target/release/kvroute out")
+	}
+
+	// Stage 2: the binary from stage 1, its libraries, port, entrypoint.
+	var copied, entry, expose, apt string
+	var cmd []string
+	for _, in := range stages[1] {
+		switch in.cmd {
+		case "COPY":
+			f := strings.Fields(in.arg)
+			if len(f) != 3 || f[0] != "--from="+buildName || f[1] != builtPath {
+				t.Errorf("runtime COPY %s: must copy %s from stage %s", in.arg, builtPath, buildName)
+			} else {
+				copied = f[2]
+			}
+		case "RUN":
+			apt += in.arg
+		case "EXPOSE":
+			expose = in.arg
+		case "ENTRYPOINT":
+			var e []string
+			if err := json.Unmarshal([]byte(in.arg), &e); err != nil || len(e) != 1 {
+				t.Fatalf("ENTRYPOINT %s: want [\"/path/to/kvroute\"]", in.arg)
+			}
+			entry = e[0]
+		case "CMD":
+			if err := json.Unmarshal([]byte(in.arg), &cmd); err != nil {
+				t.Fatalf("CMD %s: %v", in.arg, err)
+			}
+		}
+	}
+	if copied == "" || entry != copied {
+		t.Errorf("ENTRYPOINT %q must be the copied binary %q", entry, copied)
+	}
+	if len(cmd) == 0 {
+		t.Fatal("no CMD")
+	}
+	if out, err := exec.Command(kvrouteBin(t), append(cmd[:1:1], "--help")...).CombinedOutput(); err != nil {
+		t.Errorf("CMD %v: kvroute %s --help fails: %v\n%s", cmd, cmd[0], err, out)
+	}
+	f, err := elf.Open(kvrouteBin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	libs, err := f.ImportedLibraries()
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// In debian:bookworm-slim already (libc6, libgcc-s1), or the package to install.
+	base := regexp.MustCompile(`^(libc|libm|libdl|librt|libpthread|libgcc_s|ld-linux-x86-64)\.so`)
+	pkgOf := map[string]string{"libstdc++.so.6": "libstdc++6"}
+	for _, l := range libs {
+		if base.MatchString(l) {
+			continue
+		}
+		p, known := pkgOf[l]
+		if !known {
+			t.Errorf("kvroute needs %s: add its package to the runtime stage and here", l)
+		} else if !regexp.MustCompile(`apt-get install[^&]*\s` + regexp.QuoteMeta(p) + `(\s|$)`).MatchString(apt) {
+			t.Errorf("kvroute needs %s: the runtime stage must install %s", l, p)
+		}
+	}
+
+	// The manifests run this image on kvroute's port.
+	m := load(t)
+	kr := m.deployment(t, "kvroute.yaml", "kvroute")
+	kc := &kr.Spec.Template.Spec.Containers[0]
+	if expose != strconv.Itoa(int(containerPort(t, kc, "http"))) {
+		t.Errorf("EXPOSE %s != kvroute's containerPort http %d", expose, containerPort(t, kc, "http"))
+	}
+	ws, err := os.ReadFile(filepath.Join(root, "Cargo.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ver := regexp.MustCompile(`(?m)^version = "([^"]+)"`).FindSubmatch(ws)
+	if ver == nil {
+		t.Fatal("no workspace version")
+	}
+	for _, d := range []*appsv1.Deployment{kr, m.deployment(t, "emulated/vllm-emulated.yaml", "vllm")} {
+		if img := d.Spec.Template.Spec.Containers[0].Image; img != "kvroute:"+string(ver[1]) {
+			t.Errorf("Deployment %s runs image %s; the Dockerfile builds kvroute:%s", d.Name, img, ver[1])
+		}
 	}
 }

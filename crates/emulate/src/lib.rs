@@ -54,8 +54,10 @@ pub struct Args {
     /// The engine's PYTHONHASHSEED (unset: vLLM's default none-hash; required for xxhash*).
     #[arg(long = "hash-seed", value_name = "S")]
     pub hash_seed: Option<String>,
-    /// KV event topic.
-    #[arg(long, default_value = "kv-events", value_name = "T")]
+    /// KV event topic (vLLM's kv-events-config `topic`; its default is ""). Per-pod
+    /// topics such as llm-d's `kv@<pod-ip>:<port>@<model>` work as well: a router
+    /// subscribed to "" receives every one.
+    #[arg(long, default_value = "", value_name = "T")]
     pub topic: String,
     /// Tokens per KV block (vLLM --block-size).
     #[arg(long = "block-size", default_value_t = 16)]

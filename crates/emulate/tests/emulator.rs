@@ -494,3 +494,50 @@ async fn text_and_chat_are_tokenized_as_vllm_does() {
         env.emu.stop();
     }
 }
+
+/// A per-pod topic, llm-d style (`kv@<pod-ip>:<port>@<model>`, what deploy/kubernetes
+/// gives each pod): every live message and every replayed batch carries it as its topic
+/// frame, byte for byte, and a subscription to "" (kvroute's default) receives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_pod_topic_is_the_topic_frame_live_and_in_replay() {
+    let topic = "kv@10.1.0.7:8000@emu-model";
+    let (mut a, pub_ep, rep_ep) = args(64, 0.001);
+    a.topic = topic.into();
+    let emu = Emulator::start(a).unwrap();
+    let ctx = zmq::Context::new();
+    let sub = ctx.socket(zmq::SUB).unwrap();
+    sub.set_subscribe(b"").unwrap();
+    sub.set_rcvtimeo(100).unwrap();
+    sub.connect(&pub_ep).unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/completions", emu.addr());
+    // Send until the subscription has joined (ZeroMQ drops messages before that).
+    let t = Instant::now();
+    let live = loop {
+        assert!(t.elapsed() < Duration::from_secs(10), "no live batch");
+        let r = http
+            .post(&url)
+            .json(&json!({"prompt": (0..40).collect::<Vec<u32>>(), "max_tokens": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        if let Ok(f) = sub.recv_multipart(0) {
+            break f;
+        }
+    };
+    assert_eq!(live.len(), 3);
+    assert_eq!(live[0], topic.as_bytes());
+    assert_eq!(live[1].len(), 8);
+
+    let dealer = ctx.socket(zmq::DEALER).unwrap();
+    dealer.set_rcvtimeo(5000).unwrap();
+    dealer.connect(&rep_ep).unwrap();
+    dealer.send_multipart([&b""[..], &0u64.to_be_bytes()], 0).unwrap();
+    let first = dealer.recv_multipart(0).unwrap();
+    assert_eq!(first.len(), 4, "[\"\", topic, seq, payload]");
+    assert_eq!((first[0].as_slice(), first[1].as_slice()), (&b""[..], topic.as_bytes()));
+    assert_eq!(first[2], 0u64.to_be_bytes());
+    vllm::decode(&first[3]).unwrap();
+    emu.stop();
+}

@@ -7,6 +7,10 @@
 //! `vllm:prefix_cache_hits_total`, `vllm:prefix_cache_queries_total` and request counts,
 //! the way the reference setup read them in Grafana. This crate holds no routing logic:
 //! requests go to the router (or, with no router, to the replicas in turn).
+//!
+//! Each replica publishes its KV events on its own topic, as deploy/kubernetes configures
+//! the pods (llm-d's `kv@<host>:<port>@<model>`), and the router subscribes with kvroute's
+//! default topic `""`, which receives them all.
 
 use kvroute_sim::Workload;
 use std::path::{Path, PathBuf};
@@ -118,6 +122,8 @@ pub struct Replica {
     pub kv_events: String,
     /// Its replay endpoint.
     pub replay: String,
+    /// Its KV-event topic (`kv@<http>@<model>`).
+    pub topic: String,
     /// The process.
     pub proc: Proc,
 }
@@ -196,6 +202,7 @@ impl Cluster {
                 http: format!("127.0.0.1:{h}"),
                 kv_events: format!("tcp://127.0.0.1:{k}"),
                 replay: format!("tcp://127.0.0.1:{r}"),
+                topic: format!("kv@127.0.0.1:{h}@{}", spec.model),
                 proc: Proc { child: None, name: format!("replica {i}") },
             };
             let mut args: Vec<String> = vec![
@@ -212,6 +219,8 @@ impl Cluster {
                 spec.time_scale.to_string(),
                 "--engine-model".into(),
                 spec.engine_model.clone(),
+                "--topic".into(),
+                rep.topic.clone(),
             ];
             if let Some(c) = spec.capacity_blocks {
                 args.extend(["--capacity-blocks".into(), c.to_string()]);
@@ -525,6 +534,23 @@ pub struct Summary {
     pub completed: usize,
     /// Requests that failed (no answer, error status, broken stream).
     pub failed: usize,
+    /// Failed requests that got no response head, or an error status: nothing had reached
+    /// the client, so a router could have retried them on another replica. Zero is the
+    /// goal of kvroute serve's retries.
+    pub lost_before_head: usize,
+    /// Failed requests whose stream broke after the `200` head (tokens may have reached
+    /// the client): no router can retry them, as with vLLM.
+    pub broken_after_head: usize,
+    /// The router's `kvroute_serve_retries_total` at the end (no router: `None`).
+    pub router_retries: Option<f64>,
+    /// The router's `kvroute_serve_upstream_errors_total` by kind (connect, timeout,
+    /// status_5xx, body), summed over backends.
+    pub router_upstream_errors: std::collections::BTreeMap<String, f64>,
+    /// The router's `kvroute_index_blocks` at the end.
+    pub router_index_blocks: Option<f64>,
+    /// KV-event batches the router received from each replica
+    /// (`kvroute_serve_backend_event_batches_total`), in replica order.
+    pub router_event_batches: Vec<f64>,
     /// Sum of hits / sum of queries over the replicas.
     pub hit_rate: f64,
     /// Requests on the busiest replica / all requests the replicas served.
@@ -533,7 +559,7 @@ pub struct Summary {
     pub replicas: Vec<ReplicaMetrics>,
     /// Median TTFT, wall-clock seconds.
     pub ttft_p50_s: Option<f64>,
-    /// The first few errors.
+    /// Every failed request's error, in workload order (Display prints the first few).
     pub errors: Vec<String>,
 }
 
@@ -547,16 +573,65 @@ pub fn summarize(label: &str, outcomes: &[Outcome], replicas: Vec<ReplicaMetrics
     let top = replicas.iter().map(|r| r.requests).fold(0.0, f64::max);
     let mut ttft: Vec<f64> = outcomes.iter().filter_map(|o| o.ttft_s).collect();
     ttft.sort_by(f64::total_cmp);
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.complete).collect();
+    let broken_after_head = failed.iter().filter(|o| (200..300).contains(&o.status)).count();
     Summary {
         label: label.to_string(),
         sent: outcomes.len(),
         completed,
-        failed: outcomes.len() - completed,
+        failed: failed.len(),
+        lost_before_head: failed.len() - broken_after_head,
+        broken_after_head,
         hit_rate: if queries > 0.0 { hits / queries } else { 0.0 },
         top_share: if served > 0.0 { top / served } else { 0.0 },
         replicas,
         ttft_p50_s: ttft.get(ttft.len() / 2).copied(),
-        errors: outcomes.iter().filter_map(|o| o.error.clone()).take(5).collect(),
+        errors: outcomes.iter().filter_map(|o| o.error.clone()).collect(),
+        ..Summary::default()
+    }
+}
+
+/// The sum of every sample of `name` whose labels contain `want`.
+pub fn sample_sum(text: &str, name: &str, want: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            if !(rest.starts_with('{') || rest.starts_with(' ')) || !rest.contains(want) {
+                return None;
+            }
+            rest.rsplit(' ').next()?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+impl Summary {
+    /// Fills the router's figures from its `/metrics` text (`replicas`: their `host:port`
+    /// names, in order).
+    pub fn add_router_metrics(&mut self, text: &str, replicas: &[String]) {
+        self.router_retries = sample(text, "kvroute_serve_retries_total", "");
+        self.router_index_blocks = sample(text, "kvroute_index_blocks", "");
+        for kind in ["connect", "timeout", "status_5xx", "body"] {
+            let n = sample_sum(
+                text,
+                "kvroute_serve_upstream_errors_total",
+                &format!("kind=\"{kind}\""),
+            );
+            if n > 0.0 {
+                self.router_upstream_errors.insert(kind.to_string(), n);
+            }
+        }
+        self.router_event_batches = replicas
+            .iter()
+            .map(|r| {
+                sample(
+                    text,
+                    "kvroute_serve_backend_event_batches_total",
+                    &format!("backend=\"{r}\""),
+                )
+                .unwrap_or(0.0)
+            })
+            .collect();
     }
 }
 
@@ -580,7 +655,28 @@ impl std::fmt::Display for Summary {
                 r.requests, r.aborted, r.hits, r.queries
             )?;
         }
-        for e in &self.errors {
+        if self.failed > 0 || self.router_retries.is_some() {
+            write!(
+                f,
+                "  failed requests: {} lost before the response head (retryable: a router could have sent them elsewhere), {} broken after the head (not retryable)",
+                self.lost_before_head, self.broken_after_head
+            )?;
+            if let Some(r) = self.router_retries {
+                write!(f, "; router retries {r}")?;
+            }
+            if !self.router_upstream_errors.is_empty() {
+                write!(f, ", upstream errors {:?}", self.router_upstream_errors)?;
+            }
+            writeln!(f)?;
+        }
+        if let Some(b) = self.router_index_blocks {
+            writeln!(
+                f,
+                "  router: index {b} blocks at the end; KV-event batches received per replica {:?}",
+                self.router_event_batches
+            )?;
+        }
+        for e in self.errors.iter().take(5) {
             writeln!(f, "  error: {}", e.lines().next().unwrap_or(""))?;
         }
         Ok(())
@@ -644,5 +740,10 @@ pub async fn run(
         Some(f) => f.await.ok(),
         None => None,
     };
-    Ok((summarize(label, &outcomes, counters), router_metrics))
+    let mut summary = summarize(label, &outcomes, counters);
+    if let Some(m) = &router_metrics {
+        let names: Vec<String> = cluster.replicas.iter().map(|r| r.http.clone()).collect();
+        summary.add_router_metrics(m, &names);
+    }
+    Ok((summary, router_metrics))
 }

@@ -47,6 +47,9 @@ struct Args {
     /// Directory for the processes' logs.
     #[arg(long)]
     log_dir: Option<std::path::PathBuf>,
+    /// Save each run's final router /metrics here (`<dir>/<profile>.prom`).
+    #[arg(long)]
+    router_metrics_dir: Option<std::path::PathBuf>,
     /// Write the summaries as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -110,8 +113,11 @@ async fn main_async(args: Args) -> Result<(), String> {
     );
     let fault = args.fault.map(|f| (f, 0));
     let mut summaries = Vec::new();
-    let runs: Vec<(String, Option<Vec<String>>)> = if args.no_router {
-        vec![("no router (round robin)".into(), None)]
+    if let Some(d) = &args.router_metrics_dir {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let runs: Vec<(String, String, Option<Vec<String>>)> = if args.no_router {
+        vec![("no router (round robin)".into(), "round-robin".into(), None)]
     } else {
         args.profiles
             .split(',')
@@ -119,25 +125,17 @@ async fn main_async(args: Args) -> Result<(), String> {
             .map(|p| {
                 let extra =
                     if p == "default" { vec![] } else { vec!["--profile".into(), p.to_string()] };
-                (format!("kvroute serve --profile {p}"), Some(extra))
+                (format!("kvroute serve --profile {p}"), p.to_string(), Some(extra))
             })
             .collect()
     };
-    for (label, serve) in runs {
+    for (label, name, serve) in runs {
         let (s, router_metrics) =
             run(ClusterSpec { serve, ..base.clone() }, &workload, &label, fault).await?;
         print!("{s}");
-        if let Some(m) = router_metrics {
-            for l in m
-                .lines()
-                .filter(|l| {
-                    !l.starts_with('#')
-                        && (l.contains("index") || l.contains("upstream") || l.contains("retr"))
-                })
-                .take(20)
-            {
-                println!("  router: {l}");
-            }
+        if let (Some(d), Some(m)) = (&args.router_metrics_dir, router_metrics) {
+            let p = d.join(format!("{name}.prom"));
+            std::fs::write(&p, m).map_err(|e| format!("{}: {e}", p.display()))?;
         }
         summaries.push(s);
     }

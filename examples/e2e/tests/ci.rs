@@ -113,6 +113,13 @@ async fn session_affinity_versus_the_default_preset_through_kvroute_serve() {
     let ceiling = sim(&s, "prefix-precise").hit_rate;
     assert!(def.hit_rate >= ceiling - 0.05, "wire {:.3} vs simulated {ceiling:.3}", def.hit_rate);
     assert!(index_blocks(&m) > 0.0, "the router's index never filled: {m:?}");
+    // Each replica publishes on its own topic (kv@host:port@model) and the router
+    // subscribes to "": it hears every replica that computed something.
+    for (i, r) in def.replicas.iter().enumerate() {
+        if r.requests > 0.0 {
+            assert!(def.router_event_batches[i] > 0.0, "no KV events from replica {i}: {def}");
+        }
+    }
 }
 
 /// Faults halfway through, through the router: a replica that restarts, one that is
