@@ -150,6 +150,8 @@ fn bench_route(c: &mut Criterion) {
             session: None,
             lora: None,
             now_ms: 1_000,
+            shared_blocks: 0,
+            shared_share: 0.0,
         };
         g.bench_function(format!("decide_four/{}", p.name), |b| {
             b.iter(|| {
