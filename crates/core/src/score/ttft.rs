@@ -37,7 +37,14 @@
 //! by the router). A prefix that popular must be held by several workers anyway; a private
 //! one (a conversation's history, one group's prompt among many) would only be lost and
 //! recomputed. If there is no such candidate, the queue already prices the imbalance and
-//! the guard stands aside. This keeps a short common prefix (a system prompt) from
+//! the guard stands aside.
+//!
+//! **Replication.** A shared prefix contained in a share `s` of recent requests
+//! (`RequestInfo::shared_share`) needs `ceil(s x N)` holders for none of them to draw more
+//! than 1/N of the traffic. While fewer candidates hold it, a request whose best match is
+//! that prefix goes where the guard would send it (the least loaded idle worker, under the
+//! same budget), though nobody is guarded yet: the prefix spreads before it makes a hot
+//! spot. This keeps a short common prefix (a system prompt) from
 //! deciding placement on its own: once its first holder is guarded, the next request goes
 //! to an idle worker, and from then on several workers hold the prefix.
 //!
