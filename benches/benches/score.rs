@@ -53,6 +53,8 @@ fn bench_decide(c: &mut Criterion) {
         session: Some("10.0.3.7"),
         lora: None,
         now_ms: 1_000,
+        shared_blocks: 0,
+        shared_share: 0.0,
     };
     let mut group = c.benchmark_group("decide_64_workers");
     for (name, cfg) in profiles {

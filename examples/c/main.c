@@ -1,6 +1,6 @@
 /*
  * A small kvroute program: a router in approximate mode (no KV events needed) with the
- * "prefix" profile and three workers. Requests that share a prompt prefix go to the same
+ * "kvroute" profile (the default preset) and three workers. Requests that share a prompt prefix go to the same
  * worker; the program prints each decision and the Prometheus metrics.
  */
 #include "kvroute.h"
@@ -20,7 +20,7 @@ static int fail(const char *what, kvroute_result rc) {
 int main(void) {
   kvroute_router *router = NULL;
   kvroute_result rc = kvroute_router_new(
-      "{\"mode\": \"approximate\", \"profile\": \"prefix\", \"workers\": "
+      "{\"mode\": \"approximate\", \"profile\": \"kvroute\", \"workers\": "
       "[{\"name\": \"10.0.0.1:8000\"}, {\"name\": \"10.0.0.2:8000\"}, {\"name\": \"10.0.0.3:8000\"}]}",
       &router);
   if (rc != KVROUTE_RESULT_OK) return fail("kvroute_router_new", rc);

@@ -1,8 +1,9 @@
 // Command proxy is a minimal KV-cache-aware reverse proxy for OpenAI-style completion
 // requests: each request goes to the backend most likely to hold its prompt prefix.
 //
-// The router runs in approximate mode with the "prefix" profile: no KV events are needed,
-// the router models each backend's cache from the requests it sent there.
+// The router runs in approximate mode with the "kvroute" profile (the default preset: the
+// lowest predicted time to first token): no KV events are needed, the router models each
+// backend's cache from the requests it sent there.
 //
 // Token ids: a body whose "prompt" is an array of integers is routed by those token ids.
 // A string prompt is routed by a tokenizer-free stand-in: its UTF-8 bytes as token ids.
@@ -59,7 +60,7 @@ func NewProxy(backends []string) (*Proxy, error) {
 		Mode    string   `json:"mode"`
 		Profile string   `json:"profile"`
 		Workers []worker `json:"workers"`
-	}{Mode: "approximate", Profile: "prefix"}
+	}{Mode: "approximate", Profile: "kvroute"}
 	for _, b := range backends {
 		u, err := url.Parse(b)
 		if err != nil || u.Host == "" {

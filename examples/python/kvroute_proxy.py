@@ -34,9 +34,10 @@ import aiohttp
 import kvroute
 from aiohttp import web
 
-#: The configuration used when none is given: the cache model predicts each backend's
-#: cache from the routed requests themselves.
-DEFAULT_CONFIG: Dict[str, Any] = {"mode": "approximate"}
+#: The configuration used when none is given: the ``kvroute`` preset (the default: the
+#: lowest predicted time to first token), with the cache model predicting each backend's
+#: cache from the routed requests themselves (approximate mode, no KV events needed).
+DEFAULT_CONFIG: Dict[str, Any] = {"mode": "approximate", "profile": "kvroute"}
 
 #: Response header naming the backend that served the request.
 WORKER_HEADER = "x-kvroute-worker"

@@ -157,6 +157,18 @@ fn prefill_rates_are_learned_from_lifecycle_calls() {
     // With both available, a cold request goes to the faster one (lower predicted TTFT).
     let d = r.route(&at(&prompt(77, 8_000), now)).unwrap();
     assert_eq!(d.worker.name, "fast");
+    // A worker not observed yet is priced at the pool's rate (every worker's observations,
+    // the latest weighing most: here the last 200 were all of `fast`, so it lies between
+    // the two and near 20,000), not at the configured 10,000 tokens/s, which would make
+    // it look slower than the observed workers and keep it from ever being chosen and
+    // observed.
+    r.add_worker("new", 0).unwrap();
+    let m = r.metrics();
+    let w = m.workers.iter().find(|w| w.worker.name == "new").unwrap();
+    assert_eq!(w.prefill_rate_samples, 0);
+    let rate = w.prefill_tokens_per_s;
+    assert!((15_000.0..=20_000.0).contains(&rate), "new worker priced at {rate}");
+    r.remove_worker("new", 0).unwrap();
     // Exported for Prometheus.
     let prom = r.prometheus();
     assert!(prom.contains("kvroute_worker_prefill_tokens_per_second{worker=\"fast\""));

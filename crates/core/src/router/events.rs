@@ -524,13 +524,8 @@ mod tests {
         } else {
             Some(crate::model::BlockPool::new(64, r.cfg.block_size, true).unwrap())
         };
-        let state = Arc::new(WorkerState::new(
-            WorkerKey::new(name, 0),
-            id,
-            model,
-            r.prior_rate(),
-            r.initial_ttl_ms(),
-        ));
+        let state =
+            Arc::new(WorkerState::new(WorkerKey::new(name, 0), id, model, r.initial_ttl_ms()));
         let mut reg = r.registry.write();
         reg.slots.resize(id.index() + 1, None);
         reg.slots[id.index()] = Some(state.clone());

@@ -56,7 +56,7 @@ impl Router {
             )));
         }
         let mean = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
-        let ahead = worker.load(None, mean).pending_prefill_tokens;
+        let ahead = worker.load(None, mean, f64::NAN).pending_prefill_tokens;
         {
             let mut inflight = self.inflight.lock();
             if inflight.contains_key(&decision.request_id) {
@@ -92,6 +92,7 @@ impl Router {
             self.predict(&worker, decision);
         }
         if self.predictions_on() {
+            self.popular.record(&decision.keys);
             self.predict_residency(&worker, decision);
         }
         Ok(())
@@ -252,9 +253,18 @@ impl Router {
             f.worker.decode_blocks.fetch_add(f.blocks, Ordering::Relaxed);
             if now_ms >= f.routed_ms && now_ms - f.routed_ms <= 3_600_000 {
                 let elapsed = (now_ms - f.routed_ms) as f64 / 1e3;
+                let (work, secs) = (f.work_tokens as f64, elapsed - self.step_overhead_s());
+                let pool = {
+                    let mut pool = self.pool_learn.lock();
+                    pool.observe_prefill(work, secs);
+                    let r = pool.rate(self.prior_rate());
+                    self.pool_rate_bits.store(r.to_bits(), Ordering::Relaxed);
+                    r
+                };
+                // The worker's own observations, from the pool's rate as their prior.
                 let mut learn = f.worker.learn.lock();
-                learn.observe_prefill(f.work_tokens as f64, elapsed - self.step_overhead_s());
-                f.worker.rate_bits.store(learn.rate().to_bits(), Ordering::Relaxed);
+                learn.observe_prefill(work, secs);
+                f.worker.rate_bits.store(learn.rate(pool).to_bits(), Ordering::Relaxed);
             }
         }
         Ok(())

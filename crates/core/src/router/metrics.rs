@@ -147,12 +147,13 @@ impl Router {
         let reg = self.registry.read();
         let streams = self.streams.lock().clone();
         let mean = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
+        let pool_rate = f64::from_bits(self.pool_rate_bits.load(Ordering::Relaxed));
         let workers = reg
             .slots
             .iter()
             .flatten()
             .map(|w| {
-                let load = w.load(None, mean);
+                let load = w.load(None, mean, pool_rate);
                 WorkerMetrics {
                     worker: w.key.clone(),
                     decisions: w.decisions.load(Ordering::Relaxed),

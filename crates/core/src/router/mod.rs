@@ -31,6 +31,7 @@ mod config;
 mod events;
 mod lifecycle;
 mod metrics;
+mod popular;
 mod predict;
 mod request;
 mod route;
@@ -79,6 +80,14 @@ pub struct Router {
     /// Mean uncached prompt tokens per routed request (f64 bits), to price a scraped
     /// waiting request.
     pub(crate) mean_uncached: AtomicU64,
+    /// The prefill rate of the pool: every worker's observations together, from the
+    /// configured default. A worker not yet observed is assumed to be as fast as the
+    /// workers observed so far (see [`predict`]).
+    pub(crate) pool_learn: Mutex<predict::Learner>,
+    /// [`pool_learn`](Self::pool_learn)'s rate (f64 bits), for the request path.
+    pub(crate) pool_rate_bits: AtomicU64,
+    /// Which prompt prefixes recent traffic shares (for the `ttft` picker's guard).
+    pub(crate) popular: popular::Popularity,
 }
 
 impl std::fmt::Debug for Router {
@@ -115,6 +124,7 @@ impl Router {
             cfg.capacity.num_gpu_blocks(cfg.block_size)?;
         }
         let score_names = profile.row_names().into_iter().map(String::from).collect();
+        let prior = profile.ttft().copied().unwrap_or_default().prefill_tokens_per_s;
         let router = Router {
             hasher,
             profile,
@@ -129,6 +139,9 @@ impl Router {
             streams: Mutex::new(Default::default()),
             overlay: RwLock::new(predict::Overlay::default()),
             mean_uncached: AtomicU64::new(0f64.to_bits()),
+            pool_learn: Mutex::new(predict::Learner::new()),
+            pool_rate_bits: AtomicU64::new(prior.to_bits()),
+            popular: popular::Popularity::default(),
             cfg,
         };
         for w in router.cfg.workers.clone() {

@@ -37,10 +37,14 @@
 //! step overhead `o`, `elapsed = o + work / rate`, so the estimate is
 //! `rate = (W0 + sum work_i) / (T0 + sum (elapsed_i - o))` over exponentially weighted
 //! observations (1/64 per observation), where the prior `(W0, T0)` is one second of the
-//! configured default rate and never decays (it keeps the estimate defined when a worker
-//! has had few requests). The rate therefore includes what slows prefill down on a busy
-//! engine (decode steps batched with it), which is what a time-to-first-token prediction
-//! needs.
+//! *pool's* rate, decaying like an observation (it keeps the estimate defined while a
+//! worker has had few requests, and fades once it has its own). The pool's rate is the
+//! same estimate over every worker's observations, from one second of the configured
+//! default rate; a worker not observed yet is assumed to be as fast as the pool (workers
+//! behind one router are usually alike; an unobserved worker priced at the configured
+//! default would look slower than observed ones, never be chosen, and never be
+//! observed). The rate includes what slows prefill down on a busy engine (decode steps
+//! batched with it), which is what a time-to-first-token prediction needs.
 
 use crate::types::BlockKey;
 use hashbrown::HashMap;
@@ -259,8 +263,8 @@ pub(crate) struct Learner {
     /// Decayed sums of prefill work (tokens) and prefill time (seconds).
     work: f64,
     time: f64,
-    /// The prior, one second of the default rate.
-    prior_rate: f64,
+    /// Seconds the prior is still worth (it decays like an observation).
+    prior_s: f64,
     /// Observations of the prefill rate so far.
     pub(crate) rate_samples: u64,
 }
@@ -275,13 +279,13 @@ const RATE_DECAY: f64 = 1.0 - 1.0 / 64.0;
 const RATE_PRIOR_S: f64 = 1.0;
 
 impl Learner {
-    pub(crate) fn new(prior_rate: f64) -> Self {
+    pub(crate) fn new() -> Self {
         Learner {
             delay_mean_ms: f64::NAN,
             delay_dev_ms: 0.0,
             work: 0.0,
             time: 0.0,
-            prior_rate,
+            prior_s: RATE_PRIOR_S,
             rate_samples: 0,
         }
     }
@@ -319,12 +323,15 @@ impl Learner {
         let t = prefill_s.max(1e-3);
         self.work = self.work * RATE_DECAY + work_tokens;
         self.time = self.time * RATE_DECAY + t;
+        self.prior_s *= RATE_DECAY;
         self.rate_samples += 1;
     }
 
-    /// The prefill rate, tokens per second.
-    pub(crate) fn rate(&self) -> f64 {
-        (self.prior_rate * RATE_PRIOR_S + self.work) / (RATE_PRIOR_S + self.time)
+    /// The prefill rate, tokens per second, from `prior` (tokens/s) worth one second at
+    /// first and decaying like an observation (so a well-observed worker's rate is its
+    /// own, not pulled towards a configured figure).
+    pub(crate) fn rate(&self, prior: f64) -> f64 {
+        (prior * self.prior_s + self.work) / (self.prior_s + self.time)
     }
 }
 
@@ -368,7 +375,7 @@ mod tests {
     #[test]
     fn ttl_follows_observed_delays_within_bounds() {
         let cfg = PredictionConfig::default();
-        let mut l = Learner::new(10_000.0);
+        let mut l = Learner::new();
         assert_eq!(l.ttl_ms(&cfg), 2_000);
         for _ in 0..200 {
             l.observe_delay(300.0);
@@ -378,7 +385,7 @@ mod tests {
             l.observe_delay(1e9);
         }
         assert_eq!(l.ttl_ms(&cfg), 120_000);
-        let mut l = Learner::new(10_000.0);
+        let mut l = Learner::new();
         l.observe_delay(1.0);
         for _ in 0..100 {
             l.observe_delay(0.0);

@@ -104,6 +104,7 @@ impl Router {
                 None
             };
             let mean = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
+            let pool_rate = f64::from_bits(self.pool_rate_bits.load(Ordering::Relaxed));
             s.cands.clear();
             // Live workers come in id order and overlaps are sorted by id: merge them.
             let overlaps = s.matches.overlaps();
@@ -128,7 +129,7 @@ impl Router {
                     worker: w.id,
                     matched_blocks: matched,
                     matched_by_tier: m.map_or([0; 3], |o| o.by_tier),
-                    load: w.load(usage, mean),
+                    load: w.load(usage, mean, pool_rate),
                     loaded_loras: if req.lora.is_some() { *w.loras.read() } else { LoraSet::new() },
                     last_routed_ms: (last != u64::MAX).then_some(last),
                     healthy: w.healthy.load(Ordering::Relaxed)
@@ -139,12 +140,19 @@ impl Router {
             if s.cands.is_empty() {
                 return Err(Error::NoWorkers("no workers are registered".into()));
             }
+            let (shared_blocks, shared_share) = if predictions && !s.keys.is_empty() {
+                self.popular.shared_prefix(&s.keys, s.cands.len())
+            } else {
+                (0, 0.0)
+            };
             let info = RequestInfo {
                 prompt_tokens: req.tokens.len() as u32,
                 total_blocks,
                 session: req.session,
                 lora: req.lora,
                 now_ms: now,
+                shared_blocks,
+                shared_share,
             };
             let request_id = if commit {
                 self.next_request.fetch_add(1, Ordering::Relaxed)

@@ -192,7 +192,6 @@ impl Router {
                         key,
                         id,
                         self.default_model()?,
-                        self.prior_rate(),
                         self.initial_ttl_ms(),
                     )));
                     id

@@ -40,7 +40,8 @@ pub(crate) struct WorkerState {
     pub(crate) since_report_prefill: AtomicU64,
     /// The routing-to-event delay and prefill-rate learner.
     pub(crate) learn: Mutex<Learner>,
-    /// The learned prefill rate (f64 bits), for the request path.
+    /// The learned prefill rate (f64 bits), for the request path; NaN until the worker's
+    /// first observation (the pool's rate stands in).
     pub(crate) rate_bits: AtomicU64,
     /// The current prediction TTL, ms.
     pub(crate) pred_ttl_ms: AtomicU64,
@@ -54,13 +55,7 @@ pub(crate) struct WorkerModel {
 }
 
 impl WorkerState {
-    pub(crate) fn new(
-        key: WorkerKey,
-        id: WorkerId,
-        model: Option<BlockPool>,
-        prior_rate: f64,
-        ttl_ms: u64,
-    ) -> Self {
+    pub(crate) fn new(key: WorkerKey, id: WorkerId, model: Option<BlockPool>, ttl_ms: u64) -> Self {
         WorkerState {
             key,
             id,
@@ -81,15 +76,21 @@ impl WorkerState {
             model: Mutex::new(model.map(|pool| WorkerModel { pool, predictions_skipped: 0 })),
             since_report_routed: AtomicU32::new(0),
             since_report_prefill: AtomicU64::new(0),
-            learn: Mutex::new(Learner::new(prior_rate)),
-            rate_bits: AtomicU64::new(prior_rate.to_bits()),
+            learn: Mutex::new(Learner::new()),
+            rate_bits: AtomicU64::new(f64::NAN.to_bits()),
             pred_ttl_ms: AtomicU64::new(ttl_ms),
         }
     }
 
     /// The worker's load. `mean_uncached` prices a scraped waiting request in prompt
-    /// tokens (the router's mean uncached tokens per routed request).
-    pub(crate) fn load(&self, model_usage: Option<f64>, mean_uncached: f64) -> Load {
+    /// tokens (the router's mean uncached tokens per routed request); `pool_rate` is the
+    /// prefill rate of a worker not observed yet.
+    pub(crate) fn load(
+        &self,
+        model_usage: Option<f64>,
+        mean_uncached: f64,
+        pool_rate: f64,
+    ) -> Load {
         let rep_w = self.rep_waiting.load(Ordering::Relaxed);
         let rep_r = self.rep_running.load(Ordering::Relaxed);
         let rep_u = f64::from_bits(self.rep_kv_usage.load(Ordering::Relaxed));
@@ -115,7 +116,14 @@ impl WorkerState {
             decode_blocks: self.decode_blocks.load(Ordering::Relaxed),
             pending_prefill_tokens: pending,
             active_requests: active,
-            prefill_tokens_per_s: f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
+            prefill_tokens_per_s: {
+                let r = f64::from_bits(self.rate_bits.load(Ordering::Relaxed));
+                if r.is_nan() {
+                    pool_rate
+                } else {
+                    r
+                }
+            },
         }
     }
 }
@@ -181,13 +189,7 @@ impl Router {
         if id.0 > crate::index::MAX_WORKER {
             return Err(Error::invalid("too many workers"));
         }
-        let state = Arc::new(WorkerState::new(
-            key.clone(),
-            id,
-            model,
-            self.prior_rate(),
-            self.initial_ttl_ms(),
-        ));
+        let state = Arc::new(WorkerState::new(key.clone(), id, model, self.initial_ttl_ms()));
         match slot {
             Some(i) => reg.slots[i] = Some(state),
             None => reg.slots.push(Some(state)),

@@ -87,6 +87,14 @@ pub struct RequestInfo<'a> {
     /// The request's arrival time in milliseconds (any monotonic epoch shared with the
     /// session table and `Candidate::last_routed_ms`).
     pub now_ms: u64,
+    /// Leading prompt blocks that more than a fair share (1/N of N live workers) of the
+    /// router's recent requests contain: a prefix that must be held by several workers.
+    /// Read by the `ttft` picker's balance guard; 0 when the router does not count.
+    pub shared_blocks: u32,
+    /// The share of the router's recent requests that contain the last of the
+    /// `shared_blocks` (0 when there are none): a prefix in a share `s` of the traffic
+    /// needs `ceil(s x N)` holders for none of them to draw more than 1/N of it.
+    pub shared_share: f64,
 }
 
 /// Load of a worker as last reported by the host or tracked by lifecycle calls.

@@ -1159,6 +1159,8 @@ mod tests {
                     session,
                     lora,
                     now_ms: now,
+                    shared_blocks: 0,
+                    shared_share: 0.0,
                 };
                 let profile = cfg.build().unwrap();
                 let bound = profile.max_total();

@@ -31,8 +31,20 @@
 //! prefix everyone shares does. When the cheapest candidate is guarded, the request goes
 //! to the least loaded unguarded candidate that can start it at once (no queued prefill)
 //! and costs no more than the cheapest one would without its match (the guard gives up the
-//! prefix advantage, never more); if there is none, the queue already prices the imbalance
-//! and the guard stands aside. This keeps a short common prefix (a system prompt) from
+//! prefix advantage, never more), and only if what the move gives up is *shared*: every
+//! block the cheapest candidate holds and the other does not is among the request's
+//! `shared_blocks` (leading blocks that more than 1/N of recent requests contain, counted
+//! by the router). A prefix that popular must be held by several workers anyway; a private
+//! one (a conversation's history, one group's prompt among many) would only be lost and
+//! recomputed. If there is no such candidate, the queue already prices the imbalance and
+//! the guard stands aside.
+//!
+//! **Replication.** A shared prefix contained in a share `s` of recent requests
+//! (`RequestInfo::shared_share`) needs `ceil(s x N)` holders for none of them to draw more
+//! than 1/N of the traffic. While fewer candidates hold it, a request whose best match is
+//! that prefix goes where the guard would send it (the least loaded idle worker, under the
+//! same budget), though nobody is guarded yet: the prefix spreads before it makes a hot
+//! spot. This keeps a short common prefix (a system prompt) from
 //! deciding placement on its own: once its first holder is guarded, the next request goes
 //! to an idle worker, and from then on several workers hold the prefix.
 //!
@@ -214,9 +226,25 @@ impl TtftPolicy {
         // cheapest one's prefix advantage (its cost had it matched nothing). The request
         // then goes to the least loaded such worker (SGLang's rule under imbalance), which
         // also replicates the prefix that made the guarded worker attractive.
-        let budget = best + saved[fastest] * (1.0 + self.externality) + super::TIE_EPSILON;
-        let idle = |k: usize| guard[k] == 0.0 && queue[k] <= tie && cost[k] <= budget;
-        let guarded = guard[fastest] != 0.0 && (0..n).any(idle);
+        // Within one tie tolerance: candidates' learned rates differ by estimation noise.
+        let budget = best + saved[fastest] * (1.0 + self.externality) + tie;
+        // A move may recompute only a *shared* prefix (one that more than 1/N of the
+        // traffic contains, which must be held by several workers anyway); a private one
+        // (a conversation's history, one group's prompt among many) it would only lose.
+        let keeps = |k: usize| {
+            let (mf, mk) = (cands[fastest].matched_blocks, cands[k].matched_blocks);
+            mf <= mk.max(req.shared_blocks)
+        };
+        let idle = |k: usize| guard[k] == 0.0 && queue[k] <= tie && cost[k] <= budget && keeps(k);
+        // A shared prefix held by fewer workers than its share of the traffic needs
+        // (`ceil(share x N)`) is replicated: the request goes where the guard would send
+        // it, though nobody is guarded yet.
+        let mf = cands[fastest].matched_blocks;
+        let replicate = mf > 0 && mf <= req.shared_blocks && {
+            let holders = cands.iter().filter(|c| c.matched_blocks >= mf).count();
+            (holders as f64) < (req.shared_share * n as f64).ceil()
+        };
+        let guarded = (guard[fastest] != 0.0 || replicate) && (0..n).any(idle);
         // Otherwise near-ties (within `tie` of the cheapest) go to the fewest active, then
         // uniformly at random.
         let near = |k: usize| if guarded { idle(k) } else { cost[k] <= best + tie };
@@ -316,8 +344,16 @@ mod tests {
     #[test]
     fn balance_guard_trips_on_absolute_and_relative_imbalance() {
         let p = TtftPolicy::default();
-        let req = RequestInfo { prompt_tokens: 640, total_blocks: 40, ..Default::default() };
-        // w0 holds a shared 31-block prefix (496 tokens, 50 ms of prefill at 10k tokens/s).
+        // The first 31 blocks are shared (in 20% of recent requests, which one holder of
+        // four can take: ceil(0.2 x 4) = 1, no replication needed).
+        let req = RequestInfo {
+            prompt_tokens: 640,
+            total_blocks: 40,
+            shared_blocks: 31,
+            shared_share: 0.2,
+            ..Default::default()
+        };
+        // w0 holds the shared 31-block prefix (496 tokens, 50 ms of prefill at 10k tokens/s).
         // Active 6 vs 0, 0, 0: mean 1.5, abs = 3 x sqrt(1.5) + 1 = 4.67; 6 - 0 > 4.67 and
         // 6 > 1.5 x 0: guarded, and the idle workers cost 0.01 + 2 x 0.064 = 0.138 s, within
         // w0's 0.038 s + 2 x 0.0496 s without its match: the request goes to an idle one.
@@ -355,14 +391,68 @@ mod tests {
         assert_eq!(run(&p, &req, &c).0, 0);
         // ... and when moving would cost more than the guarded worker's prefix advantage:
         // a 2,000-token prompt with 1,900 tokens matched on w0.
-        let req = RequestInfo { prompt_tokens: 2_000, total_blocks: 125, ..Default::default() };
+        let mut req = RequestInfo {
+            prompt_tokens: 2_000,
+            total_blocks: 125,
+            shared_blocks: 118,
+            shared_share: 0.2,
+            ..Default::default()
+        };
         let mut c = cands.clone();
         c[0].matched_blocks = 118;
         let (k, rows) = run(&p, &req, &c);
         assert_eq!(rows[20], 1.0, "guarded");
         assert_ne!(k, 0, "moving costs the advantage (equal rates): allowed");
+        // ... and when what the move gives up is not shared: with only the first 31 blocks
+        // shared, the other 87 are private to w0 (a conversation's history), and a move
+        // would lose them.
+        req.shared_blocks = 31;
+        assert_eq!(run(&p, &req, &c).0, 0, "a private prefix stays");
+        // A worker holding the private part too may take it.
+        c[2].matched_blocks = 118;
+        assert_eq!(run(&p, &req, &c).0, 2, "the other holder, idle");
+        req.shared_blocks = 118;
+        c[2].matched_blocks = 0;
         c[1..].iter_mut().for_each(|x| x.load.prefill_tokens_per_s = 5_000.0);
         assert_eq!(run(&p, &req, &c).0, 0, "slower idle workers: moving costs more");
+    }
+
+    #[test]
+    fn a_shared_prefix_is_replicated_to_its_share_of_workers() {
+        let p = TtftPolicy::default();
+        // Every recent request contains the first 31 blocks (a service-wide system prompt):
+        // with 4 workers it needs 4 holders. w0 holds it and is a little busier (1 vs 0,
+        // far from the guard's thresholds): without replication the match would win.
+        let mut req = RequestInfo {
+            prompt_tokens: 640,
+            total_blocks: 40,
+            shared_blocks: 31,
+            shared_share: 1.0,
+            ..Default::default()
+        };
+        let cands = [
+            cand(0, 31, 0, 1, 10_000.0),
+            cand(1, 0, 0, 0, 10_000.0),
+            cand(2, 0, 0, 0, 10_000.0),
+            cand(3, 0, 0, 0, 10_000.0),
+        ];
+        let (k, rows) = run(&p, &req, &cands);
+        assert_ne!(k, 0, "replicated to an idle worker");
+        assert_eq!(&rows[20..24], &[0.0; 4], "nobody guarded");
+        // In a quarter of the traffic, one holder is enough: the match decides.
+        req.shared_share = 0.25;
+        assert_eq!(run(&p, &req, &cands).0, 0);
+        // Four holders of four: nothing to replicate, the match (and then load) decides.
+        req.shared_share = 1.0;
+        let mut c = cands.clone();
+        c.iter_mut().for_each(|x| x.matched_blocks = 31);
+        c[0].load.active_requests = 0;
+        c[3].load.active_requests = 1;
+        let k = run(&p, &req, &c).0;
+        assert_ne!(k, 3, "near-tie to the less loaded");
+        // A prefix that is not shared is never replicated.
+        req.shared_blocks = 0;
+        assert_eq!(run(&p, &req, &cands).0, 0);
     }
 
     #[test]
