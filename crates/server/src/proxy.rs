@@ -371,7 +371,7 @@ impl Drop for Lifecycle {
 
 /// The upstream body, passed through frame by frame, with lifecycle reporting.
 struct Tracked {
-    inner: Incoming,
+    inner: Primed,
     life: Lifecycle,
     backend: String,
 }
@@ -435,10 +435,57 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
 }
 
 enum Attempt {
-    Ok(Response<Incoming>),
-    /// Refused or 5xx before the first byte: retry elsewhere.
+    /// The head and the first data frame (or the end of the body) arrived.
+    Ok(Response<Primed>),
+    /// Refused, reset or closed before the first byte, or 5xx: retry elsewhere.
     Retry(String, Option<Response<Incoming>>),
     Fail(Response<Body>),
+}
+
+/// An upstream body whose first frames were read before the response head went to the
+/// client: until then, a failure can still be retried on another worker.
+struct Primed {
+    head: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Incoming,
+}
+
+impl HttpBody for Primed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(f) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.rest.is_end_stream()
+    }
+}
+
+/// Reads frames until the first non-empty data frame, trailers, or the end of the body.
+/// `Err` means the upstream failed before sending a byte of the body.
+async fn prime(mut body: Incoming) -> Result<Primed, hyper::Error> {
+    let mut head = std::collections::VecDeque::new();
+    while !body.is_end_stream() {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(f)) => {
+                let done = f.data_ref().is_none_or(|d| !d.is_empty());
+                head.push_back(f);
+                if done {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(Primed { head, rest: body })
 }
 
 async fn send(
@@ -462,34 +509,50 @@ async fn send(
         Err(e) => return Attempt::Fail(error(StatusCode::BAD_REQUEST, &e.to_string())),
     };
     let timeout = Duration::from_millis(state.cfg.first_byte_timeout_ms.max(1));
-    match tokio::time::timeout(timeout, state.client.request(req)).await {
-        Err(_) => {
-            state.metrics.upstream_error(&backend.name, "timeout");
-            Attempt::Fail(error(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!("backend {} did not answer in time", backend.name),
-            ))
-        }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let timed_out = || {
+        state.metrics.upstream_error(&backend.name, "timeout");
+        Attempt::Fail(error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("backend {} did not answer in time", backend.name),
+        ))
+    };
+    let resp = match tokio::time::timeout_at(deadline, state.client.request(req)).await {
+        Err(_) => return timed_out(),
+        // Nothing reached the client yet, whatever went wrong: refused, a pooled
+        // keep-alive connection reset under the request, or closed before the head.
         Ok(Err(e)) => {
-            if e.is_connect() {
-                state.metrics.upstream_error(&backend.name, "connect");
-                Attempt::Retry(format!("backend {}: connect: {e}", backend.name), None)
-            } else {
-                state.metrics.upstream_error(&backend.name, "request");
-                Attempt::Fail(error(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("backend {}: {e}", backend.name),
-                ))
-            }
+            let kind = if e.is_connect() { "connect" } else { "request" };
+            state.metrics.upstream_error(&backend.name, kind);
+            let why = match std::error::Error::source(&e) {
+                Some(src) => format!("backend {}: {kind}: {e}: {src}", backend.name),
+                None => format!("backend {}: {kind}: {e}", backend.name),
+            };
+            return Attempt::Retry(why, None);
         }
         Ok(Ok(resp)) if resp.status().is_server_error() => {
             state.metrics.upstream_error(&backend.name, "status_5xx");
-            Attempt::Retry(
+            return Attempt::Retry(
                 format!("backend {} answered {}", backend.name, resp.status()),
                 Some(resp),
+            );
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    // The head alone is not the first byte the client sees: an upstream that dies after
+    // its head and before any body would break the client's connection, so wait for the
+    // first body frame too (a stream's first chunk, a complete answer's body).
+    let (rparts, rbody) = resp.into_parts();
+    match tokio::time::timeout_at(deadline, prime(rbody)).await {
+        Err(_) => timed_out(),
+        Ok(Err(e)) => {
+            state.metrics.upstream_error(&backend.name, "body_before_first_byte");
+            Attempt::Retry(
+                format!("backend {} failed before its first body byte: {e}", backend.name),
+                None,
             )
         }
-        Ok(Ok(resp)) => Attempt::Ok(resp),
+        Ok(Ok(primed)) => Attempt::Ok(Response::from_parts(rparts, primed)),
     }
 }
 
@@ -528,8 +591,9 @@ async fn proxy(
         }
         match send(state, &parts, &p.body, &backend).await {
             Attempt::Ok(resp) => {
-                if !p.stream {
-                    // A non-streaming answer's head comes when generation is done.
+                if !p.stream || resp.body().head.iter().any(|f| f.is_data()) {
+                    // A non-streaming answer's head comes when generation is done; a
+                    // stream's first chunk has arrived.
                     life.first_token();
                 }
                 let (rparts, rbody) = resp.into_parts();
