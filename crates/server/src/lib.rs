@@ -122,6 +122,9 @@ fn build_state(cfg: ServeConfig) -> Result<Arc<State>, String> {
                 }
             }
             t.exclude_tools_when_tool_choice_none = scfg.exclude_tools_when_tool_choice_none;
+            if let Err(why) = t.enable_segment_cache(scfg.token_cache_bytes) {
+                tracing::warn!(%why, "chat token-id cache off: this tokenizer cannot be split exactly");
+            }
             if let Some(kw) = &scfg.default_chat_template_kwargs {
                 let j =
                     kvroute_tokenize::Json::parse(&kw.to_string()).map_err(|e| e.to_string())?;

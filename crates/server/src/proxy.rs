@@ -691,6 +691,27 @@ fn metrics(state: &State) -> Response<Body> {
     let _ = writeln!(out, "# HELP kvroute_serve_inflight Requests sent upstream and not finished.");
     let _ = writeln!(out, "# TYPE kvroute_serve_inflight gauge");
     let _ = writeln!(out, "kvroute_serve_inflight {}", state.router.inflight_requests());
+    if let Some(c) = state.tokenizer.as_ref().and_then(|t| t.segment_cache_stats()) {
+        for (name, kind, help, v) in [
+            (
+                "token_cache_hits_total",
+                "counter",
+                "Chat segments whose token ids came from the cache.",
+                c.hits,
+            ),
+            ("token_cache_misses_total", "counter", "Chat segments tokenized.", c.misses),
+            (
+                "token_cache_bytes",
+                "gauge",
+                "Bytes held by the chat token-id cache.",
+                c.bytes as u64,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP kvroute_serve_{name} {help}");
+            let _ = writeln!(out, "# TYPE kvroute_serve_{name} {kind}");
+            let _ = writeln!(out, "kvroute_serve_{name} {v}");
+        }
+    }
     let backends = state.backends.read();
     for (name, help) in [
         ("backend_healthy", "1 when the backend answers /health and has not failed since."),

@@ -670,3 +670,38 @@ async fn resets_and_closes_before_the_first_byte_are_retried() {
         srv.shutdown().await;
     }
 }
+
+/// A multi-turn chat resends its history: the second turn's segments come from the
+/// token-id cache (counted at /metrics) and its ids equal the uncached tokenizer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_second_turn_of_a_chat_reuses_cached_token_ids() {
+    let f = Arc::new(Fake::default());
+    let a = start_fake(f.clone()).await;
+    let srv = up(config(&[a], Some("tokenize/chatml"))).await;
+    let tok = kvroute_tokenize::Tokenizer::from_path(testdata("tokenize/chatml")).unwrap();
+    let turn1 = serde_json::json!({"messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a prime above  100.\n"}]});
+    let mut turn2 = turn1.clone();
+    let msgs = turn2["messages"].as_array_mut().unwrap();
+    msgs.push(serde_json::json!({"role": "assistant", "content": " 101 <|im_end|> ok"}));
+    msgs.push(serde_json::json!({"role": "user", "content": "Another, 東京?"}));
+    let hits = || srv.state.tokenizer.as_ref().unwrap().segment_cache_stats().unwrap().hits;
+    for (i, body) in [&turn1, &turn2].into_iter().enumerate() {
+        let want = tok
+            .encode_chat_body(&kvroute_tokenize::Json::parse(&body.to_string()).unwrap())
+            .unwrap();
+        let (st, resp) = http(srv.addr, "POST", "/kvroute/route", &body.to_string(), "").await;
+        assert_eq!(st, 200, "{resp}");
+        let v: serde_json::Value = serde_json::from_str(body_of(&resp)).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(v["prompt_token_ids"].clone()).unwrap();
+        assert_eq!(ids, want, "turn {i}");
+        if i == 0 {
+            assert_eq!(hits(), 0);
+        }
+    }
+    assert!(hits() >= 4, "the history's segments were cached");
+    let (_, m) = http(srv.addr, "GET", "/metrics", "", "").await;
+    assert!(m.contains("kvroute_serve_token_cache_hits_total"), "{m}");
+    srv.shutdown().await;
+}
