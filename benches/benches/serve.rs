@@ -169,6 +169,14 @@ fn main() {
     let seconds = arg("--seconds", 5.0);
     let rate = arg("--rate", 2000.0);
     tokenization();
+    // The router runs on its own runtime, as its own process would; the load generator
+    // and the fake backends share another. (They still share the machine's cores.)
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(arg("--server-threads", 2.0) as usize)
+        .thread_name("serve")
+        .enable_all()
+        .build()
+        .unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let mut backends = Vec::new();
@@ -179,7 +187,7 @@ fn main() {
         cfg.server.listen = "127.0.0.1:0".into();
         cfg.server.backends = backends.iter().map(|a| format!("http://{a}")).collect();
         cfg.server.tokenizer = Some(testdata("tokenize/chatml"));
-        let srv = kvroute_server::start(cfg).await.unwrap();
+        let srv = server_rt.spawn(kvroute_server::start(cfg)).await.unwrap().unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         // 8,192-token prompts as token ids: 32 shared 6,144-token prefixes, unique tails.
         let bodies: Vec<Bytes> = (0..256u32)
@@ -189,6 +197,7 @@ fn main() {
                 Bytes::from(serde_json::json!({"model": "m", "prompt": ids, "max_tokens": 1}).to_string())
             })
             .collect();
+        cpu_breakdown(&srv.state, &bodies);
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.set_nodelay(true);
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(http);
@@ -212,6 +221,37 @@ fn main() {
             q(&mut direct, 0.5),
             q(&mut direct, 0.99)
         );
-        srv.shutdown().await;
+        server_rt.spawn(srv.shutdown()).await.unwrap();
     });
+}
+
+/// The request path's CPU work, one step at a time, in a loop on this thread: the body's
+/// parse (token ids out of 40 KB of JSON) and the routing decision (hash, index match,
+/// scores; `preview`, which changes no state).
+fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
+    let iters = 2000;
+    let t = Instant::now();
+    let mut toks = Vec::new();
+    for i in 0..iters {
+        toks = kvroute_server::bench::prepare(state, &bodies[i % bodies.len()], true).unwrap();
+    }
+    let parse = t.elapsed().as_nanos() as f64 / iters as f64;
+    assert_eq!(toks.len(), 8192);
+    let t = Instant::now();
+    for _ in 0..iters {
+        let req = kvroute::router::Request {
+            tokens: &toks,
+            session: Some("s"),
+            lora: None,
+            extras: None,
+            now_ms: None,
+        };
+        std::hint::black_box(state.router.preview(&req).unwrap());
+    }
+    let route = t.elapsed().as_nanos() as f64 / iters as f64;
+    println!(
+        "request path CPU per 8,192-token request: body parse {}, route (preview) {}",
+        fmt_ns(parse),
+        fmt_ns(route)
+    );
 }

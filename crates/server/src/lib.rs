@@ -17,6 +17,18 @@ pub mod config;
 pub mod metrics;
 mod proxy;
 
+/// Entry points for benches (not a stable interface).
+#[doc(hidden)]
+pub mod bench {
+    /// Parses a request body as the request path does (`/v1/completions` when
+    /// `completion`, else chat) and returns its token ids.
+    pub fn prepare(state: &crate::State, body: &[u8], completion: bool) -> Option<Vec<u32>> {
+        let kind =
+            if completion { crate::proxy::Kind::Completion } else { crate::proxy::Kind::Chat };
+        crate::proxy::prepare_body(state, body, Some(kind)).ok().map(|p| p.tokens)
+    }
+}
+
 pub use config::{DnsBackends, ServeConfig, ServerConfig};
 
 use backends::Backend;

@@ -207,9 +207,12 @@ fn fast_token_ids(state: &State, body: &[u8], kind: Option<Kind>) -> Option<Pars
         return None;
     }
     let raw = fb.prompt?.get();
-    let tokens = match serde_json::from_str::<Vec<u32>>(raw) {
-        Ok(t) => t,
-        Err(_) => serde_json::from_str::<Vec<Vec<u32>>>(raw).ok()?.into_iter().next()?,
+    let tokens = match int_array(raw.as_bytes()) {
+        Some(t) => t,
+        None => match serde_json::from_str::<Vec<u32>>(raw) {
+            Ok(t) => t,
+            Err(_) => serde_json::from_str::<Vec<Vec<u32>>>(raw).ok()?.into_iter().next()?,
+        },
     };
     if tokens.is_empty() {
         return None;
@@ -220,6 +223,60 @@ fn fast_token_ids(state: &State, body: &[u8], kind: Option<Kind>) -> Option<Pars
         stream: fb.stream.unwrap_or(false),
         tokenize_time: Duration::ZERO,
     })
+}
+
+/// A JSON array of plain non-negative integers that fit in a u32 (`[1, 22, 333]`), parsed
+/// in one pass over the bytes; `None` for anything else (nesting, signs, fractions,
+/// exponents, leading zeros, overflow, trailing bytes), which then goes through
+/// serde_json.
+fn int_array(raw: &[u8]) -> Option<Vec<u32>> {
+    let ws = |b: u8| matches!(b, b' ' | b'\n' | b'\r' | b'\t');
+    let mut i = 0;
+    let n = raw.len();
+    while i < n && ws(raw[i]) {
+        i += 1;
+    }
+    if raw.get(i) != Some(&b'[') {
+        return None;
+    }
+    i += 1;
+    let mut out = Vec::with_capacity(n / 4);
+    loop {
+        while i < n && ws(raw[i]) {
+            i += 1;
+        }
+        let end = |mut i: usize| {
+            i += 1;
+            while i < n && ws(raw[i]) {
+                i += 1;
+            }
+            i == n
+        };
+        if raw.get(i) == Some(&b']') && out.is_empty() {
+            return end(i).then_some(out);
+        }
+        let start = i;
+        let mut v: u64 = 0;
+        while i < n && raw[i].is_ascii_digit() {
+            v = v * 10 + u64::from(raw[i] - b'0');
+            if v > u64::from(u32::MAX) {
+                return None;
+            }
+            i += 1;
+        }
+        if i == start || (raw[start] == b'0' && i > start + 1) {
+            return None;
+        }
+        out.push(v as u32);
+        while i < n && ws(raw[i]) {
+            i += 1;
+        }
+        match raw.get(i) {
+            Some(b',') => i += 1,
+            Some(b']') => return end(i).then_some(out),
+            _ => return None,
+        }
+    }
 }
 
 pub(crate) fn prepare_body(
@@ -857,6 +914,18 @@ mod tests {
             prop_assert_eq!(p.stream, stream);
             prop_assert!(p.lora.is_some());
             check(body.as_bytes());
+        }
+
+        /// The one-pass integer-array parser agrees with serde_json on whatever it accepts,
+        /// and accepts every plain array of u32s however it is spaced.
+        #[test]
+        fn int_array_agrees_with_serde_json(ids in prop::collection::vec(any::<u32>(), 0..40), sp in "[ \n\t]{0,2}", junk in "[-0-9eE.\\[\\], ]{0,12}") {
+            let text = format!("{sp}[{sp}{}{sp}]{sp}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(&format!("{sp},{sp}")));
+            prop_assert_eq!(int_array(text.as_bytes()), Some(ids));
+            if let Some(got) = int_array(junk.as_bytes()) {
+                let want: Vec<u32> = serde_json::from_str(&junk).unwrap();
+                prop_assert_eq!(got, want);
+            }
         }
 
         /// Arbitrary JSON shaped like requests (messages, tools, templates, kwargs).
