@@ -255,18 +255,16 @@ fn int_array(raw: &[u8]) -> Option<Vec<u32>> {
         if raw.get(i) == Some(&b']') && out.is_empty() {
             return end(i).then_some(out);
         }
-        let start = i;
-        let mut v: u64 = 0;
-        while i < n && raw[i].is_ascii_digit() {
-            v = v * 10 + u64::from(raw[i] - b'0');
-            if v > u64::from(u32::MAX) {
-                return None;
-            }
-            i += 1;
-        }
-        if i == start || (raw[start] == b'0' && i > start + 1) {
+        // At most 10 digits (u32::MAX has 10); the value is checked once at the end.
+        let digits = raw[i..].iter().take(11).take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || digits > 10 || (digits > 1 && raw[i] == b'0') {
             return None;
         }
+        let v = raw[i..i + digits].iter().fold(0u64, |v, &b| v * 10 + u64::from(b - b'0'));
+        if v > u64::from(u32::MAX) {
+            return None;
+        }
+        i += digits;
         out.push(v as u32);
         while i < n && ws(raw[i]) {
             i += 1;
