@@ -171,11 +171,11 @@ pub(crate) struct Parsed {
 }
 
 /// The fields a completions body with a token-id prompt needs, parsed without building
-/// a JSON tree (an 8,192-token prompt is a 40 KB body).
+/// a JSON tree and in one pass (an 8,192-token prompt is a 40 KB body).
 #[derive(serde::Deserialize)]
 struct FastBody<'a> {
-    #[serde(borrow, default)]
-    prompt: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    prompt: Option<PromptIds>,
     #[serde(borrow, default)]
     messages: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow, default)]
@@ -184,6 +184,77 @@ struct FastBody<'a> {
     stream: Option<bool>,
     #[serde(default)]
     model: Option<String>,
+}
+
+/// A token-id prompt, `[1, 2]` or `[[1, 2], ...]` (the first of a batch), read straight
+/// into a `Vec<u32>`. Anything else (text, an empty list, ids that are not u32s) is a
+/// deserialization error, which sends the body down the general path.
+struct PromptIds(Vec<u32>);
+
+impl<'de> serde::Deserialize<'de> for PromptIds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Outer;
+        impl<'de> serde::de::Visitor<'de> for Outer {
+            type Value = PromptIds;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of token ids or a list of such lists")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<PromptIds, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(8192));
+                match seq.next_element::<First>()? {
+                    None => Err(serde::de::Error::custom("empty prompt")),
+                    Some(First::Id(x)) => {
+                        out.push(x);
+                        while let Some(x) = seq.next_element::<u32>()? {
+                            out.push(x);
+                        }
+                        Ok(PromptIds(out))
+                    }
+                    Some(First::List(v)) => {
+                        // The rest of the batch must be lists of ids too.
+                        while seq.next_element::<Vec<u32>>()?.is_some() {}
+                        Ok(PromptIds(v))
+                    }
+                }
+            }
+        }
+        d.deserialize_seq(Outer)
+    }
+}
+
+/// The first element of a token-id prompt: an id, or the first prompt of a batch.
+enum First {
+    Id(u32),
+    List(Vec<u32>),
+}
+
+impl<'de> serde::Deserialize<'de> for First {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = First;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a token id or a list of token ids")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<First, E> {
+                u32::try_from(v).map(First::Id).map_err(|_| E::custom("token id out of range"))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<First, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(8192));
+                while let Some(x) = seq.next_element::<u32>()? {
+                    out.push(x);
+                }
+                Ok(First::List(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn lora_of(state: &State, model: Option<&str>) -> Option<(String, RequestExtras)> {
@@ -206,14 +277,7 @@ fn fast_token_ids(state: &State, body: &[u8], kind: Option<Kind>) -> Option<Pars
     if fb.messages.is_some() || fb.prompt_embeds.is_some_and(|p| p.get() != "null") {
         return None;
     }
-    let raw = fb.prompt?.get();
-    let tokens = match int_array(raw.as_bytes()) {
-        Some(t) => t,
-        None => match serde_json::from_str::<Vec<u32>>(raw) {
-            Ok(t) => t,
-            Err(_) => serde_json::from_str::<Vec<Vec<u32>>>(raw).ok()?.into_iter().next()?,
-        },
-    };
+    let tokens = fb.prompt?.0;
     if tokens.is_empty() {
         return None;
     }
@@ -223,58 +287,6 @@ fn fast_token_ids(state: &State, body: &[u8], kind: Option<Kind>) -> Option<Pars
         stream: fb.stream.unwrap_or(false),
         tokenize_time: Duration::ZERO,
     })
-}
-
-/// A JSON array of plain non-negative integers that fit in a u32 (`[1, 22, 333]`), parsed
-/// in one pass over the bytes; `None` for anything else (nesting, signs, fractions,
-/// exponents, leading zeros, overflow, trailing bytes), which then goes through
-/// serde_json.
-fn int_array(raw: &[u8]) -> Option<Vec<u32>> {
-    let ws = |b: u8| matches!(b, b' ' | b'\n' | b'\r' | b'\t');
-    let mut i = 0;
-    let n = raw.len();
-    while i < n && ws(raw[i]) {
-        i += 1;
-    }
-    if raw.get(i) != Some(&b'[') {
-        return None;
-    }
-    i += 1;
-    let mut out = Vec::with_capacity(n / 4);
-    loop {
-        while i < n && ws(raw[i]) {
-            i += 1;
-        }
-        let end = |mut i: usize| {
-            i += 1;
-            while i < n && ws(raw[i]) {
-                i += 1;
-            }
-            i == n
-        };
-        if raw.get(i) == Some(&b']') && out.is_empty() {
-            return end(i).then_some(out);
-        }
-        // At most 10 digits (u32::MAX has 10); the value is checked once at the end.
-        let digits = raw[i..].iter().take(11).take_while(|b| b.is_ascii_digit()).count();
-        if digits == 0 || digits > 10 || (digits > 1 && raw[i] == b'0') {
-            return None;
-        }
-        let v = raw[i..i + digits].iter().fold(0u64, |v, &b| v * 10 + u64::from(b - b'0'));
-        if v > u64::from(u32::MAX) {
-            return None;
-        }
-        i += digits;
-        out.push(v as u32);
-        while i < n && ws(raw[i]) {
-            i += 1;
-        }
-        match raw.get(i) {
-            Some(b',') => i += 1,
-            Some(b']') => return end(i).then_some(out),
-            _ => return None,
-        }
-    }
 }
 
 pub(crate) fn prepare_body(
@@ -912,18 +924,6 @@ mod tests {
             prop_assert_eq!(p.stream, stream);
             prop_assert!(p.lora.is_some());
             check(body.as_bytes());
-        }
-
-        /// The one-pass integer-array parser agrees with serde_json on whatever it accepts,
-        /// and accepts every plain array of u32s however it is spaced.
-        #[test]
-        fn int_array_agrees_with_serde_json(ids in prop::collection::vec(any::<u32>(), 0..40), sp in "[ \n\t]{0,2}", junk in "[-0-9eE.\\[\\], ]{0,12}") {
-            let text = format!("{sp}[{sp}{}{sp}]{sp}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(&format!("{sp},{sp}")));
-            prop_assert_eq!(int_array(text.as_bytes()), Some(ids));
-            if let Some(got) = int_array(junk.as_bytes()) {
-                let want: Vec<u32> = serde_json::from_str(&junk).unwrap();
-                prop_assert_eq!(got, want);
-            }
         }
 
         /// Arbitrary JSON shaped like requests (messages, tools, templates, kwargs).
