@@ -71,8 +71,8 @@ pub struct ServerConfig {
     pub health_interval_ms: u64,
     /// Upstream connect timeout, milliseconds.
     pub connect_timeout_ms: u64,
-    /// Upstream timeout until the response head, milliseconds (non-streaming requests
-    /// get their head only when generation ends: keep it long).
+    /// Upstream timeout until the first body byte, milliseconds (a stream's first chunk;
+    /// non-streaming requests get their answer only when generation ends: keep it long).
     pub first_byte_timeout_ms: u64,
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
