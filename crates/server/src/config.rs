@@ -71,8 +71,8 @@ pub struct ServerConfig {
     pub health_interval_ms: u64,
     /// Upstream connect timeout, milliseconds.
     pub connect_timeout_ms: u64,
-    /// Upstream timeout until the response head, milliseconds (non-streaming requests
-    /// get their head only when generation ends: keep it long).
+    /// Upstream timeout until the first body byte, milliseconds (a stream's first chunk;
+    /// non-streaming requests get their answer only when generation ends: keep it long).
     pub first_byte_timeout_ms: u64,
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
@@ -80,6 +80,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Seconds to wait for in-flight requests at shutdown.
     pub drain_timeout_s: f64,
+    /// Bytes of the cache of chat segments' token ids (multi-turn chats resend their
+    /// history; the cached ids always equal a fresh tokenization). 0 turns it off.
+    pub token_cache_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -106,6 +109,7 @@ impl Default for ServerConfig {
             max_body_bytes: 32 << 20,
             max_header_bytes: 64 << 10,
             drain_timeout_s: 30.0,
+            token_cache_bytes: 64 << 20,
         }
     }
 }

@@ -17,6 +17,18 @@ pub mod config;
 pub mod metrics;
 mod proxy;
 
+/// Entry points for benches (not a stable interface).
+#[doc(hidden)]
+pub mod bench {
+    /// Parses a request body as the request path does (`/v1/completions` when
+    /// `completion`, else chat) and returns its token ids.
+    pub fn prepare(state: &crate::State, body: &[u8], completion: bool) -> Option<Vec<u32>> {
+        let kind =
+            if completion { crate::proxy::Kind::Completion } else { crate::proxy::Kind::Chat };
+        crate::proxy::prepare_body(state, body, Some(kind)).ok().map(|p| p.tokens)
+    }
+}
+
 pub use config::{DnsBackends, ServeConfig, ServerConfig};
 
 use backends::Backend;
@@ -122,6 +134,9 @@ fn build_state(cfg: ServeConfig) -> Result<Arc<State>, String> {
                 }
             }
             t.exclude_tools_when_tool_choice_none = scfg.exclude_tools_when_tool_choice_none;
+            if let Err(why) = t.enable_segment_cache(scfg.token_cache_bytes) {
+                tracing::warn!(%why, "chat token-id cache off: this tokenizer cannot be split exactly");
+            }
             if let Some(kw) = &scfg.default_chat_template_kwargs {
                 let j =
                     kvroute_tokenize::Json::parse(&kw.to_string()).map_err(|e| e.to_string())?;

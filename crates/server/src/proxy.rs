@@ -171,11 +171,11 @@ pub(crate) struct Parsed {
 }
 
 /// The fields a completions body with a token-id prompt needs, parsed without building
-/// a JSON tree (an 8,192-token prompt is a 40 KB body).
+/// a JSON tree and in one pass (an 8,192-token prompt is a 40 KB body).
 #[derive(serde::Deserialize)]
 struct FastBody<'a> {
-    #[serde(borrow, default)]
-    prompt: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    prompt: Option<PromptIds>,
     #[serde(borrow, default)]
     messages: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow, default)]
@@ -184,6 +184,77 @@ struct FastBody<'a> {
     stream: Option<bool>,
     #[serde(default)]
     model: Option<String>,
+}
+
+/// A token-id prompt, `[1, 2]` or `[[1, 2], ...]` (the first of a batch), read straight
+/// into a `Vec<u32>`. Anything else (text, an empty list, ids that are not u32s) is a
+/// deserialization error, which sends the body down the general path.
+struct PromptIds(Vec<u32>);
+
+impl<'de> serde::Deserialize<'de> for PromptIds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Outer;
+        impl<'de> serde::de::Visitor<'de> for Outer {
+            type Value = PromptIds;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of token ids or a list of such lists")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<PromptIds, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(8192));
+                match seq.next_element::<First>()? {
+                    None => Err(serde::de::Error::custom("empty prompt")),
+                    Some(First::Id(x)) => {
+                        out.push(x);
+                        while let Some(x) = seq.next_element::<u32>()? {
+                            out.push(x);
+                        }
+                        Ok(PromptIds(out))
+                    }
+                    Some(First::List(v)) => {
+                        // The rest of the batch must be lists of ids too.
+                        while seq.next_element::<Vec<u32>>()?.is_some() {}
+                        Ok(PromptIds(v))
+                    }
+                }
+            }
+        }
+        d.deserialize_seq(Outer)
+    }
+}
+
+/// The first element of a token-id prompt: an id, or the first prompt of a batch.
+enum First {
+    Id(u32),
+    List(Vec<u32>),
+}
+
+impl<'de> serde::Deserialize<'de> for First {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = First;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a token id or a list of token ids")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<First, E> {
+                u32::try_from(v).map(First::Id).map_err(|_| E::custom("token id out of range"))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<First, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(8192));
+                while let Some(x) = seq.next_element::<u32>()? {
+                    out.push(x);
+                }
+                Ok(First::List(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn lora_of(state: &State, model: Option<&str>) -> Option<(String, RequestExtras)> {
@@ -206,11 +277,7 @@ fn fast_token_ids(state: &State, body: &[u8], kind: Option<Kind>) -> Option<Pars
     if fb.messages.is_some() || fb.prompt_embeds.is_some_and(|p| p.get() != "null") {
         return None;
     }
-    let raw = fb.prompt?.get();
-    let tokens = match serde_json::from_str::<Vec<u32>>(raw) {
-        Ok(t) => t,
-        Err(_) => serde_json::from_str::<Vec<Vec<u32>>>(raw).ok()?.into_iter().next()?,
-    };
+    let tokens = fb.prompt?.0;
     if tokens.is_empty() {
         return None;
     }
@@ -371,7 +438,7 @@ impl Drop for Lifecycle {
 
 /// The upstream body, passed through frame by frame, with lifecycle reporting.
 struct Tracked {
-    inner: Incoming,
+    inner: Primed,
     life: Lifecycle,
     backend: String,
 }
@@ -435,10 +502,57 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
 }
 
 enum Attempt {
-    Ok(Response<Incoming>),
-    /// Refused or 5xx before the first byte: retry elsewhere.
+    /// The head and the first data frame (or the end of the body) arrived.
+    Ok(Response<Primed>),
+    /// Refused, reset or closed before the first byte, or 5xx: retry elsewhere.
     Retry(String, Option<Response<Incoming>>),
     Fail(Response<Body>),
+}
+
+/// An upstream body whose first frames were read before the response head went to the
+/// client: until then, a failure can still be retried on another worker.
+struct Primed {
+    head: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Incoming,
+}
+
+impl HttpBody for Primed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(f) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.rest.is_end_stream()
+    }
+}
+
+/// Reads frames until the first non-empty data frame, trailers, or the end of the body.
+/// `Err` means the upstream failed before sending a byte of the body.
+async fn prime(mut body: Incoming) -> Result<Primed, hyper::Error> {
+    let mut head = std::collections::VecDeque::new();
+    while !body.is_end_stream() {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(f)) => {
+                let done = f.data_ref().is_none_or(|d| !d.is_empty());
+                head.push_back(f);
+                if done {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(Primed { head, rest: body })
 }
 
 async fn send(
@@ -462,34 +576,50 @@ async fn send(
         Err(e) => return Attempt::Fail(error(StatusCode::BAD_REQUEST, &e.to_string())),
     };
     let timeout = Duration::from_millis(state.cfg.first_byte_timeout_ms.max(1));
-    match tokio::time::timeout(timeout, state.client.request(req)).await {
-        Err(_) => {
-            state.metrics.upstream_error(&backend.name, "timeout");
-            Attempt::Fail(error(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!("backend {} did not answer in time", backend.name),
-            ))
-        }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let timed_out = || {
+        state.metrics.upstream_error(&backend.name, "timeout");
+        Attempt::Fail(error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("backend {} did not answer in time", backend.name),
+        ))
+    };
+    let resp = match tokio::time::timeout_at(deadline, state.client.request(req)).await {
+        Err(_) => return timed_out(),
+        // Nothing reached the client yet, whatever went wrong: refused, a pooled
+        // keep-alive connection reset under the request, or closed before the head.
         Ok(Err(e)) => {
-            if e.is_connect() {
-                state.metrics.upstream_error(&backend.name, "connect");
-                Attempt::Retry(format!("backend {}: connect: {e}", backend.name), None)
-            } else {
-                state.metrics.upstream_error(&backend.name, "request");
-                Attempt::Fail(error(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("backend {}: {e}", backend.name),
-                ))
-            }
+            let kind = if e.is_connect() { "connect" } else { "request" };
+            state.metrics.upstream_error(&backend.name, kind);
+            let why = match std::error::Error::source(&e) {
+                Some(src) => format!("backend {}: {kind}: {e}: {src}", backend.name),
+                None => format!("backend {}: {kind}: {e}", backend.name),
+            };
+            return Attempt::Retry(why, None);
         }
         Ok(Ok(resp)) if resp.status().is_server_error() => {
             state.metrics.upstream_error(&backend.name, "status_5xx");
-            Attempt::Retry(
+            return Attempt::Retry(
                 format!("backend {} answered {}", backend.name, resp.status()),
                 Some(resp),
+            );
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    // The head alone is not the first byte the client sees: an upstream that dies after
+    // its head and before any body would break the client's connection, so wait for the
+    // first body frame too (a stream's first chunk, a complete answer's body).
+    let (rparts, rbody) = resp.into_parts();
+    match tokio::time::timeout_at(deadline, prime(rbody)).await {
+        Err(_) => timed_out(),
+        Ok(Err(e)) => {
+            state.metrics.upstream_error(&backend.name, "body_before_first_byte");
+            Attempt::Retry(
+                format!("backend {} failed before its first body byte: {e}", backend.name),
+                None,
             )
         }
-        Ok(Ok(resp)) => Attempt::Ok(resp),
+        Ok(Ok(primed)) => Attempt::Ok(Response::from_parts(rparts, primed)),
     }
 }
 
@@ -528,8 +658,9 @@ async fn proxy(
         }
         match send(state, &parts, &p.body, &backend).await {
             Attempt::Ok(resp) => {
-                if !p.stream {
-                    // A non-streaming answer's head comes when generation is done.
+                if !p.stream || resp.body().head.iter().any(|f| f.is_data()) {
+                    // A non-streaming answer's head comes when generation is done; a
+                    // stream's first chunk has arrived.
                     life.first_token();
                 }
                 let (rparts, rbody) = resp.into_parts();
@@ -627,6 +758,27 @@ fn metrics(state: &State) -> Response<Body> {
     let _ = writeln!(out, "# HELP kvroute_serve_inflight Requests sent upstream and not finished.");
     let _ = writeln!(out, "# TYPE kvroute_serve_inflight gauge");
     let _ = writeln!(out, "kvroute_serve_inflight {}", state.router.inflight_requests());
+    if let Some(c) = state.tokenizer.as_ref().and_then(|t| t.segment_cache_stats()) {
+        for (name, kind, help, v) in [
+            (
+                "token_cache_hits_total",
+                "counter",
+                "Chat segments whose token ids came from the cache.",
+                c.hits,
+            ),
+            ("token_cache_misses_total", "counter", "Chat segments tokenized.", c.misses),
+            (
+                "token_cache_bytes",
+                "gauge",
+                "Bytes held by the chat token-id cache.",
+                c.bytes as u64,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP kvroute_serve_{name} {help}");
+            let _ = writeln!(out, "# TYPE kvroute_serve_{name} {kind}");
+            let _ = writeln!(out, "kvroute_serve_{name} {v}");
+        }
+    }
     let backends = state.backends.read();
     for (name, help) in [
         ("backend_healthy", "1 when the backend answers /health and has not failed since."),

@@ -531,3 +531,177 @@ async fn shutdown_drains_a_stream_in_flight() {
     tokio::time::timeout(Duration::from_secs(5), shut).await.unwrap().unwrap();
     assert_eq!(st.router.inflight_requests(), 0);
 }
+
+/// How a raw-socket fake upstream misbehaves on completions.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Misbehave {
+    /// Answers the first completion of a connection with keep-alive, then resets the
+    /// connection (RST) under the next one, as a killed process's pooled socket does.
+    ResetKeptAlive,
+    /// Reads the request and closes the connection without an answer.
+    CloseBeforeHead,
+    /// Sends a streaming response head, then closes before any body byte.
+    CloseAfterHead,
+}
+
+/// Reads one HTTP/1.1 request; returns its head (lowercase) and body, `None` at the end.
+async fn read_request(s: &mut TcpStream) -> Option<(String, String)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Some((head, String::from_utf8_lossy(&buf[end + 4..]).into_owned()));
+        }
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A fake upstream on raw sockets; returns its address and how often it misbehaved.
+async fn start_raw(mode: Misbehave) -> (SocketAddr, Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let bad = Arc::new(AtomicU64::new(0));
+    let bad2 = bad.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            let bad = bad2.clone();
+            tokio::spawn(async move {
+                let mut completions = 0;
+                while let Some((head, body)) = read_request(&mut s).await {
+                    let ok = |b: &str| {
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{b}", b.len())
+                    };
+                    if !head.contains("/completions") {
+                        if s.write_all(ok("").as_bytes()).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    completions += 1;
+                    match mode {
+                        Misbehave::ResetKeptAlive if completions == 1 => {
+                            let r = if body.contains(r#""stream":true"#) {
+                                ok("data: {\"choices\":[{\"text\":\"ok\"}]}\n\ndata: [DONE]\n\n")
+                            } else {
+                                ok(r#"{"choices":[{"text":"ok"}]}"#)
+                            };
+                            if s.write_all(r.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Misbehave::ResetKeptAlive => {
+                            bad.fetch_add(1, Ordering::Relaxed);
+                            // Linger 0 never blocks: the close is an immediate RST.
+                            #[allow(deprecated)]
+                            let _ = s.set_linger(Some(Duration::ZERO));
+                            return;
+                        }
+                        Misbehave::CloseBeforeHead => {
+                            bad.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Misbehave::CloseAfterHead => {
+                            bad.fetch_add(1, Ordering::Relaxed);
+                            let h = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                            let _ = s.write_all(h.as_bytes()).await;
+                            let _ = s.flush().await;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, bad)
+}
+
+/// Failures before the first byte lose nothing: a pooled keep-alive connection reset
+/// under the request, a connection closed before the response head, and one closed after
+/// the head but before any body byte are retried once on the other worker, and the
+/// misbehaving backend is marked unhealthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_and_closes_before_the_first_byte_are_retried() {
+    let modes = [Misbehave::ResetKeptAlive, Misbehave::CloseBeforeHead, Misbehave::CloseAfterHead];
+    for mode in modes {
+        let (bad_addr, bad) = start_raw(mode).await;
+        let good = Arc::new(Fake::default());
+        good.chunks.store(2, Ordering::Relaxed);
+        let ga = start_fake(good.clone()).await;
+        let mut cfg = config(&[bad_addr, ga], Some("tokenize/chatml"));
+        cfg.server.health_interval_ms = 60_000; // probes must not hide the marking
+        cfg.server.scrape_interval_ms = 60_000;
+        cfg.router.profile = kvroute::router::ProfileSpec::Preset("round-robin".into());
+        let srv = up(cfg).await;
+        for i in 0..8 {
+            // Round robin alternates workers: each sees streaming and complete requests.
+            let stream = i % 4 < 2;
+            let body = format!(r#"{{"prompt":"x{i}","stream":{stream}}}"#);
+            let (st, resp) = http(srv.addr, "POST", "/v1/completions", &body, "").await;
+            assert_eq!(st, 200, "{mode:?} request {i}: {resp}");
+            let done = if stream { "[DONE]" } else { "\"choices\"" };
+            assert!(body_of(&resp).contains(done), "{mode:?} request {i}: {resp}");
+        }
+        assert!(bad.load(Ordering::Relaxed) >= 1, "{mode:?}: the fake never misbehaved");
+        let healthy =
+            srv.state.backends.read()[&bad_addr.to_string()].healthy.load(Ordering::Relaxed);
+        assert!(!healthy, "{mode:?}: the backend is marked unhealthy");
+        assert!(srv.state.metrics.retries.load(Ordering::Relaxed) >= 1);
+        let st = srv.state.clone();
+        wait_until(|| st.router.inflight_requests() == 0, "zero in flight").await;
+        srv.shutdown().await;
+    }
+}
+
+/// A multi-turn chat resends its history: the second turn's segments come from the
+/// token-id cache (counted at /metrics) and its ids equal the uncached tokenizer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_second_turn_of_a_chat_reuses_cached_token_ids() {
+    let f = Arc::new(Fake::default());
+    let a = start_fake(f.clone()).await;
+    let srv = up(config(&[a], Some("tokenize/chatml"))).await;
+    let tok = kvroute_tokenize::Tokenizer::from_path(testdata("tokenize/chatml")).unwrap();
+    let turn1 = serde_json::json!({"messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a prime above  100.\n"}]});
+    let mut turn2 = turn1.clone();
+    let msgs = turn2["messages"].as_array_mut().unwrap();
+    msgs.push(serde_json::json!({"role": "assistant", "content": " 101 <|im_end|> ok"}));
+    msgs.push(serde_json::json!({"role": "user", "content": "Another, 東京?"}));
+    let hits = || srv.state.tokenizer.as_ref().unwrap().segment_cache_stats().unwrap().hits;
+    for (i, body) in [&turn1, &turn2].into_iter().enumerate() {
+        let want = tok
+            .encode_chat_body(&kvroute_tokenize::Json::parse(&body.to_string()).unwrap())
+            .unwrap();
+        let (st, resp) = http(srv.addr, "POST", "/kvroute/route", &body.to_string(), "").await;
+        assert_eq!(st, 200, "{resp}");
+        let v: serde_json::Value = serde_json::from_str(body_of(&resp)).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(v["prompt_token_ids"].clone()).unwrap();
+        assert_eq!(ids, want, "turn {i}");
+        if i == 0 {
+            assert_eq!(hits(), 0);
+        }
+    }
+    assert!(hits() >= 4, "the history's segments were cached");
+    let (_, m) = http(srv.addr, "GET", "/metrics", "", "").await;
+    assert!(m.contains("kvroute_serve_token_cache_hits_total"), "{m}");
+    srv.shutdown().await;
+}

@@ -22,10 +22,12 @@
 //! # Ok::<(), kvroute_tokenize::Error>(())
 //! ```
 
+pub mod cache;
 pub mod chat;
 pub mod json;
 pub mod template;
 
+pub use cache::{CacheStats, SegmentCache};
 pub use chat::ChatRequest;
 pub use json::Json;
 pub use template::{ChatTemplate, ContentFormat};
@@ -102,6 +104,8 @@ pub struct Tokenizer {
     /// Default `chat_template_kwargs` (vLLM's `--default-chat-template-kwargs`), under the
     /// request's.
     pub default_chat_template_kwargs: Vec<(String, Json)>,
+    /// Token ids of chat segments already seen ([`Tokenizer::enable_segment_cache`]).
+    segment_cache: Option<SegmentCache>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -158,6 +162,7 @@ impl Tokenizer {
             content_format_override: None,
             exclude_tools_when_tool_choice_none: false,
             default_chat_template_kwargs: Vec::new(),
+            segment_cache: None,
         };
         for name in [
             "bos_token",
@@ -395,7 +400,33 @@ impl Tokenizer {
     /// The token ids of a chat request.
     pub fn encode_chat(&self, req: &ChatRequest) -> Result<Vec<u32>, Error> {
         let text = self.render_chat(req)?;
-        self.encode(&text, req.add_special_tokens)
+        match &self.segment_cache {
+            Some(c) if !req.add_special_tokens => {
+                c.encode(&self.hf, &text).map_err(|e| Error::Encode(e.to_string()))
+            }
+            _ => self.encode(&text, req.add_special_tokens),
+        }
+    }
+
+    /// Caches the token ids of rendered-chat segments (the text up to and including each
+    /// added token, such as a turn's end marker) in a least-recently-used cache of at
+    /// most `max_bytes`, so that a multi-turn chat resending its history only tokenizes
+    /// its new turns. The result always equals an uncached encoding; tokenizers for
+    /// which that cannot be guaranteed are refused with the reason (see [`cache`]).
+    /// `max_bytes == 0` turns the cache off.
+    pub fn enable_segment_cache(&mut self, max_bytes: usize) -> Result<(), String> {
+        if max_bytes == 0 {
+            self.segment_cache = None;
+            return Ok(());
+        }
+        cache::check_splittable(&self.hf)?;
+        self.segment_cache = Some(SegmentCache::new(max_bytes));
+        Ok(())
+    }
+
+    /// The segment cache's statistics, if it is on.
+    pub fn segment_cache_stats(&self) -> Option<CacheStats> {
+        self.segment_cache.as_ref().map(SegmentCache::stats)
     }
 
     /// The token ids of a `/v1/chat/completions` body.
