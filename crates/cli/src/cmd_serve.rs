@@ -35,7 +35,7 @@ pub struct Args {
     /// and `server` sections.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The ZeroMQ topic of the KV events (default as in `kvroute listen`).
+    /// The ZeroMQ topic of the KV events, a prefix ("", the default, receives every topic).
     #[arg(long)]
     topic: Option<String>,
     /// Hash scheme, as in `kvroute listen` (xxh3, sha256, sha256_cbor, xxhash, xxhash_cbor).

@@ -93,6 +93,21 @@ fn a_prediction_is_visible_confirmed_and_expires() {
 }
 
 #[test]
+fn clearing_a_worker_drops_its_predictions_as_a_clear_event_does() {
+    let r = router(&["a", "b"], |_| {});
+    let p = prompt(11, 160); // 10 blocks
+    let d1 = r.route(&at(&p, 1_000)).unwrap();
+    r.on_routed(&d1).unwrap();
+    assert_eq!(r.metrics().predictions_held, 10);
+    assert_eq!(r.route(&at(&p, 1_050)).unwrap().matched_blocks, 10);
+    // Nothing confirmed is in the index, so the clear frees no index entry, but the
+    // predicted blocks of that worker must go: its cache is empty now.
+    assert_eq!(r.clear_worker(&d1.worker.name).unwrap(), 0);
+    assert_eq!(r.metrics().predictions_held, 0);
+    assert_eq!(r.route(&at(&p, 1_100)).unwrap().matched_blocks, 0);
+}
+
+#[test]
 fn predictions_stay_under_their_cap_under_a_flood_of_unique_prompts() {
     let r = router(&["a", "b"], |c| c.predictions.capacity = 500);
     for i in 0..2_000u64 {

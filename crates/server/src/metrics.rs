@@ -56,8 +56,8 @@ pub struct Metrics {
     pub requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     /// Request latency as the client sees it until the response head, by endpoint.
     pub latency: Mutex<BTreeMap<&'static str, std::sync::Arc<Histogram>>>,
-    /// Router overhead per proxied request: from the whole body read to the upstream
-    /// request sent, tokenization excluded.
+    /// Router overhead per proxied request: from the handler's start (reading the body
+    /// included) to the upstream request sent, tokenization excluded.
     pub overhead: Histogram,
     /// Tokenization and template rendering per request.
     pub tokenize: Histogram,

@@ -236,7 +236,8 @@ impl Router {
 
     /// Drops every index entry of every data-parallel rank of worker `name` (for example
     /// when its event stream restarted or a gap could not be replayed); new events
-    /// rebuild them. Returns the (block, worker) pairs dropped.
+    /// rebuild them, and drops its predicted blocks too (as an `AllBlocksCleared` event
+    /// does). Returns the (block, worker) pairs dropped from the index.
     ///
     /// Takes `apply_lock`, as event batches do: a batch for the worker is applied either
     /// wholly before the clear or wholly after it, never cut in two by it.
@@ -254,6 +255,14 @@ impl Router {
         if ids.is_empty() {
             return Err(Error::UnknownWorker(name.to_string()));
         }
+        // As a vLLM `AllBlocksCleared` event does: the worker's predicted blocks go with
+        // its confirmed ones (a prediction left behind would keep steering requests to a
+        // cache that is empty).
+        let mut overlay = self.overlay.write();
+        for id in &ids {
+            overlay.clear_worker(id.0);
+        }
+        drop(overlay);
         let mut index = self.index.write();
         Ok(ids.into_iter().map(|id| index.clear_worker(id)).sum())
     }
