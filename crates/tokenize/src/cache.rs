@@ -2,7 +2,7 @@
 //! multi-turn chat, which resends its whole history, only tokenizes its new turns.
 //!
 //! **Why it is exact.** The HF tokenizer first splits the text at its added tokens
-//! (`<|im_end|>`, `<|eot_id|>`, ...; leftmost-longest, [`AddedVocabulary`]), then
+//! (`<|im_end|>`, `<|eot_id|>`, ...; leftmost-longest, `tokenizers::AddedVocabulary`), then
 //! normalizes, pre-tokenizes and encodes each piece between them on its own. Cutting the
 //! rendered text right after an added token therefore cuts between two pieces, and the
 //! ids of the whole text are the ids of the segments, each encoded alone, end to end,
@@ -16,7 +16,7 @@
 //!   sequence).
 //!
 //! The cut points are the tokenizer's own: the splits of
-//! [`AddedVocabulary::extract_and_normalize`], run on the text without a normalizer.
+//! `AddedVocabulary::extract_and_normalize` (in the `tokenizers` crate), run on the text without a normalizer.
 //! Without a normalizer that is exactly the tokenizer's split; with one, only the ends of
 //! added tokens matched on the raw text (`normalized: false`) are used, since those are
 //! split before anything is normalized. Only encodings without the post-processor's
