@@ -511,13 +511,18 @@ async fn a_per_pod_topic_is_the_topic_frame_live_and_in_replay() {
     sub.connect(&pub_ep).unwrap();
     let http = reqwest::Client::new();
     let url = format!("http://{}/v1/completions", emu.addr());
-    // Send until the subscription has joined (ZeroMQ drops messages before that).
+    // Send until the subscription has joined (ZeroMQ drops messages before that). Each
+    // attempt is a new prompt: a repeated one would hit the prefix cache and store (and
+    // publish) nothing, so a first batch lost before the join would never be followed.
     let t = Instant::now();
+    let mut attempt = 0u32;
     let live = loop {
         assert!(t.elapsed() < Duration::from_secs(10), "no live batch");
+        let first = attempt * 40;
+        attempt += 1;
         let r = http
             .post(&url)
-            .json(&json!({"prompt": (0..40).collect::<Vec<u32>>(), "max_tokens": 1}))
+            .json(&json!({"prompt": (first..first + 40).collect::<Vec<u32>>(), "max_tokens": 1}))
             .send()
             .await
             .unwrap();
