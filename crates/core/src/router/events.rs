@@ -448,8 +448,7 @@ impl Router {
                     }
                 }
                 Op::Clear => {
-                    self.index.write().clear_worker(id);
-                    self.overlay.write().clear_worker(id.0);
+                    self.clear_worker_state(id);
                 }
             }
         }

@@ -255,16 +255,17 @@ impl Router {
         if ids.is_empty() {
             return Err(Error::UnknownWorker(name.to_string()));
         }
-        // As a vLLM `AllBlocksCleared` event does: the worker's predicted blocks go with
-        // its confirmed ones (a prediction left behind would keep steering requests to a
-        // cache that is empty).
-        let mut overlay = self.overlay.write();
-        for id in &ids {
-            overlay.clear_worker(id.0);
-        }
-        drop(overlay);
-        let mut index = self.index.write();
-        Ok(ids.into_iter().map(|id| index.clear_worker(id)).sum())
+        Ok(ids.into_iter().map(|id| self.clear_worker_state(id)).sum())
+    }
+
+    /// Drops worker `id`'s index entries and its predicted blocks, what a vLLM
+    /// `AllBlocksCleared` event means (a prediction left behind would keep steering
+    /// requests to a cache that is empty). The caller holds `apply_lock`. Returns the
+    /// (block, worker) pairs dropped from the index.
+    pub(crate) fn clear_worker_state(&self, id: WorkerId) -> u64 {
+        let dropped = self.index.write().clear_worker(id);
+        self.overlay.write().clear_worker(id.0);
+        dropped
     }
 
     /// Marks a worker healthy or not; unhealthy workers are filtered out by profiles with
