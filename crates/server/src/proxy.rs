@@ -161,7 +161,6 @@ fn session_key(state: &State, headers: &HeaderMap, peer: SocketAddr) -> String {
     peer.ip().to_string()
 }
 
-/// Parses the body and computes the token ids (the request-parsing path; no I/O).
 /// What the request-parsing path extracts from a body.
 pub(crate) struct Parsed {
     pub(crate) tokens: Vec<u32>,
@@ -203,10 +202,12 @@ impl<'de> serde::Deserialize<'de> for PromptIds {
                 self,
                 mut seq: A,
             ) -> Result<PromptIds, A::Error> {
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(8192));
                 match seq.next_element::<First>()? {
                     None => Err(serde::de::Error::custom("empty prompt")),
                     Some(First::Id(x)) => {
+                        // Only a flat list needs this buffer (a batch's first prompt
+                        // comes with its own).
+                        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(8192));
                         out.push(x);
                         while let Some(x) = seq.next_element::<u32>()? {
                             out.push(x);
