@@ -3,10 +3,12 @@
 use super::{Mode, OnHashMismatch, Router, WorkerState};
 use crate::error::{Error, Result};
 use crate::events::vllm::{DecodeOptions, TokenIds};
-use crate::events::{KvEvent, KvEventBatch, Value};
+use crate::events::{EngineHash, KvEvent, KvEventBatch, Value};
 use crate::hash::{ExtraKey, RequestExtras};
+use crate::index::PrefixIndex;
 use crate::types::{Tier, WorkerKey};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -15,8 +17,11 @@ use std::sync::Arc;
 /// create workers without bound.
 pub const MAX_AUTO_RANK: u32 = 255;
 
-/// The most blocks stored or removed under one hold of the index write lock.
-pub const APPLY_CHUNK: usize = 16;
+/// The most blocks stored or removed under one hold of the index write lock. Consecutive
+/// events of a batch share a hold up to this many blocks (a typical batch of a few events
+/// of up to 256 blocks in all takes the lock once), so a route waits behind at most this
+/// many blocks of one batch (about 10 µs), whatever the size of the batch.
+pub const APPLY_CHUNK: usize = 256;
 
 /// What [`Router::apply_events`] did with one batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,10 +53,10 @@ enum Op<'a> {
     Store {
         tier: Tier,
         parent: Option<u64>,
-        /// Engine hashes (projected to u64).
-        engine: Vec<u64>,
-        /// Router keys, when the router keys blocks by its own hash (else = engine).
-        keys: Option<Vec<u64>>,
+        /// The event's engine hashes (projected to u64): this range of [`Plan::hashes`].
+        engine: Range<usize>,
+        /// Whether the router keys blocks by its own hash (else the engine's are the keys).
+        rekey: bool,
         /// Event-form extra keys per block and tokens, for native re-keying at apply time
         /// (the parent's router key is only known then).
         tokens: &'a [u32],
@@ -59,9 +64,17 @@ enum Op<'a> {
     },
     Remove {
         tier: Tier,
-        engine: Vec<u64>,
+        /// The removed engine hashes: this range of [`Plan::hashes`].
+        engine: Range<usize>,
     },
     Clear,
+}
+
+/// A validated batch: its operations and the engine hashes of all its events in one
+/// vector (one allocation per batch rather than one per event).
+struct Plan<'a> {
+    ops: Vec<Op<'a>>,
+    hashes: Vec<u64>,
 }
 
 fn to_extra_key(v: &Value) -> Option<ExtraKey> {
@@ -166,8 +179,8 @@ impl Router {
             None => return Err(Error::UnknownWorker(key.to_string())),
         };
         let mut report = ApplyReport::default();
-        let ops = match self.validate(batch, &mut report) {
-            Ok(ops) => ops,
+        let plan = match self.validate(batch, &mut report) {
+            Ok(plan) => plan,
             Err(e) => {
                 worker.counters.lock().errors += 1;
                 self.metrics.event_errors.fetch_add(1, Ordering::Relaxed);
@@ -179,7 +192,7 @@ impl Router {
         } else {
             super::wall_ms()
         };
-        let store_errors = match self.apply_ops(&worker, ops, &mut report, stream, ts_ms) {
+        let store_errors = match self.apply_ops(&worker, plan, &mut report, stream, ts_ms) {
             Ok(n) => n,
             Err(e) => {
                 // The worker was removed while the batch was validated: nothing applied.
@@ -207,14 +220,11 @@ impl Router {
     }
 
     /// Checks every event and turns it into an operation, touching no state.
-    fn validate<'a>(
-        &self,
-        batch: &'a KvEventBatch,
-        report: &mut ApplyReport,
-    ) -> Result<Vec<Op<'a>>> {
+    fn validate<'a>(&self, batch: &'a KvEventBatch, report: &mut ApplyReport) -> Result<Plan<'a>> {
         let bs = self.cfg.block_size;
         let vllm = self.cfg.hash_algo.is_vllm();
         let mut ops = Vec::with_capacity(batch.events.len());
+        let mut hashes: Vec<u64> = Vec::new();
         for (i, ev) in batch.events.iter().enumerate() {
             match ev {
                 KvEvent::BlockStored(s) => {
@@ -232,7 +242,10 @@ impl Router {
                             event: s.block_size as usize,
                         });
                     }
-                    let engine: Vec<u64> = s.block_hashes.iter().map(|h| h.to_u64()).collect();
+                    let from = hashes.len();
+                    hashes.extend(s.block_hashes.iter().map(EngineHash::to_u64));
+                    let range = from..hashes.len();
+                    let engine = &hashes[range.clone()];
                     let parent = s.parent_block_hash.as_ref().map(|h| h.to_u64());
                     let placeholder = s.is_placeholder();
                     if !placeholder && s.token_count() != engine.len() * bs {
@@ -302,7 +315,7 @@ impl Router {
                             );
                             report.hashes_verified += engine.len() as u32;
                             if mine != engine {
-                                let bad = mine.iter().zip(&engine).filter(|(a, b)| a != b).count();
+                                let bad = mine.iter().zip(engine).filter(|(a, b)| a != b).count();
                                 match self.cfg.on_hash_mismatch {
                                     OnHashMismatch::Error => {
                                         self.metrics
@@ -325,8 +338,8 @@ impl Router {
                         ops.push(Op::Store {
                             tier,
                             parent,
-                            engine,
-                            keys: None,
+                            engine: range,
+                            rekey: false,
                             tokens: &[],
                             extra: Vec::new(),
                         });
@@ -338,8 +351,8 @@ impl Router {
                         ops.push(Op::Store {
                             tier,
                             parent,
-                            engine,
-                            keys: Some(Vec::new()),
+                            engine: range,
+                            rekey: true,
                             tokens: &s.token_ids,
                             extra,
                         });
@@ -354,15 +367,14 @@ impl Router {
                         report.unknown_medium += 1;
                         continue;
                     };
-                    ops.push(Op::Remove {
-                        tier,
-                        engine: r.block_hashes.iter().map(|h| h.to_u64()).collect(),
-                    });
+                    let from = hashes.len();
+                    hashes.extend(r.block_hashes.iter().map(EngineHash::to_u64));
+                    ops.push(Op::Remove { tier, engine: from..hashes.len() });
                 }
                 KvEvent::AllBlocksCleared => ops.push(Op::Clear),
             }
         }
-        Ok(ops)
+        Ok(Plan { ops, hashes })
     }
 
     /// Applies validated operations. Fails with [`Error::UnknownWorker`], having applied
@@ -373,13 +385,15 @@ impl Router {
     ///
     /// Batches are serialized by `apply_lock` (which [`snapshot`](Self::snapshot) also
     /// takes, so a snapshot never sees half a batch or a stream position that does not
-    /// match the index), but the index write lock is taken per chunk of at most
-    /// [`APPLY_CHUNK`] blocks, and native re-keying hashes tokens outside it, so a route
-    /// never waits behind more than one chunk of one batch.
+    /// match the index). The index write lock is held across consecutive operations for
+    /// up to [`APPLY_CHUNK`] blocks, then released and taken again, so a route never
+    /// waits behind more than that many blocks of one batch; native re-keying hashes
+    /// tokens outside it, and a `Clear` or the confirmation of predicted blocks releases
+    /// it first.
     fn apply_ops(
         &self,
         worker: &Arc<WorkerState>,
-        ops: Vec<Op<'_>>,
+        plan: Plan<'_>,
         report: &mut ApplyReport,
         stream: Option<(&str, u64)>,
         ts_ms: u64,
@@ -400,58 +414,83 @@ impl Router {
         } else {
             worker.has_events.store(true, Ordering::Relaxed);
         }
+        let hashes = &plan.hashes[..];
+        let mut lock = Window { router: self, guard: None, blocks: 0 };
         let mut keys = Vec::new();
-        for op in ops {
+        for op in plan.ops {
             report.events += 1;
             match op {
-                Op::Store { tier, parent, engine, keys: rekey, tokens, extra } => {
-                    if rekey.is_some() {
-                        let parent_key =
-                            parent.map(|p| self.index.read().engine_key(id, p).unwrap_or(p));
+                Op::Store { tier, parent, engine, rekey, tokens, extra } => {
+                    let engine = &hashes[engine];
+                    if rekey {
+                        let parent_key = parent.map(|p| {
+                            let k = match &lock.guard {
+                                Some(g) => g.engine_key(id, p),
+                                None => self.index.read().engine_key(id, p),
+                            };
+                            k.unwrap_or(p)
+                        });
+                        lock.release();
                         self.hasher.native_keys_from(parent_key, tokens, &extra, &mut keys);
                     }
-                    for (c, chunk) in engine.chunks(APPLY_CHUNK).enumerate() {
-                        let start = c * APPLY_CHUNK;
-                        let chunk_parent = if c == 0 { parent } else { Some(engine[start - 1]) };
-                        let mut index = self.index.write();
-                        let r = if rekey.is_some() {
-                            let ks = &keys[start..start + chunk.len()];
-                            index.store_mapped(id, tier, chunk_parent, chunk, ks)
+                    let mut start = 0;
+                    while start < engine.len() {
+                        let n = lock.room().min(engine.len() - start);
+                        let chunk = &engine[start..start + n];
+                        let chunk_parent =
+                            if start == 0 { parent } else { Some(engine[start - 1]) };
+                        let index = lock.index(n);
+                        let r = if rekey {
+                            index.store_mapped(
+                                id,
+                                tier,
+                                chunk_parent,
+                                chunk,
+                                &keys[start..start + n],
+                            )
                         } else {
                             index.store(id, tier, chunk_parent, chunk)
                         };
-                        drop(index);
                         match r {
                             Ok(r) => {
                                 report.blocks_stored += r.blocks;
                                 report.orphans += u32::from(r.orphan);
                             }
-                            Err(_) => store_errors += chunk.len() as u64,
+                            Err(_) => store_errors += n as u64,
                         }
-                        // Predicted residency: these blocks are now known, not predicted.
-                        let ks =
-                            if rekey.is_some() { &keys[start..start + chunk.len()] } else { chunk };
+                        start += n;
+                    }
+                    // Predicted residency: these blocks are now known, not predicted.
+                    if !self.overlay.read().nothing_to_confirm() {
+                        lock.release();
+                        let ks = if rekey { &keys[..] } else { engine };
                         self.confirm_predictions(worker, ks, ts_ms);
                     }
                 }
                 Op::Remove { tier, engine } => {
-                    for chunk in engine.chunks(APPLY_CHUNK) {
-                        let mut index = self.index.write();
+                    let engine = &hashes[engine];
+                    let mut start = 0;
+                    while start < engine.len() {
+                        let n = lock.room().min(engine.len() - start);
+                        let part = &engine[start..start + n];
+                        let index = lock.index(n);
                         let r = if vllm {
-                            index.remove(id, tier, chunk)
+                            index.remove(id, tier, part)
                         } else {
-                            index.remove_mapped(id, tier, chunk)
+                            index.remove_mapped(id, tier, part)
                         };
-                        drop(index);
                         report.blocks_removed += r.removed;
                         report.unknown_removals += r.unknown;
+                        start += n;
                     }
                 }
                 Op::Clear => {
+                    lock.release();
                     self.clear_worker_state(id);
                 }
             }
         }
+        lock.release();
         if let Some((publisher, seq)) = stream {
             self.streams.lock().insert(publisher.to_string(), seq);
         }
@@ -459,6 +498,42 @@ impl Router {
             self.metrics.store_errors.fetch_add(store_errors, Ordering::Relaxed);
         }
         Ok(store_errors)
+    }
+}
+
+/// The index write lock of a batch being applied, held over up to [`APPLY_CHUNK`] blocks.
+struct Window<'r> {
+    router: &'r Router,
+    guard: Option<parking_lot::RwLockWriteGuard<'r, PrefixIndex>>,
+    /// Blocks stored or removed under the current hold.
+    blocks: usize,
+}
+
+impl<'r> Window<'r> {
+    /// Blocks that fit under the current hold (a full hold is released at the next
+    /// [`index`](Self::index), so this is never 0).
+    fn room(&self) -> usize {
+        if self.guard.is_some() && self.blocks < APPLY_CHUNK {
+            APPLY_CHUNK - self.blocks
+        } else {
+            APPLY_CHUNK
+        }
+    }
+
+    /// The index, for `n` (at most [`room`](Self::room)) more blocks: takes the write lock
+    /// if it is not held, after releasing it if the hold is full.
+    fn index(&mut self, n: usize) -> &mut PrefixIndex {
+        if self.blocks >= APPLY_CHUNK {
+            self.release();
+        }
+        self.blocks += n;
+        self.guard.get_or_insert_with(|| self.router.index.write())
+    }
+
+    /// Releases the write lock (if held).
+    fn release(&mut self) {
+        self.guard = None;
+        self.blocks = 0;
     }
 }
 
@@ -513,6 +588,39 @@ mod tests {
         // a machine too busy to get there in 500 ms fails the lookup instead, uncounted).
         assert!(m.event_errors <= 1);
         assert_eq!(m.index.holder_blocks, 0);
+    }
+
+    #[test]
+    fn runs_longer_than_one_lock_hold_chain_across_holds_and_events() {
+        // 3 events of 100 blocks, each continuing the previous: the 256-block hold ends
+        // inside the third event, whose second part must attach to the first part's last
+        // block (a wrong parent would make it an orphan and break the match).
+        let r = vllm_router();
+        let hashes: Vec<u64> = (1..=300).collect();
+        let mut events = Vec::new();
+        for (i, run) in hashes.chunks(100).enumerate() {
+            let mut ev = stored(run);
+            if let KvEvent::BlockStored(s) = &mut ev {
+                s.parent_block_hash = (i > 0).then(|| EngineHash::Int(run[0] - 1));
+            }
+            events.push(ev);
+        }
+        let report = r.apply_events("a", &KvEventBatch::new(1.0, events)).unwrap();
+        assert_eq!((report.blocks_stored, report.orphans), (300, 0));
+        let mut m = crate::index::Matches::new();
+        r.index.read().find_matches(&hashes, crate::index::MatchOptions::default(), &mut m);
+        assert_eq!(m.max_blocks(), 300, "the whole chain matches");
+        assert_eq!(r.index_stats().holder_blocks, 300);
+        // One removal of all 300, tail first (over two holds), and of one unknown block.
+        let mut tail_first: Vec<u64> = hashes.iter().rev().copied().collect();
+        tail_first.push(999);
+        let removed = KvEvent::BlockRemoved(crate::events::BlockRemoved {
+            block_hashes: tail_first.into_iter().map(EngineHash::Int).collect(),
+            ..Default::default()
+        });
+        let report = r.apply_events("a", &KvEventBatch::new(2.0, vec![removed])).unwrap();
+        assert_eq!((report.blocks_removed, report.unknown_removals), (300, 1));
+        assert_eq!(r.index_stats().holder_blocks, 0);
     }
 
     /// Registers worker `name` under an id the index refuses (above `MAX_WORKER`).

@@ -23,9 +23,9 @@
 //! # Event path
 //!
 //! [`Router::apply_events`] validates a whole batch first (worker, block size, token
-//! counts, engine-hash check) and only then applies it, taking the index write lock per
-//! chunk of [`APPLY_CHUNK`] blocks so that routes never wait long; a
-//! bad batch changes nothing.
+//! counts, engine-hash check) and only then applies it, holding the index write lock over
+//! at most [`APPLY_CHUNK`] blocks at a time (consecutive events share a hold) so that
+//! routes never wait long; a bad batch changes nothing.
 
 mod config;
 mod events;

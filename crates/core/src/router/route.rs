@@ -211,7 +211,7 @@ impl Router {
     }
 
     /// The index read lock for the request path. Event batches hold the write lock for at
-    /// most one chunk of [`APPLY_CHUNK`](super::APPLY_CHUNK) blocks (a few microseconds), so spinning that long
+    /// most [`APPLY_CHUNK`](super::APPLY_CHUNK) blocks (about 10 microseconds), so spinning that long
     /// is cheaper than parking the thread, whose wake-up alone costs tens of microseconds
     /// on a virtual machine. Past the spin budget it blocks like any reader.
     fn read_index(&self) -> parking_lot::RwLockReadGuard<'_, PrefixIndex> {
