@@ -114,11 +114,6 @@ impl Router {
                     j += 1;
                 }
                 let m = overlaps.get(j).filter(|o| o.worker == w.id);
-                let mut matched = m.map_or(0, |o| o.blocks);
-                if let Some(o) = &overlay {
-                    let ttl = w.pred_ttl_ms.load(Ordering::Relaxed);
-                    matched = o.extend(w.id.0, &s.keys, matched as usize, now, ttl) as u32;
-                }
                 let last = w.last_routed_ms.load(Ordering::Relaxed);
                 let usage = if self.cfg.mode == Mode::Precise {
                     None
@@ -127,7 +122,7 @@ impl Router {
                 };
                 s.cands.push(Candidate {
                     worker: w.id,
-                    matched_blocks: matched,
+                    matched_blocks: m.map_or(0, |o| o.blocks),
                     matched_by_tier: m.map_or([0; 3], |o| o.by_tier),
                     load: w.load(usage, mean, pool_rate),
                     loaded_loras: if req.lora.is_some() { *w.loras.read() } else { LoraSet::new() },
@@ -135,6 +130,16 @@ impl Router {
                     healthy: w.healthy.load(Ordering::Relaxed)
                         && !w.draining.load(Ordering::Relaxed),
                 });
+            }
+            // Predicted residency: extend each worker's match over its predicted blocks.
+            // A pass of its own: the lookups (one likely cache miss each) are independent
+            // across workers, and a tight loop lets the CPU overlap them.
+            if let Some(o) = &overlay {
+                for (c, w) in s.cands.iter_mut().zip(reg.live()) {
+                    let ttl = w.pred_ttl_ms.load(Ordering::Relaxed);
+                    c.matched_blocks =
+                        o.extend(w.id.0, &s.keys, c.matched_blocks as usize, now, ttl) as u32;
+                }
             }
             drop(overlay);
             if s.cands.is_empty() {
@@ -170,17 +175,25 @@ impl Router {
             // The explanation: one Copy entry per kept candidate and one flat score matrix,
             // so a decision costs two allocations however many workers there are.
             let (kept, totals, rows) = (s.score.kept(), s.score.totals(), s.score.n_rows());
-            let mut candidates = Vec::with_capacity(kept.len());
-            let mut scores = Vec::with_capacity(kept.len() * rows);
-            for (pos, &ci) in kept.iter().enumerate() {
-                let c = &s.cands[ci];
-                candidates.push(CandidateScore {
-                    worker_id: c.worker,
-                    matched_blocks: c.matched_blocks,
-                    matched_by_tier: c.matched_by_tier,
-                    total: totals[pos],
-                });
-                scores.extend((0..rows).map(|j| s.score.row(j)[pos]));
+            let candidates: Vec<CandidateScore> = kept
+                .iter()
+                .zip(totals)
+                .map(|(&ci, &total)| {
+                    let c = &s.cands[ci];
+                    CandidateScore {
+                        worker_id: c.worker,
+                        matched_blocks: c.matched_blocks,
+                        matched_by_tier: c.matched_by_tier,
+                        total,
+                    }
+                })
+                .collect();
+            // The rows are scorer-major, the decision's matrix candidate-major.
+            let mut scores = vec![0.0; kept.len() * rows];
+            for j in 0..rows {
+                for (cell, &v) in scores[j..].iter_mut().step_by(rows).zip(s.score.row(j)) {
+                    *cell = v;
+                }
             }
             let matched = s.cands[decision.index].matched_blocks;
             if commit {
@@ -202,7 +215,9 @@ impl Router {
                 prompt_tokens: info.prompt_tokens,
                 routed_ms: now,
                 candidates,
-                keys: if keep_keys { s.keys.clone() } else { Vec::new() },
+                // Moved, not copied: the next route hashes into a fresh vector of the
+                // right size (one allocation either way, no copy of the keys).
+                keys: if keep_keys { std::mem::take(&mut s.keys) } else { Vec::new() },
                 names: reg.names.clone(),
                 score_names: self.score_names.clone(),
                 scores,

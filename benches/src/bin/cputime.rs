@@ -1,0 +1,162 @@
+//! Per-call **CPU time** (the calling thread's clock, `CLOCK_THREAD_CPUTIME_ID`) of the
+//! route and event-apply hot paths, on the same routers as the `route` and `events`
+//! criterion benches (`benches/common`). Criterion measures wall time, which on a shared,
+//! oversubscribed machine mostly measures the other processes; the thread's CPU clock
+//! does not advance while it is descheduled, so before/after binaries can be compared
+//! under load (caches are still shared, so figures are upper bounds of the idle ones).
+//!
+//! Prints, per case, the minimum and the median over `ROUNDS` rounds of the mean CPU
+//! time per call in a round.
+//!
+//! Run: `cargo run --profile bench -p kvroute-benches --bin cputime [route|events]`.
+
+#[allow(missing_docs)]
+#[path = "../../benches/common/mod.rs"]
+mod common;
+
+use common::*;
+use kvroute::events::{vllm, KvEventBatch};
+use kvroute::router::{Request, Router};
+use std::hint::black_box;
+
+const ROUNDS: usize = 40;
+
+fn cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn report(name: &str, mut per_call_ns: Vec<f64>) {
+    per_call_ns.sort_by(f64::total_cmp);
+    println!(
+        "{name:40} min {:8.3} us  median {:8.3} us",
+        per_call_ns[0] / 1e3,
+        per_call_ns[per_call_ns.len() / 2] / 1e3
+    );
+}
+
+fn routes() {
+    for (group, profile, prime) in
+        [("route_llm_d", r#""llm-d""#, false), ("route_kvroute", r#""kvroute""#, true)]
+    {
+        let router = Router::from_json(&config_json("xxh3", profile)).expect("config");
+        populate(&router);
+        let probes = probes(&router);
+        if prime {
+            prime_predictions(&router);
+        }
+        for p in &probes {
+            check_probe(&router, p);
+            let req = Request { now_ms: Some(1_000), ..Request::new(&p.tokens) };
+            const N: usize = 400;
+            let rounds = (0..ROUNDS)
+                .map(|_| {
+                    let t = cpu_ns();
+                    for _ in 0..N {
+                        black_box(router.route(black_box(&req)).unwrap());
+                    }
+                    (cpu_ns() - t) as f64 / N as f64
+                })
+                .collect();
+            report(&format!("{group}/{}", p.name), rounds);
+        }
+    }
+    let router = Router::from_json(&config_json("xxh3", r#""llm-d""#)).expect("config");
+    let t = tokens(&[(PROBE, PROMPT_BLOCKS)]);
+    let extras = kvroute::hash::RequestExtras::default();
+    let mut keys = Vec::new();
+    let rounds = (0..ROUNDS)
+        .map(|_| {
+            let s = cpu_ns();
+            for _ in 0..1000 {
+                router.hasher().block_keys(black_box(&t), &extras, &mut keys);
+            }
+            (cpu_ns() - s) as f64 / 1000.0
+        })
+        .collect();
+    report("baseline/hash_8192", rounds);
+}
+
+/// As `benches/route.rs`: 256 earlier requests routed and sent.
+fn prime_predictions(router: &Router) {
+    let report = kvroute::router::LoadReport {
+        waiting: Some(1),
+        running: Some(4),
+        kv_usage: Some(0.3),
+        loras: None,
+    };
+    for w in 0..WORKERS {
+        router.report_load(&worker_name(w), 0, &report).expect("load report");
+    }
+    for i in 0..256u64 {
+        let t = tokens(&[(0x7000_0000 + i, PROMPT_BLOCKS)]);
+        let d = router.route(&Request { now_ms: Some(900), ..Request::new(&t) }).expect("route");
+        router.on_routed(&d).expect("on_routed");
+        if i % 2 == 0 {
+            router.on_first_token_at(d.request_id, 950).expect("first token");
+        }
+    }
+}
+
+struct Conv {
+    worker: String,
+    store: KvEventBatch,
+    remove: KvEventBatch,
+    store_msg: Vec<u8>,
+}
+
+fn events() {
+    let convs: Vec<Conv> = (0..1024usize)
+        .map(|k| {
+            let w = (k % WORKERS as usize) as u32;
+            let parts = [system(w), (FRESH + k as u64, OWN)];
+            let store = batch(store_events(&parts, SYSTEM));
+            let remove = batch(remove_events(&parts, SYSTEM));
+            Conv { worker: worker_name(w), store_msg: vllm::encode(&store), store, remove }
+        })
+        .collect();
+    let opts = vllm::DecodeOptions { token_ids: vllm::TokenIds::KeepForRoots };
+    let rounds = (0..ROUNDS)
+        .map(|r| {
+            let s = cpu_ns();
+            for c in &convs[(r * 64) % 1024..][..64] {
+                black_box(vllm::decode_with(black_box(&c.store_msg), opts).unwrap());
+            }
+            (cpu_ns() - s) as f64 / 64.0
+        })
+        .collect();
+    report("decode/store_tokens_for_roots", rounds);
+    let router = Router::from_json(&config_json("sha256_cbor", r#""llm-d""#)).expect("config");
+    populate(&router);
+    for (name, decode) in [("vllm/decode_apply/store", true), ("vllm/apply/store", false)] {
+        let rounds = (0..ROUNDS)
+            .map(|r| {
+                let mut cpu = 0;
+                for c in &convs[(r * 64) % 1024..][..64] {
+                    let s = cpu_ns();
+                    if decode {
+                        black_box(router.apply_vllm_batch(&c.worker, &c.store_msg).unwrap());
+                    } else {
+                        black_box(router.apply_events(&c.worker, &c.store).unwrap());
+                    }
+                    cpu += cpu_ns() - s;
+                    router.apply_events(&c.worker, &c.remove).unwrap();
+                }
+                cpu as f64 / 64.0
+            })
+            .collect();
+        report(name, rounds);
+    }
+}
+
+fn main() {
+    let what = std::env::args().nth(1).unwrap_or_default();
+    if what != "events" {
+        routes();
+    }
+    if what != "route" {
+        events();
+    }
+}
