@@ -221,7 +221,18 @@ fn main() -> Result<()> {
                         tr.stored.iter().map(|x| x / 1000).collect::<Vec<_>>(),
                         tr.removed.iter().map(|x| x / 1000).collect::<Vec<_>>()
                     );
-                    let m = tr.inner.router().metrics();
+                    let m: Vec<Vec<u64>> = tr
+                        .inner
+                        .routers()
+                        .iter()
+                        .map(|r| {
+                            r.metrics()
+                                .workers
+                                .iter()
+                                .map(|w| w.prefill_tokens_per_s as u64)
+                                .collect()
+                        })
+                        .collect();
                     let t = t.lock().unwrap().clone();
                     Ok((name.clone(), res, t, pw, format!("{m:?}")))
                 })
@@ -267,7 +278,7 @@ fn main() -> Result<()> {
         println!("  preemptions {}", res.preemptions);
         println!("  per worker prompt blocks k {pw}");
         if std::env::var("DECISIONS_METRICS").is_ok() {
-            println!("  metrics {metrics}");
+            println!("  learned prefill rates per replica {metrics}");
         }
     }
     Ok(())
