@@ -224,3 +224,50 @@ fn load_is_never_stale_between_scrapes() {
     let a = m.workers.iter().find(|w| w.worker.name == "a").unwrap();
     assert_eq!(a.active_requests, 7);
 }
+
+#[test]
+fn learned_rates_within_a_factor_two_of_the_pool_do_not_decide_placement() {
+    // Two workers of the same hardware whose observed rates differ (6,000 and 8,000
+    // tokens/s: work the router does not see, such as another router replica's requests,
+    // slows `a`'s observations). `a` holds the first 1,600 tokens of the next prompt.
+    let r = router(&["a", "b"], |_| {});
+    let mut now = 1_000u64;
+    let train = |only: &str, rate: f64, seed: u64, now: &mut u64| {
+        for name in ["a", "b"] {
+            r.drain_worker(name, 0, name != only).unwrap();
+        }
+        for i in 0..200u64 {
+            let p = prompt(seed + i, 8_000);
+            let d = r.route(&at(&p, *now)).unwrap();
+            r.on_routed(&d).unwrap();
+            *now += (10.0 + 8_000.0 / rate * 1e3) as u64;
+            r.on_first_token_at(d.request_id, *now).unwrap();
+            r.on_finished(d.request_id).unwrap();
+            *now += 5;
+        }
+    };
+    train("b", 8_000.0, 10_000, &mut now);
+    train("a", 6_000.0, 20_000, &mut now);
+    // The shared prefix, routed to `a` (predicted there) and served.
+    let held = prompt(99, 8_000);
+    let d = r.route(&at(&held, now)).unwrap();
+    assert_eq!(d.worker.name, "a");
+    r.on_routed(&d).unwrap();
+    now += (10.0 + 8_000.0 / 6_000.0 * 1e3) as u64;
+    r.on_first_token_at(d.request_id, now).unwrap();
+    r.on_finished(d.request_id).unwrap();
+    r.drain_worker("b", 0, false).unwrap();
+    // Learned and exported per worker ...
+    let m = r.metrics();
+    let rate =
+        |n: &str| m.workers.iter().find(|w| w.worker.name == n).unwrap().prefill_tokens_per_s;
+    assert!((rate("a") - 6_000.0).abs() < 300.0 && (rate("b") - 8_000.0).abs() < 400.0);
+    // ... but not used for placement: priced at their own rates, `b` would win
+    // (8,000 uncached / 8,000 x 2 = 2.0 s against 6,400 / 6,000 x 2 = 2.13 s on `a`); at
+    // one pool rate the 1,600 tokens `a` holds decide.
+    let mut next = held[..1_600].to_vec();
+    next.extend(prompt(7, 6_400));
+    let d = r.route(&at(&next, now + 1)).unwrap();
+    assert_eq!(d.worker.name, "a", "{:?}", d.candidates);
+    assert_eq!(d.matched_blocks, 100);
+}

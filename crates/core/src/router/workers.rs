@@ -82,6 +82,18 @@ impl WorkerState {
         }
     }
 
+    /// The worker's learned prefill rate, tokens/s, or `pool_rate` before its first
+    /// observation (what metrics export; routing uses
+    /// [`routing_rate`](super::predict::routing_rate)).
+    pub(crate) fn learned_rate(&self, pool_rate: f64) -> f64 {
+        let r = f64::from_bits(self.rate_bits.load(Ordering::Relaxed));
+        if r.is_nan() {
+            pool_rate
+        } else {
+            r
+        }
+    }
+
     /// The worker's load. `mean_uncached` prices a scraped waiting request in prompt
     /// tokens (the router's mean uncached tokens per routed request); `pool_rate` is the
     /// prefill rate of a worker not observed yet.
@@ -116,14 +128,10 @@ impl WorkerState {
             decode_blocks: self.decode_blocks.load(Ordering::Relaxed),
             pending_prefill_tokens: pending,
             active_requests: active,
-            prefill_tokens_per_s: {
-                let r = f64::from_bits(self.rate_bits.load(Ordering::Relaxed));
-                if r.is_nan() {
-                    pool_rate
-                } else {
-                    r
-                }
-            },
+            prefill_tokens_per_s: super::predict::routing_rate(
+                f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
+                pool_rate,
+            ),
         }
     }
 }

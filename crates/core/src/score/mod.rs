@@ -119,7 +119,10 @@ pub struct Load {
     /// own in-flight count and the last scraped `waiting + running` plus what the router
     /// sent since that scrape.
     pub active_requests: u32,
-    /// The worker's prefill rate learned by the router, tokens per second (0: not known).
+    /// The prefill rate the router prices the worker at, tokens per second (0: not
+    /// known): the pool's learned rate (every worker's observations together), or the
+    /// worker's own learned rate when that differs from the pool's by more than a factor
+    /// 2 (other hardware; see `router::predict::DISTINCT_RATE_FACTOR`).
     pub prefill_tokens_per_s: f64,
 }
 
