@@ -271,3 +271,44 @@ fn learned_rates_within_a_factor_two_of_the_pool_do_not_decide_placement() {
     assert_eq!(d.worker.name, "a", "{:?}", d.candidates);
     assert_eq!(d.matched_blocks, 100);
 }
+
+#[test]
+fn pending_prefill_adds_other_routers_waiting_requests_to_its_own_in_flight_work() {
+    // Ten 800-token requests set the router's mean uncached size near 800 tokens.
+    let r = router(&["a", "b"], |_| {});
+    r.drain_worker("a", 0, true).unwrap();
+    for i in 0..10u64 {
+        let d = r.route(&at(&prompt(500 + i, 800), 1_000 + i)).unwrap();
+        r.on_routed(&d).unwrap();
+        r.on_first_token_at(d.request_id, 1_100 + i).unwrap();
+        r.on_finished(d.request_id).unwrap();
+    }
+    r.drain_worker("a", 0, false).unwrap();
+    r.drain_worker("b", 0, true).unwrap();
+    // One 8,000-token request of its own goes to `a` and is being prefilled there.
+    let d = r.route(&at(&prompt(1, 8_000), 2_000)).unwrap();
+    assert_eq!(d.worker.name, "a");
+    r.on_routed(&d).unwrap();
+    let mean = {
+        let m = r.metrics();
+        let a = m.workers.iter().find(|w| w.worker.name == "a").unwrap();
+        assert_eq!(a.pending_prefill_tokens, 8_000);
+        800.0 + (8_000.0 - 800.0) / 64.0
+    };
+    // The scrape: 1 running (its own request, in prefill) and 2 waiting, which are not
+    // its own (another router replica sent them). Priced at the mean, the waiting queue
+    // alone is ~1,800 tokens; its own 8,000 in-flight tokens are not in it. Pending
+    // prefill is at least its own work plus the others' waiting requests it cannot
+    // account for otherwise: 8,000 + (2 - 1) x mean (its in-flight request bounds its own
+    // waiting ones from above, so one of the two waiting is counted as its own).
+    r.report_load("a", 0, &LoadReport { waiting: Some(2), running: Some(1), ..Default::default() })
+        .unwrap();
+    let m = r.metrics();
+    let a = m.workers.iter().find(|w| w.worker.name == "a").unwrap();
+    let want = 8_000 + mean as u64;
+    assert!(
+        a.pending_prefill_tokens.abs_diff(want) <= 1,
+        "pending {} want {want}",
+        a.pending_prefill_tokens
+    );
+}

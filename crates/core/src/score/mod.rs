@@ -111,9 +111,11 @@ pub struct Load {
     pub kv_usage: f64,
     /// KV blocks held by requests in their decode phase (Dynamo's "active blocks").
     pub decode_blocks: u64,
-    /// Prompt tokens queued or in prefill on the worker, never stale: the larger of the
-    /// router's own in-flight prefill and the last scraped queue (priced at the router's
-    /// mean uncached tokens per request) plus what the router sent since that scrape.
+    /// Prompt tokens queued or in prefill on the worker, never stale: the largest of the
+    /// router's own in-flight prefill, the last scraped queue (priced at the router's mean
+    /// uncached tokens per request) plus what the router sent since that scrape, and the
+    /// router's own in-flight prefill plus the scraped waiting requests that are not its
+    /// own (other router replicas'), at the mean.
     pub pending_prefill_tokens: u64,
     /// Requests waiting or running on the worker, never stale: the larger of the router's
     /// own in-flight count and the last scraped `waiting + running` plus what the router
