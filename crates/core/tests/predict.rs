@@ -224,3 +224,91 @@ fn load_is_never_stale_between_scrapes() {
     let a = m.workers.iter().find(|w| w.worker.name == "a").unwrap();
     assert_eq!(a.active_requests, 7);
 }
+
+#[test]
+fn learned_rates_within_a_factor_two_of_the_pool_do_not_decide_placement() {
+    // Two workers of the same hardware whose observed rates differ (6,000 and 8,000
+    // tokens/s: work the router does not see, such as another router replica's requests,
+    // slows `a`'s observations). `a` holds the first 1,600 tokens of the next prompt.
+    let r = router(&["a", "b"], |_| {});
+    let mut now = 1_000u64;
+    let train = |only: &str, rate: f64, seed: u64, now: &mut u64| {
+        for name in ["a", "b"] {
+            r.drain_worker(name, 0, name != only).unwrap();
+        }
+        for i in 0..200u64 {
+            let p = prompt(seed + i, 8_000);
+            let d = r.route(&at(&p, *now)).unwrap();
+            r.on_routed(&d).unwrap();
+            *now += (10.0 + 8_000.0 / rate * 1e3) as u64;
+            r.on_first_token_at(d.request_id, *now).unwrap();
+            r.on_finished(d.request_id).unwrap();
+            *now += 5;
+        }
+    };
+    train("b", 8_000.0, 10_000, &mut now);
+    train("a", 6_000.0, 20_000, &mut now);
+    // The shared prefix, routed to `a` (predicted there) and served.
+    let held = prompt(99, 8_000);
+    let d = r.route(&at(&held, now)).unwrap();
+    assert_eq!(d.worker.name, "a");
+    r.on_routed(&d).unwrap();
+    now += (10.0 + 8_000.0 / 6_000.0 * 1e3) as u64;
+    r.on_first_token_at(d.request_id, now).unwrap();
+    r.on_finished(d.request_id).unwrap();
+    r.drain_worker("b", 0, false).unwrap();
+    // Learned and exported per worker ...
+    let m = r.metrics();
+    let rate =
+        |n: &str| m.workers.iter().find(|w| w.worker.name == n).unwrap().prefill_tokens_per_s;
+    assert!((rate("a") - 6_000.0).abs() < 300.0 && (rate("b") - 8_000.0).abs() < 400.0);
+    // ... but not used for placement: priced at their own rates, `b` would win
+    // (8,000 uncached / 8,000 x 2 = 2.0 s against 6,400 / 6,000 x 2 = 2.13 s on `a`); at
+    // one pool rate the 1,600 tokens `a` holds decide.
+    let mut next = held[..1_600].to_vec();
+    next.extend(prompt(7, 6_400));
+    let d = r.route(&at(&next, now + 1)).unwrap();
+    assert_eq!(d.worker.name, "a", "{:?}", d.candidates);
+    assert_eq!(d.matched_blocks, 100);
+}
+
+#[test]
+fn pending_prefill_adds_other_routers_waiting_requests_to_its_own_in_flight_work() {
+    // Ten 800-token requests set the router's mean uncached size near 800 tokens.
+    let r = router(&["a", "b"], |_| {});
+    r.drain_worker("a", 0, true).unwrap();
+    for i in 0..10u64 {
+        let d = r.route(&at(&prompt(500 + i, 800), 1_000 + i)).unwrap();
+        r.on_routed(&d).unwrap();
+        r.on_first_token_at(d.request_id, 1_100 + i).unwrap();
+        r.on_finished(d.request_id).unwrap();
+    }
+    r.drain_worker("a", 0, false).unwrap();
+    r.drain_worker("b", 0, true).unwrap();
+    // One 8,000-token request of its own goes to `a` and is being prefilled there.
+    let d = r.route(&at(&prompt(1, 8_000), 2_000)).unwrap();
+    assert_eq!(d.worker.name, "a");
+    r.on_routed(&d).unwrap();
+    let mean = {
+        let m = r.metrics();
+        let a = m.workers.iter().find(|w| w.worker.name == "a").unwrap();
+        assert_eq!(a.pending_prefill_tokens, 8_000);
+        800.0 + (8_000.0 - 800.0) / 64.0
+    };
+    // The scrape: 1 running (its own request, in prefill) and 2 waiting, which are not
+    // its own (another router replica sent them). Priced at the mean, the waiting queue
+    // alone is ~1,800 tokens; its own 8,000 in-flight tokens are not in it. Pending
+    // prefill is at least its own work plus the others' waiting requests it cannot
+    // account for otherwise: 8,000 + (2 - 1) x mean (its in-flight request bounds its own
+    // waiting ones from above, so one of the two waiting is counted as its own).
+    r.report_load("a", 0, &LoadReport { waiting: Some(2), running: Some(1), ..Default::default() })
+        .unwrap();
+    let m = r.metrics();
+    let a = m.workers.iter().find(|w| w.worker.name == "a").unwrap();
+    let want = 8_000 + mean as u64;
+    assert!(
+        a.pending_prefill_tokens.abs_diff(want) <= 1,
+        "pending {} want {want}",
+        a.pending_prefill_tokens
+    );
+}

@@ -31,7 +31,9 @@ use kvroute::events::{BlockRemoved, BlockStored, EngineHash, KvEvent, KvEventBat
 use kvroute::hash::HashAlgo;
 use kvroute::model::CapacitySpec;
 use kvroute::rng::splitmix64;
-use kvroute::router::{LoadReport, Mode, ProfileSpec, Request, Router, RouterConfig, WorkerConfig};
+use kvroute::router::{
+    Decision, LoadReport, Mode, ProfileSpec, Request, Router, RouterConfig, WorkerConfig,
+};
 use kvroute::score::Profile;
 use kvroute::{Error, Result};
 
@@ -81,6 +83,8 @@ pub struct RouterPolicy {
     /// Load push interval, seconds; `None`: no load reports.
     refresh_s: Option<f64>,
     next_push_s: f64,
+    /// The last decision, and the replica that made it (for per-decision traces).
+    last: Option<(usize, Decision)>,
 }
 
 impl RouterPolicy {
@@ -133,6 +137,7 @@ impl RouterPolicy {
             tokens: Vec::new(),
             refresh_s: Some(METRICS_REFRESH_S),
             next_push_s: f64::NEG_INFINITY,
+            last: None,
         })
     }
 
@@ -180,6 +185,12 @@ impl RouterPolicy {
     /// Every replica.
     pub fn routers(&self) -> &[Router] {
         &self.routers
+    }
+
+    /// The last routing decision and the replica that made it (for per-decision traces:
+    /// `crates/sim/examples/decisions.rs`).
+    pub fn last_decision(&self) -> Option<(usize, &Decision)> {
+        self.last.as_ref().map(|(r, d)| (*r, d))
     }
 
     fn push_load(&mut self, view: &ClusterView<'_>) -> Result<()> {
@@ -257,6 +268,7 @@ impl Policy for RouterPolicy {
             )));
         }
         self.ids.insert(r.req.id, (replica, d.request_id));
+        self.last = Some((replica, d));
         Ok(w)
     }
 

@@ -81,6 +81,7 @@ impl Router {
             // must never subtract before these adds.
             worker.running.fetch_add(1, Ordering::Relaxed);
             worker.inflight_prefill.fetch_add(prefill, Ordering::Relaxed);
+            worker.inflight_count.fetch_add(1, Ordering::Relaxed);
             worker.since_report_routed.fetch_add(1, Ordering::Relaxed);
             worker.since_report_prefill.fetch_add(prefill, Ordering::Relaxed);
             // Mean uncached tokens per request, weight 1/64 per request.
@@ -250,6 +251,7 @@ impl Router {
         if !f.prefill_done {
             f.prefill_done = true;
             f.worker.inflight_prefill.fetch_sub(f.prefill_tokens, Ordering::Relaxed);
+            f.worker.inflight_count.fetch_sub(1, Ordering::Relaxed);
             f.worker.decode_blocks.fetch_add(f.blocks, Ordering::Relaxed);
             if now_ms >= f.routed_ms && now_ms - f.routed_ms <= 3_600_000 {
                 let elapsed = (now_ms - f.routed_ms) as f64 / 1e3;
@@ -282,6 +284,7 @@ impl Router {
             f.worker.decode_blocks.fetch_sub(f.blocks, Ordering::Relaxed);
         } else {
             f.worker.inflight_prefill.fetch_sub(f.prefill_tokens, Ordering::Relaxed);
+            f.worker.inflight_count.fetch_sub(1, Ordering::Relaxed);
         }
         f.worker.running.fetch_sub(1, Ordering::Relaxed);
         if f.modelled {

@@ -163,7 +163,7 @@ impl Router {
                     inflight_prefill_tokens: load.inflight_prefill_tokens,
                     pending_prefill_tokens: load.pending_prefill_tokens,
                     active_requests: load.active_requests,
-                    prefill_tokens_per_s: load.prefill_tokens_per_s,
+                    prefill_tokens_per_s: w.learned_rate(pool_rate),
                     prefill_rate_samples: w.learn.lock().rate_samples,
                     prediction_ttl_s: w.pred_ttl_ms.load(Ordering::Relaxed) as f64 / 1e3,
                     healthy: w.healthy.load(Ordering::Relaxed)

@@ -252,6 +252,34 @@ impl Overlay {
     }
 }
 
+/// How far a worker's learned prefill rate must be from the pool's (as a factor, either
+/// way) before routing prices it at its own rate rather than the pool's: 2. Hardware that
+/// changes the prefill rate comes in steps of about that much or more (tensor parallelism
+/// doubled, a GPU generation: A100 to H100 is about 3x in dense BF16 FLOP/s), while a
+/// worker's observations also carry work the router cannot see, which differs from worker
+/// to worker because of routing itself: the requests of other router replicas (with 4
+/// replicas the learned rates of identical simulated workers spread from 0.6x to 1.4x of
+/// their pool's; docs/simulation.md), preemptions, decode steps. Routing on those
+/// differences moved requests away from the prefixes they held.
+pub(crate) const DISTINCT_RATE_FACTOR: f64 = 2.0;
+
+/// The prefill rate routing uses for a worker whose learned rate is `own` (NaN: not
+/// observed yet) in a pool whose rate is `pool`: its own when it differs from the pool's
+/// by more than [`DISTINCT_RATE_FACTOR`] (different hardware), otherwise the pool's.
+pub(crate) fn routing_rate(own: f64, pool: f64) -> f64 {
+    if own.is_nan() {
+        return pool;
+    }
+    if !(pool.is_finite() && pool > 0.0) {
+        return own;
+    }
+    if own > pool * DISTINCT_RATE_FACTOR || own * DISTINCT_RATE_FACTOR < pool {
+        own
+    } else {
+        pool
+    }
+}
+
 /// Per-worker learned figures: the routing-to-event delay (for the TTL) and the prefill
 /// rate.
 #[derive(Clone, Copy, Debug)]
@@ -338,6 +366,20 @@ impl Learner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routing_prices_a_worker_at_its_own_rate_only_when_it_is_distinct() {
+        // Within a factor 2 of the pool's rate: the pool's.
+        assert_eq!(routing_rate(6_000.0, 7_000.0), 7_000.0);
+        assert_eq!(routing_rate(13_000.0, 7_000.0), 7_000.0);
+        assert_eq!(routing_rate(3_600.0, 7_000.0), 7_000.0);
+        // Beyond it (other hardware): its own, either way.
+        assert_eq!(routing_rate(3_000.0, 7_000.0), 3_000.0);
+        assert_eq!(routing_rate(15_000.0, 7_000.0), 15_000.0);
+        // Not observed yet: the pool's; no usable pool rate: its own.
+        assert_eq!(routing_rate(f64::NAN, 7_000.0), 7_000.0);
+        assert_eq!(routing_rate(5_000.0, f64::NAN), 5_000.0);
+    }
 
     #[test]
     fn overlay_extends_expires_confirms_and_caps() {

@@ -22,6 +22,10 @@ pub(crate) struct WorkerState {
     // Tracked by lifecycle calls.
     pub(crate) running: AtomicU32,
     pub(crate) inflight_prefill: AtomicU64,
+    /// This router's requests there without a first token yet (waiting or prefilling).
+    pub(crate) inflight_count: AtomicU32,
+    /// [`inflight_count`](Self::inflight_count) at the last load report.
+    pub(crate) inflight_at_report: AtomicU32,
     pub(crate) decode_blocks: AtomicU64,
     // Reported by the host (u32::MAX / NaN bits = not reported).
     pub(crate) rep_waiting: AtomicU32,
@@ -63,6 +67,8 @@ impl WorkerState {
             draining: AtomicBool::new(false),
             running: AtomicU32::new(0),
             inflight_prefill: AtomicU64::new(0),
+            inflight_count: AtomicU32::new(0),
+            inflight_at_report: AtomicU32::new(0),
             decode_blocks: AtomicU64::new(0),
             rep_waiting: AtomicU32::new(u32::MAX),
             rep_running: AtomicU32::new(u32::MAX),
@@ -79,6 +85,18 @@ impl WorkerState {
             learn: Mutex::new(Learner::new()),
             rate_bits: AtomicU64::new(f64::NAN.to_bits()),
             pred_ttl_ms: AtomicU64::new(ttl_ms),
+        }
+    }
+
+    /// The worker's learned prefill rate, tokens/s, or `pool_rate` before its first
+    /// observation (what metrics export; routing uses
+    /// [`routing_rate`](super::predict::routing_rate)).
+    pub(crate) fn learned_rate(&self, pool_rate: f64) -> f64 {
+        let r = f64::from_bits(self.rate_bits.load(Ordering::Relaxed));
+        if r.is_nan() {
+            pool_rate
+        } else {
+            r
         }
     }
 
@@ -107,6 +125,16 @@ impl WorkerState {
             let queued = (f64::from(w) * mean_uncached) as u64;
             pending = pending
                 .max(queued.saturating_add(self.since_report_prefill.load(Ordering::Relaxed)));
+            // A second lower bound: this router's own in-flight prefill, known exactly
+            // (its request being prefilled included, which the scrape counts as running),
+            // plus the waiting requests that are not its own (scraped waiting minus its
+            // requests without a first token at the scrape, which bound its waiting ones
+            // from above) at the mean. With router replicas the first bound misses every
+            // running prefill, and a replica's own in-flight work is a fraction of the
+            // worker's; with one router this one is its own in-flight prefill.
+            let others = w.saturating_sub(self.inflight_at_report.load(Ordering::Relaxed));
+            pending =
+                pending.max(inflight.saturating_add((f64::from(others) * mean_uncached) as u64));
         }
         Load {
             waiting: if rep_w == u32::MAX { 0 } else { rep_w },
@@ -116,14 +144,10 @@ impl WorkerState {
             decode_blocks: self.decode_blocks.load(Ordering::Relaxed),
             pending_prefill_tokens: pending,
             active_requests: active,
-            prefill_tokens_per_s: {
-                let r = f64::from_bits(self.rate_bits.load(Ordering::Relaxed));
-                if r.is_nan() {
-                    pool_rate
-                } else {
-                    r
-                }
-            },
+            prefill_tokens_per_s: super::predict::routing_rate(
+                f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
+                pool_rate,
+            ),
         }
     }
 }
@@ -300,6 +324,7 @@ impl Router {
             // A fresh scrape counts everything routed before it.
             w.since_report_routed.store(0, Ordering::Relaxed);
             w.since_report_prefill.store(0, Ordering::Relaxed);
+            w.inflight_at_report.store(w.inflight_count.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         if let Some(v) = report.waiting {
             w.rep_waiting.store(v.min(u32::MAX - 1), Ordering::Relaxed);

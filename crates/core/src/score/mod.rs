@@ -111,15 +111,20 @@ pub struct Load {
     pub kv_usage: f64,
     /// KV blocks held by requests in their decode phase (Dynamo's "active blocks").
     pub decode_blocks: u64,
-    /// Prompt tokens queued or in prefill on the worker, never stale: the larger of the
-    /// router's own in-flight prefill and the last scraped queue (priced at the router's
-    /// mean uncached tokens per request) plus what the router sent since that scrape.
+    /// Prompt tokens queued or in prefill on the worker, never stale: the largest of the
+    /// router's own in-flight prefill, the last scraped queue (priced at the router's mean
+    /// uncached tokens per request) plus what the router sent since that scrape, and the
+    /// router's own in-flight prefill plus the scraped waiting requests that are not its
+    /// own (other router replicas'), at the mean.
     pub pending_prefill_tokens: u64,
     /// Requests waiting or running on the worker, never stale: the larger of the router's
     /// own in-flight count and the last scraped `waiting + running` plus what the router
     /// sent since that scrape.
     pub active_requests: u32,
-    /// The worker's prefill rate learned by the router, tokens per second (0: not known).
+    /// The prefill rate the router prices the worker at, tokens per second (0: not
+    /// known): the pool's learned rate (every worker's observations together), or the
+    /// worker's own learned rate when that differs from the pool's by more than a factor
+    /// 2 (other hardware; see `router::predict::DISTINCT_RATE_FACTOR`).
     pub prefill_tokens_per_s: f64,
 }
 

@@ -5,8 +5,9 @@
 //!
 //! - `cached = min(matched_blocks x block_size, prompt_tokens - 1)` (vLLM recomputes the
 //!   last token), `uncached = prompt_tokens - cached`;
-//! - `rate` = the worker's learned prefill rate (`Load::prefill_tokens_per_s`, tokens/s;
-//!   the configured default when the router has none);
+//! - `rate` = the rate the router prices the worker at (`Load::prefill_tokens_per_s`,
+//!   tokens/s: the pool's learned rate, or the worker's own when it differs from the
+//!   pool's by more than a factor 2; the configured default when the router has none);
 //! - `queue_s = pending_prefill_tokens / rate`: the prefill work already queued or running
 //!   there, never stale (the router's own in-flight requests, or the scraped queue plus
 //!   what it routed since the scrape, whichever is larger);

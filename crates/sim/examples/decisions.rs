@@ -1,0 +1,285 @@
+//! Per-decision trace of router policies: where does each policy lose prompt blocks
+//! against the ceiling? A diagnostic tool (docs/simulation.md, "Why kvroute missed hits on
+//! the Mooncake trace"), not part of the CLI.
+//!
+//! ```text
+//! cargo run --release -p kvroute-sim --example decisions -- \
+//!     trace:testdata/mooncake/conversation_trace.jsonl 10 187501 [REQUESTS] [POLICIES] [REPLICAS]
+//! ```
+//!
+//! For every request it compares, in blocks of the prompt (simulator keys, from the
+//! workers' events as the router receives them):
+//!
+//! - `ever`: the longest prefix that was ever cached anywhere (the oracle's view);
+//! - `best`: the longest prefix cached on some worker at routing time;
+//! - `chosen`: the prefix cached on the chosen worker at routing time;
+//! - `admitted`: what the engine found cached when it admitted the request (the hit).
+//!
+//! `ever - best` is lost to eviction (the cluster no longer holds it), `best - chosen` to
+//! the routing decision (a *move*), `chosen - admitted` between routing and admission (the
+//! blocks were evicted while the request queued; negative when blocks the router predicted
+//! were computed meanwhile). Moves are split by what the router believed (its own matched
+//! blocks, events plus predictions) and by the guard row of its decision.
+
+use hashbrown::{HashMap, HashSet};
+use kvroute::Result;
+use kvroute_sim::{
+    CacheEvent, ClusterView, Policy, Routed, RouterPolicy, SimRequest, SimulateSpec,
+};
+use std::sync::{Arc, Mutex};
+
+#[derive(Default, Clone, Debug)]
+struct Totals {
+    requests: u64,
+    blocks: u64,
+    ever: u64,
+    best: u64,
+    chosen: u64,
+    /// Moves where the router saw the chosen worker's match as the largest (its view was
+    /// wrong or stale).
+    moves_unseen: (u64, u64),
+    /// Moves the guard made (chosen candidate differs from the cheapest, guard row set).
+    moves_guard: (u64, u64),
+    /// Other moves the router knew about: the cost preferred a shorter match.
+    moves_cost: (u64, u64),
+    /// Of the cost moves: blocks lost where the chosen worker's match was 0.
+    cost_to_cold: (u64, u64),
+}
+
+struct Tracer {
+    inner: RouterPolicy,
+    ever: HashSet<u64>,
+    cached: Vec<HashSet<u64>>,
+    t: Arc<Mutex<Totals>>,
+    per_worker_blocks: Vec<u64>,
+    stored: Vec<u64>,
+    removed: Vec<u64>,
+    dump: Option<Arc<Mutex<Vec<String>>>>,
+}
+
+fn prefix(keys: &[u64], set: &HashSet<u64>) -> u64 {
+    keys.iter().take_while(|k| set.contains(*k)).count() as u64
+}
+
+impl Policy for Tracer {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn wants_events(&self) -> bool {
+        true
+    }
+    fn route(&mut self, r: &Routed<'_>, view: &ClusterView<'_>) -> Result<usize> {
+        let w = self.inner.route(r, view)?;
+        let keys = r.prompt_keys;
+        let ever = prefix(keys, &self.ever);
+        let per: Vec<u64> = self.cached.iter().map(|c| prefix(keys, c)).collect();
+        let best = per.iter().copied().max().unwrap_or(0);
+        let chosen = per[w];
+        let mut t = self.t.lock().unwrap();
+        t.requests += 1;
+        t.blocks += keys.len() as u64;
+        t.ever += ever;
+        t.best += best;
+        t.chosen += chosen;
+        if chosen < best {
+            let lost = best - chosen;
+            let (_, d) = self.inner.last_decision().expect("a decision");
+            let names = d.score_names();
+            let gi = names.iter().position(|n| n.ends_with("guard"));
+            let ci = names.iter().position(|n| n.ends_with("cost_s"));
+            let pos = d.candidates.iter().position(|c| c.worker_id.index() == w).unwrap();
+            let rmax = d.candidates.iter().map(|c| c.matched_blocks).max().unwrap_or(0);
+            let bucket = if d.candidates[pos].matched_blocks >= rmax {
+                &mut t.moves_unseen
+            } else {
+                // The cheapest candidate (lowest cost_s) guarded: a guard move.
+                let cheapest = ci.map(|ci| {
+                    (0..d.candidates.len())
+                        .min_by(|&a, &b| {
+                            d.candidate_scores(a)[ci].total_cmp(&d.candidate_scores(b)[ci])
+                        })
+                        .unwrap()
+                });
+                let guarded = match (gi, cheapest) {
+                    (Some(gi), Some(k)) => k != pos && d.candidate_scores(k)[gi] != 0.0,
+                    _ => false,
+                };
+                if guarded {
+                    &mut t.moves_guard
+                } else {
+                    if chosen == 0 {
+                        t.cost_to_cold.0 += 1;
+                        t.cost_to_cold.1 += lost;
+                    }
+                    &mut t.moves_cost
+                }
+            };
+            bucket.0 += 1;
+            bucket.1 += lost;
+            if let Some(dump) = &self.dump {
+                let rows: Vec<String> = (0..d.candidates.len())
+                    .map(|i| {
+                        let c = &d.candidates[i];
+                        let s: Vec<String> =
+                            d.candidate_scores(i).iter().map(|x| format!("{x:.3}")).collect();
+                        format!(
+                            "w{}:true{}/rt{}[{}]",
+                            c.worker_id.index(),
+                            per[c.worker_id.index()],
+                            c.matched_blocks,
+                            s.join(",")
+                        )
+                    })
+                    .collect();
+                dump.lock().unwrap().push(format!(
+                    "t={:.3} req={} blocks={} ever={ever} best={best} chose=w{w}:{chosen} {}",
+                    view.now_s,
+                    r.req.id,
+                    keys.len(),
+                    rows.join(" ")
+                ));
+            }
+        }
+        self.per_worker_blocks[w] += keys.len() as u64;
+        Ok(w)
+    }
+    fn on_events(
+        &mut self,
+        worker: usize,
+        evs: &[CacheEvent],
+        reqs: &[SimRequest],
+        now_s: f64,
+    ) -> Result<()> {
+        for ev in evs {
+            match ev {
+                CacheEvent::Stored { keys, .. } => {
+                    self.stored[worker] += keys.len() as u64;
+                    for &k in keys {
+                        self.ever.insert(k);
+                        self.cached[worker].insert(k);
+                    }
+                }
+                CacheEvent::Removed { key } => {
+                    self.removed[worker] += 1;
+                    self.cached[worker].remove(key);
+                }
+                CacheEvent::Cleared => self.cached[worker].clear(),
+            }
+        }
+        self.inner.on_events(worker, evs, reqs, now_s)
+    }
+    fn on_first_token(&mut self, w: usize, req: &SimRequest, now_s: f64) -> Result<()> {
+        self.inner.on_first_token(w, req, now_s)
+    }
+    fn on_finished(&mut self, w: usize, req: &SimRequest, now_s: f64) -> Result<()> {
+        self.inner.on_finished(w, req, now_s)
+    }
+}
+
+fn main() -> Result<()> {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let workload = a.first().cloned().unwrap_or_else(|| "chat".into());
+    let mut spec = SimulateSpec { workloads: vec![workload.clone()], ..Default::default() };
+    spec.workers = a.get(1).and_then(|s| s.parse().ok()).filter(|&n| n > 0);
+    spec.capacity_blocks = a.get(2).and_then(|s| s.parse().ok()).filter(|&n| n > 0);
+    spec.requests = a.get(3).and_then(|s| s.parse().ok()).filter(|&n| n > 0);
+    let policies: Vec<String> =
+        a.get(4).map_or("kvroute,llm-d", String::as_str).split(',').map(String::from).collect();
+    let replicas: usize = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let dump_path = std::env::var("DECISIONS_DUMP").ok();
+    let (prepared, cfg) = spec.prepare(&workload)?;
+    let oracle = kvroute_sim::run_oracle(&prepared, &cfg)?;
+    println!("oracle hit {:.2}%", 100.0 * oracle.hit_rate);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = policies
+            .iter()
+            .map(|name| {
+                let (prepared, cfg, dump_path) = (&prepared, &cfg, &dump_path);
+                s.spawn(move || -> Result<_> {
+                    let inner = RouterPolicy::named(name, cfg.workers, &cfg.engine, cfg.seed)?
+                        .with_replicas(replicas)?;
+                    let t = Arc::new(Mutex::new(Totals::default()));
+                    let dump = dump_path.as_ref().map(|_| Arc::new(Mutex::new(Vec::new())));
+                    let mut tr = Tracer {
+                        inner,
+                        ever: HashSet::new(),
+                        cached: vec![HashSet::new(); cfg.workers],
+                        t: t.clone(),
+                        per_worker_blocks: vec![0; cfg.workers],
+                        stored: vec![0; cfg.workers],
+                        removed: vec![0; cfg.workers],
+                        dump: dump.clone(),
+                    };
+                    let res = kvroute_sim::run(prepared, cfg, &mut tr)?;
+                    if let (Some(p), Some(d)) = (dump_path, dump) {
+                        std::fs::write(format!("{p}.{name}"), d.lock().unwrap().join("\n"))
+                            .unwrap();
+                    }
+                    let pw = format!(
+                        "{:?}\n  stored k {:?}\n  removed k {:?}",
+                        tr.per_worker_blocks.iter().map(|x| x / 1000).collect::<Vec<_>>(),
+                        tr.stored.iter().map(|x| x / 1000).collect::<Vec<_>>(),
+                        tr.removed.iter().map(|x| x / 1000).collect::<Vec<_>>()
+                    );
+                    let m: Vec<Vec<u64>> = tr
+                        .inner
+                        .routers()
+                        .iter()
+                        .map(|r| {
+                            r.metrics()
+                                .workers
+                                .iter()
+                                .map(|w| w.prefill_tokens_per_s as u64)
+                                .collect()
+                        })
+                        .collect();
+                    let t = t.lock().unwrap().clone();
+                    Ok((name.clone(), res, t, pw, format!("{m:?}")))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut counts: HashMap<String, ()> = HashMap::new();
+    for r in results {
+        let (name, res, t, pw, metrics) = r?;
+        counts.insert(name.clone(), ());
+        let pct = |x: u64| 100.0 * x as f64 / t.blocks as f64;
+        println!(
+            "\n{name}: hit {:.2}% block-hit {:.2}% ttft p90 {:.2}s top {:.1}% evictions {}",
+            100.0 * res.hit_rate,
+            100.0 * res.block_hit_rate,
+            res.ttft_p90_s.unwrap_or(0.0),
+            100.0 * res.top_worker_share,
+            res.evictions
+        );
+        println!(
+            "  blocks {} ; ever {:.2}% ; best at routing {:.2}% ; chosen {:.2}% ; admitted (block hit) {:.2}%",
+            t.blocks,
+            pct(t.ever),
+            pct(t.best),
+            pct(t.chosen),
+            100.0 * res.block_hit_rate
+        );
+        println!(
+            "  lost: evicted {:.2}% ; moves {:.2}% (unseen {} req {:.2}% ; guard {} req {:.2}% ; cost {} req {:.2}%, of which to a cold worker {} req {:.2}%)",
+            pct(t.ever - t.best),
+            pct(t.best - t.chosen),
+            t.moves_unseen.0,
+            pct(t.moves_unseen.1),
+            t.moves_guard.0,
+            pct(t.moves_guard.1),
+            t.moves_cost.0,
+            pct(t.moves_cost.1),
+            t.cost_to_cold.0,
+            pct(t.cost_to_cold.1),
+        );
+        println!("  per worker requests {:?}", res.per_worker);
+        println!("  preemptions {}", res.preemptions);
+        println!("  per worker prompt blocks k {pw}");
+        if std::env::var("DECISIONS_METRICS").is_ok() {
+            println!("  learned prefill rates per replica {metrics}");
+        }
+    }
+    Ok(())
+}
