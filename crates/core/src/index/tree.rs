@@ -621,7 +621,12 @@ impl PrefixIndex {
         if let Some(p) = parent.filter(|_| hint == NO_LOC) {
             self.table.prefetch(p);
         }
-        self.table.prefetch(keys[0]);
+        // The groups of the first keys too, not only the first's: in the common case
+        // (new keys) they are what `attach_new` touches next, and their misses then
+        // overlap the wait for the first key's lookup instead of following it.
+        for &k in keys.iter().take(AHEAD) {
+            self.table.prefetch_insert(k);
+        }
         // The cursor is the key after which the next key attaches (None = root), with a
         // hint of its location.
         let mut cursor: Option<(u64, Loc)> = match parent {
