@@ -16,7 +16,10 @@
 //! their group was ever full, and reads the group before a slot to decide).
 //!
 //! Keys are not stored: a location is checked by reading the key from its node (the
-//! caller passes `key_at`), which keeps the table at about 9.1 bytes per slot. Callers
+//! caller passes `key_at`), which keeps the table at about 9.1 bytes per slot. So that a
+//! tag that matches by chance (1 in 255 per occupied slot) rarely costs that read, a
+//! stored offset below 2^24 carries seven more bits of the key's hash in its top byte
+//! (offsets are below 2^31; larger ones, up to 2^31, are stored plainly and always read). Callers
 //! prefetch the groups of a whole run of keys before they touch them, so that the misses
 //! of a run overlap.
 //!
@@ -87,6 +90,48 @@ fn over(tags: u64) -> u64 {
 fn tag_of(h: u64) -> u8 {
     let t = h as u8;
     t | u8::from(t == 0)
+}
+
+/// Set in a stored offset that carries seven more bits of the key's hash (bits 24-30)
+/// above a 24-bit offset. Offsets of 2^24 or more are stored plainly (below 2^31).
+const EXTRA: u32 = 1 << 31;
+const OFF_BITS: u32 = (1 << 24) - 1;
+
+/// Seven bits of the hash that neither the tag (bits 0-7) nor, in practice, the home
+/// group (the high bits) uses.
+#[inline]
+fn extra_of(h: u64) -> u32 {
+    ((h >> 8) & 0x7F) as u32
+}
+
+/// A location as stored for a key of hash `h`: an offset below 2^24 carries
+/// [`extra_of`]`(h)`, so that a tag matching by chance is almost always rejected without
+/// reading the key from its node (two dependent misses in a large index).
+#[inline]
+fn pack(loc: Loc, h: u64) -> Loc {
+    debug_assert!(loc.off < EXTRA, "node offset {} out of range", loc.off);
+    if loc.off <= OFF_BITS {
+        Loc { node: loc.node, off: EXTRA | extra_of(h) << 24 | loc.off }
+    } else {
+        loc
+    }
+}
+
+/// The location of a stored one.
+#[inline]
+fn unpack(s: Loc) -> Loc {
+    if s.off & EXTRA != 0 {
+        Loc { node: s.node, off: s.off & OFF_BITS }
+    } else {
+        s
+    }
+}
+
+/// False when the stored location `s` certainly belongs to another key than one of
+/// hash `h`.
+#[inline]
+fn may_be(s: Loc, h: u64) -> bool {
+    s.off & EXTRA == 0 || (s.off >> 24) & 0x7F == extra_of(h)
 }
 
 /// The largest share of slots in use before the table grows.
@@ -269,7 +314,8 @@ impl KeyTable {
             while m != 0 {
                 let j = (m.trailing_zeros() / 8) as usize;
                 m &= m - 1;
-                if key_at(self.groups[i].slots[j]) == key {
+                let s = self.groups[i].slots[j];
+                if may_be(s, h) && key_at(unpack(s)) == key {
                     return Some((i, j, k));
                 }
             }
@@ -284,15 +330,16 @@ impl KeyTable {
     /// The location of `key`, if present.
     #[inline]
     pub(super) fn find(&self, key: u64, key_at: impl Fn(Loc) -> u64) -> Option<Loc> {
-        self.position(key, mix(key), key_at).map(|(i, j, _)| self.groups[i].slots[j])
+        self.position(key, mix(key), key_at).map(|(i, j, _)| unpack(self.groups[i].slots[j]))
     }
 
     /// Points `key` at `loc`; false when `key` is absent.
     #[inline]
     pub(super) fn set(&mut self, key: u64, loc: Loc, key_at: impl Fn(Loc) -> u64) -> bool {
-        match self.position(key, mix(key), key_at) {
+        let h = mix(key);
+        match self.position(key, h, key_at) {
             Some((i, j, _)) => {
-                self.groups[i].slots[j] = loc;
+                self.groups[i].slots[j] = pack(loc, h);
                 true
             }
             None => false,
@@ -314,7 +361,7 @@ impl KeyTable {
         }
         let j = (free(self.groups[i].tags).trailing_zeros() / 8) as usize;
         self.groups[i].tags |= u64::from(tag) << (8 * j);
-        self.groups[i].slots[j] = loc;
+        self.groups[i].slots[j] = pack(loc, h);
         self.len += 1;
     }
 
@@ -344,7 +391,8 @@ impl KeyTable {
             while m != 0 {
                 let j = (m.trailing_zeros() / 8) as usize;
                 m &= m - 1;
-                if key_at(self.groups[i].slots[j]) == key {
+                let s = self.groups[i].slots[j];
+                if may_be(s, h) && key_at(unpack(s)) == key {
                     return false;
                 }
             }
@@ -381,7 +429,7 @@ impl KeyTable {
         debug_assert_eq!(x, target);
         let j = (free(self.groups[target].tags).trailing_zeros() / 8) as usize;
         self.groups[target].tags |= u64::from(tag) << (8 * j);
-        self.groups[target].slots[j] = loc;
+        self.groups[target].slots[j] = pack(loc, h);
         self.len += 1;
         true
     }
@@ -389,7 +437,7 @@ impl KeyTable {
     /// Every location held, in table order.
     pub(super) fn entries(&self) -> impl Iterator<Item = Loc> + '_ {
         self.groups.iter().flat_map(|g| {
-            (0..SLOTS).filter(move |&j| tag_at(g.tags, j) != 0).map(move |j| g.slots[j])
+            (0..SLOTS).filter(move |&j| tag_at(g.tags, j) != 0).map(move |j| unpack(g.slots[j]))
         })
     }
 
@@ -399,7 +447,7 @@ impl KeyTable {
         let h = mix(key);
         let (i, j, k) = self.position(key, h, key_at)?;
         self.groups[i].tags &= !(0xFF << (8 * j));
-        let loc = self.groups[i].slots[j];
+        let loc = unpack(self.groups[i].slots[j]);
         // It passed over the `k` groups before it.
         let tag = tag_of(h);
         let mut x = self.home(h);
@@ -424,6 +472,40 @@ mod tests {
     }
     fn key_at(l: Loc) -> u64 {
         u64::from(l.node) | u64::from(l.off) << 32
+    }
+
+    /// Locations come back as given whether their offset carries extra hash bits (below
+    /// 2^24) or not (above), through find, set and remove.
+    #[test]
+    fn locations_round_trip_with_and_without_extra_hash_bits() {
+        let offs = [0u32, 1, OFF_BITS, OFF_BITS + 1, EXTRA - 1];
+        let mut t = KeyTable::with_room(100);
+        let mut at = std::collections::HashMap::new();
+        for k in 0..50u64 {
+            let l = Loc { node: k as u32, off: offs[k as usize % offs.len()] };
+            t.insert_new(k, l);
+            at.insert(l, k);
+        }
+        let key_at = |l: Loc| at[&l];
+        for k in 0..50u64 {
+            assert_eq!(
+                t.find(k, key_at),
+                Some(Loc { node: k as u32, off: offs[k as usize % offs.len()] })
+            );
+        }
+        assert!(!t.insert_absent(7, Loc { node: 7, off: 3 }, key_at));
+        let moved = Loc { node: 999, off: OFF_BITS + 5 };
+        assert!(t.set(3, moved, key_at));
+        let mut at2 = at.clone();
+        at2.insert(moved, 3);
+        let key_at2 = |l: Loc| at2[&l];
+        assert_eq!(t.find(3, key_at2), Some(moved));
+        assert_eq!(t.remove(4, key_at2), Some(Loc { node: 4, off: offs[4] }));
+        assert_eq!(t.find(4, key_at2), None);
+        let mut all: Vec<Loc> = t.entries().collect();
+        all.sort_by_key(|l| (l.node, l.off));
+        assert_eq!(all.len(), 49);
+        assert!(all.contains(&moved));
     }
 
     /// The byte tests are exact for every tag value, including ones next to zero bytes

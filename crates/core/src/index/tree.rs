@@ -226,8 +226,10 @@ pub(super) struct Node {
     pub(super) live: bool,
 }
 
-/// Where a key lives: node and offset. The key itself is read from the node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a key lives: node and offset. The key itself is read from the node. Offsets are
+/// below 2^31 (a node of 2^31 keys would hold 16 GiB of them): the key table keeps seven
+/// bits of the key's hash in the top of offsets below 2^24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct Loc {
     pub(super) node: u32,
     pub(super) off: u32,
