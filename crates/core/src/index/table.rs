@@ -1,22 +1,25 @@
 //! The key table: block key -> location `(node, offset)`.
 //!
-//! An open-addressing hash table in groups of seven slots, with the layout split by how
-//! each part is used: one 8-byte control word per group in one array (the slots' 1-byte
-//! tags, 7 bits of the key's hash with 0 = empty, and the group's overflow count, the
-//! number of keys whose probe sequence passed over the group because it was full), and
-//! the 8-byte locations in another (56 bytes per group). The control words are an eighth
-//! of the table's bytes, so the reads that every operation waits for (is
-//! the key there? where is a free slot?) mostly hit the cache even when the table is
-//! hundreds of megabytes; a new key's location is a write, which the processor does not
-//! wait for; and the one line a removal or lookup waits for in the location array is a
-//! function of the key alone, so it is prefetched together with the tags.
+//! An open-addressing hash table in groups of seven slots, one group per 64-byte cache
+//! line: an 8-byte control word (the slots' 1-byte tags, 8 bits of the key's hash with
+//! 0 = empty, and the group's overflow count, the number of keys whose probe sequence
+//! passed over the group because it was full) and the seven 8-byte locations. Every
+//! operation on a key touches one line per group probed (usually one): the tags it waits
+//! for and the location it then reads or writes come together, and the line is a
+//! function of the key alone, so callers prefetch it a run of keys ahead. (An earlier
+//! layout kept the control words in an array of their own, so that they would stay
+//! cached; but a store or removal then waited for a second line, the location, which in
+//! W1 cost removals about 2.5x.)
 //!
 //! Overflow counts are exact (decremented on removal), so there are no tombstones and
 //! removals never lengthen later probes (a SwissTable marks removed slots deleted when
 //! their group was ever full, and reads the group before a slot to decide).
 //!
 //! Keys are not stored: a location is checked by reading the key from its node (the
-//! caller passes `key_at`), which keeps the table at about 9.1 bytes per slot. Callers
+//! caller passes `key_at`), which keeps the table at about 9.1 bytes per slot. So that a
+//! tag that matches by chance (1 in 255 per occupied slot) rarely costs that read, a
+//! stored offset below 2^24 carries seven more bits of the key's hash in its top byte
+//! (offsets are below 2^31; larger ones, up to 2^31, are stored plainly and always read). Callers
 //! prefetch the groups of a whole run of keys before they touch them, so that the misses
 //! of a run overlap.
 //!
@@ -30,17 +33,22 @@ use super::tree::{mix, Loc};
 
 /// Slots per group.
 const SLOTS: usize = 7;
-/// The tag bytes of a control word (bytes 0-6; byte 7 is the overflow count).
-const TAG_BYTES: u64 = 0x00FF_FFFF_FFFF_FFFF;
+// Tags are bytes 0-6 of a control word; byte 7 is the overflow count.
 const LOW: u64 = 0x0001_0101_0101_0101;
 const HIGH: u64 = 0x0080_8080_8080_8080;
+const SEVEN: u64 = 0x7F7F_7F7F_7F7F_7F7F;
 const OVER_ONE: u64 = 1 << 56;
 
-/// The locations of one group.
+/// One group, one cache line: the control word (seven tags and the overflow count) and
+/// the seven locations.
 #[derive(Clone, Copy, Debug)]
-struct Group([Loc; SLOTS]);
+#[repr(C, align(64))]
+struct Group {
+    tags: u64,
+    slots: [Loc; SLOTS],
+}
 
-const EMPTY_GROUP: Group = Group([Loc { node: 0, off: 0 }; SLOTS]);
+const EMPTY_GROUP: Group = Group { tags: 0, slots: [Loc { node: 0, off: 0 }; SLOTS] };
 
 /// Tag `j` of a group's tag word.
 #[inline]
@@ -48,20 +56,23 @@ fn tag_at(tags: u64, j: usize) -> u8 {
     (tags >> (8 * j)) as u8
 }
 
-/// Slots whose tag byte may equal `tag` (a bit at 8 * j + 7 per candidate slot `j`;
-/// candidates after a true match may be false: callers check the tag exactly).
+/// The zero bytes among bytes 0-6 of `x`, exactly: bit 8 * j + 7 for each zero byte
+/// `j` (no carry crosses a byte, so there are no false positives).
 #[inline]
-fn candidates(tags: u64, tag: u8) -> u64 {
-    let x = (tags ^ (u64::from(tag) * LOW)) & TAG_BYTES;
-    x.wrapping_sub(LOW) & !x & HIGH
+fn zero_bytes(x: u64) -> u64 {
+    !(((x & SEVEN).wrapping_add(SEVEN)) | x | SEVEN) & HIGH
 }
 
-/// Empty slots, exactly (tags have their high bit set, so the zero-byte test has no
-/// false positives).
+/// Slots whose tag equals `tag`, exactly (a bit at 8 * j + 7 per slot `j`).
+#[inline]
+fn candidates(tags: u64, tag: u8) -> u64 {
+    zero_bytes(tags ^ (u64::from(tag) * LOW))
+}
+
+/// Empty slots, exactly.
 #[inline]
 fn free(tags: u64) -> u64 {
-    let x = tags & TAG_BYTES;
-    x.wrapping_sub(LOW) & !x & HIGH
+    zero_bytes(tags)
 }
 
 /// The overflow count of a control word (saturating: a saturated count is never
@@ -71,11 +82,56 @@ fn over(tags: u64) -> u64 {
     tags >> 56
 }
 
-/// The tag of a hash: its low 7 bits (the group comes from the high bits), with the high
-/// bit set so that it is never 0.
+/// The tag of a hash: its low 8 bits (the group comes from the high bits), 0 (which
+/// marks an empty slot) made 1. All 8 bits, not 7 and an "occupied" bit: a new key's
+/// tag matches some other key's by chance half as often, and each such match costs
+/// reads of a node and its key, two misses in a large index.
 #[inline]
 fn tag_of(h: u64) -> u8 {
-    h as u8 | 0x80
+    let t = h as u8;
+    t | u8::from(t == 0)
+}
+
+/// Set in a stored offset that carries seven more bits of the key's hash (bits 24-30)
+/// above a 24-bit offset. Offsets of 2^24 or more are stored plainly (below 2^31).
+const EXTRA: u32 = 1 << 31;
+const OFF_BITS: u32 = (1 << 24) - 1;
+
+/// Seven bits of the hash that neither the tag (bits 0-7) nor, in practice, the home
+/// group (the high bits) uses.
+#[inline]
+fn extra_of(h: u64) -> u32 {
+    ((h >> 8) & 0x7F) as u32
+}
+
+/// A location as stored for a key of hash `h`: an offset below 2^24 carries
+/// [`extra_of`]`(h)`, so that a tag matching by chance is almost always rejected without
+/// reading the key from its node (two dependent misses in a large index).
+#[inline]
+fn pack(loc: Loc, h: u64) -> Loc {
+    debug_assert!(loc.off < EXTRA, "node offset {} out of range", loc.off);
+    if loc.off <= OFF_BITS {
+        Loc { node: loc.node, off: EXTRA | extra_of(h) << 24 | loc.off }
+    } else {
+        loc
+    }
+}
+
+/// The location of a stored one.
+#[inline]
+fn unpack(s: Loc) -> Loc {
+    if s.off & EXTRA != 0 {
+        Loc { node: s.node, off: s.off & OFF_BITS }
+    } else {
+        s
+    }
+}
+
+/// False when the stored location `s` certainly belongs to another key than one of
+/// hash `h`.
+#[inline]
+fn may_be(s: Loc, h: u64) -> bool {
+    s.off & EXTRA == 0 || (s.off >> 24) & 0x7F == extra_of(h)
 }
 
 /// The largest share of slots in use before the table grows.
@@ -149,9 +205,7 @@ fn huge_vec<T: Copy>(n: usize, fill: T) -> Vec<T> {
 /// The key table. See the [module documentation](self).
 #[derive(Clone, Debug, Default)]
 pub(super) struct KeyTable {
-    /// Control word per group: seven tags and the overflow count.
-    tags: Vec<u64>,
-    slots: Vec<Group>,
+    groups: Vec<Group>,
     len: usize,
 }
 
@@ -173,7 +227,7 @@ impl KeyTable {
         while !is_prime(groups) {
             groups += 1;
         }
-        KeyTable { tags: huge_vec(groups, 0), slots: huge_vec(groups, EMPTY_GROUP), len: 0 }
+        KeyTable { groups: huge_vec(groups, EMPTY_GROUP), len: 0 }
     }
 
     /// Keys held.
@@ -185,18 +239,18 @@ impl KeyTable {
     /// How many more keys fit before the table must be rebuilt larger.
     #[inline]
     pub(super) fn room(&self) -> usize {
-        Self::max_len(self.tags.len()).saturating_sub(self.len)
+        Self::max_len(self.groups.len()).saturating_sub(self.len)
     }
 
     /// Heap bytes.
     pub(super) fn allocation_size(&self) -> usize {
-        self.tags.capacity() * 8 + self.slots.capacity() * std::mem::size_of::<Group>()
+        self.groups.capacity() * std::mem::size_of::<Group>()
     }
 
     /// The home group of hash `h` (from its high bits, by a multiply: any group count).
     #[inline]
     fn home(&self, h: u64) -> usize {
-        ((u128::from(h) * self.tags.len() as u128) >> 64) as usize
+        ((u128::from(h) * self.groups.len() as u128) >> 64) as usize
     }
 
     /// The group after `i` in the probe sequence of `tag` (double hashing: keys that
@@ -204,7 +258,7 @@ impl KeyTable {
     /// group count is prime, so every stride visits every group.
     #[inline]
     fn next(&self, i: usize, tag: u8) -> usize {
-        let n = self.tags.len();
+        let n = self.groups.len();
         // Any step in 1..n works (n is prime); skip the division for all but tiny tables.
         let t = usize::from(tag);
         let step = if n > 256 { 1 + t } else { 1 + t % (n - 1) };
@@ -216,32 +270,29 @@ impl KeyTable {
         }
     }
 
-    /// Starts loading the home group of `key` (tags and locations) into the cache.
+    /// Starts loading the home group of `key` (its one line: control word and
+    /// locations) into the cache.
     #[inline]
     pub(super) fn prefetch(&self, key: u64) {
-        if self.tags.is_empty() {
+        if self.groups.is_empty() {
             return;
         }
-        let g = self.home(mix(key));
-        prefetch_line(&self.tags[g]);
-        // A group's 56 bytes may span two lines.
-        prefetch_line(&self.slots[g].0[0]);
-        prefetch_line(&self.slots[g].0[SLOTS - 1]);
+        prefetch_line(&self.groups[self.home(mix(key))]);
     }
 
-    /// Starts loading the control words of `key`'s first two groups (enough to insert a
-    /// new key: at the loads the table runs at, a quarter of the home groups have
-    /// overflowed, and the second group would otherwise be a miss of its own after the
-    /// first).
+    /// Starts loading `key`'s first two groups (enough to insert a new key: at the loads
+    /// the table runs at, about three probes in ten go on to a second group, which would
+    /// otherwise be a miss of its own after the first; and the location written is in
+    /// the same line as the tags).
     #[inline]
-    pub(super) fn prefetch_tags(&self, key: u64) {
-        if self.tags.is_empty() {
+    pub(super) fn prefetch_insert(&self, key: u64) {
+        if self.groups.is_empty() {
             return;
         }
         let h = mix(key);
         let g = self.home(h);
-        prefetch_line(&self.tags[g]);
-        prefetch_line(&self.tags[self.next(g, tag_of(h))]);
+        prefetch_line(&self.groups[g]);
+        prefetch_line(&self.groups[self.next(g, tag_of(h))]);
     }
 
     /// The group and slot of `key`, if present, and the number of groups probed before.
@@ -252,18 +303,19 @@ impl KeyTable {
         h: u64,
         key_at: impl Fn(Loc) -> u64,
     ) -> Option<(usize, usize, usize)> {
-        if self.tags.is_empty() {
+        if self.groups.is_empty() {
             return None;
         }
         let tag = tag_of(h);
         let mut i = self.home(h);
-        for k in 0..self.tags.len() {
-            let t = self.tags[i];
+        for k in 0..self.groups.len() {
+            let t = self.groups[i].tags;
             let mut m = candidates(t, tag);
             while m != 0 {
                 let j = (m.trailing_zeros() / 8) as usize;
                 m &= m - 1;
-                if tag_at(t, j) == tag && key_at(self.slots[i].0[j]) == key {
+                let s = self.groups[i].slots[j];
+                if may_be(s, h) && key_at(unpack(s)) == key {
                     return Some((i, j, k));
                 }
             }
@@ -278,15 +330,16 @@ impl KeyTable {
     /// The location of `key`, if present.
     #[inline]
     pub(super) fn find(&self, key: u64, key_at: impl Fn(Loc) -> u64) -> Option<Loc> {
-        self.position(key, mix(key), key_at).map(|(i, j, _)| self.slots[i].0[j])
+        self.position(key, mix(key), key_at).map(|(i, j, _)| unpack(self.groups[i].slots[j]))
     }
 
     /// Points `key` at `loc`; false when `key` is absent.
     #[inline]
     pub(super) fn set(&mut self, key: u64, loc: Loc, key_at: impl Fn(Loc) -> u64) -> bool {
-        match self.position(key, mix(key), key_at) {
+        let h = mix(key);
+        match self.position(key, h, key_at) {
             Some((i, j, _)) => {
-                self.slots[i].0[j] = loc;
+                self.groups[i].slots[j] = pack(loc, h);
                 true
             }
             None => false,
@@ -300,24 +353,92 @@ impl KeyTable {
         let h = mix(key);
         let tag = tag_of(h);
         let mut i = self.home(h);
-        while free(self.tags[i]) == 0 {
-            if over(self.tags[i]) != 0xFF {
-                self.tags[i] += OVER_ONE;
+        while free(self.groups[i].tags) == 0 {
+            if over(self.groups[i].tags) != 0xFF {
+                self.groups[i].tags += OVER_ONE;
             }
             i = self.next(i, tag);
         }
-        let j = (free(self.tags[i]).trailing_zeros() / 8) as usize;
-        self.tags[i] |= u64::from(tag) << (8 * j);
-        self.slots[i].0[j] = loc;
+        let j = (free(self.groups[i].tags).trailing_zeros() / 8) as usize;
+        self.groups[i].tags |= u64::from(tag) << (8 * j);
+        self.groups[i].slots[j] = pack(loc, h);
         self.len += 1;
+    }
+
+    /// Adds `key` at `loc` unless it is present: one pass over its probe sequence that
+    /// both looks for the key and notes the first group with a free slot (what
+    /// [`find`](Self::find) then [`insert_new`](Self::insert_new) do in two). Returns
+    /// false, changing nothing, when the key is present. [`room`](Self::room) must not
+    /// be zero.
+    #[inline]
+    pub(super) fn insert_absent(
+        &mut self,
+        key: u64,
+        loc: Loc,
+        key_at: impl Fn(Loc) -> u64,
+    ) -> bool {
+        let h = mix(key);
+        let tag = tag_of(h);
+        let home = self.home(h);
+        let mut i = home;
+        // The first group with a free slot, and how many full groups the probe passed
+        // before it.
+        let mut target = usize::MAX;
+        let mut passed = 0usize;
+        for _ in 0..self.groups.len() {
+            let t = self.groups[i].tags;
+            let mut m = candidates(t, tag);
+            while m != 0 {
+                let j = (m.trailing_zeros() / 8) as usize;
+                m &= m - 1;
+                let s = self.groups[i].slots[j];
+                if may_be(s, h) && key_at(unpack(s)) == key {
+                    return false;
+                }
+            }
+            if target == usize::MAX {
+                if free(t) != 0 {
+                    target = i;
+                } else {
+                    passed += 1;
+                }
+            }
+            if over(t) == 0 {
+                break;
+            }
+            i = self.next(i, tag);
+        }
+        debug_assert!(self.room() > 0, "insert into a full key table");
+        if target == usize::MAX {
+            // Every group up to the end of the key's probe sequence is full: go on to the
+            // first free slot (the table has room, so there is one).
+            i = self.next(i, tag);
+            while free(self.groups[i].tags) == 0 {
+                passed += 1;
+                i = self.next(i, tag);
+            }
+            target = i;
+        }
+        let mut x = home;
+        for _ in 0..passed {
+            if over(self.groups[x].tags) != 0xFF {
+                self.groups[x].tags += OVER_ONE;
+            }
+            x = self.next(x, tag);
+        }
+        debug_assert_eq!(x, target);
+        let j = (free(self.groups[target].tags).trailing_zeros() / 8) as usize;
+        self.groups[target].tags |= u64::from(tag) << (8 * j);
+        self.groups[target].slots[j] = pack(loc, h);
+        self.len += 1;
+        true
     }
 
     /// Every location held, in table order.
     pub(super) fn entries(&self) -> impl Iterator<Item = Loc> + '_ {
-        self.tags
-            .iter()
-            .zip(&self.slots)
-            .flat_map(|(&t, g)| (0..SLOTS).filter(move |&j| tag_at(t, j) != 0).map(move |j| g.0[j]))
+        self.groups.iter().flat_map(|g| {
+            (0..SLOTS).filter(move |&j| tag_at(g.tags, j) != 0).map(move |j| unpack(g.slots[j]))
+        })
     }
 
     /// Removes `key`; returns its location, or `None` when it was absent.
@@ -325,14 +446,14 @@ impl KeyTable {
     pub(super) fn remove(&mut self, key: u64, key_at: impl Fn(Loc) -> u64) -> Option<Loc> {
         let h = mix(key);
         let (i, j, k) = self.position(key, h, key_at)?;
-        self.tags[i] &= !(0xFF << (8 * j));
-        let loc = self.slots[i].0[j];
+        self.groups[i].tags &= !(0xFF << (8 * j));
+        let loc = unpack(self.groups[i].slots[j]);
         // It passed over the `k` groups before it.
         let tag = tag_of(h);
         let mut x = self.home(h);
         for _ in 0..k {
-            if over(self.tags[x]) != 0xFF {
-                self.tags[x] -= OVER_ONE;
+            if over(self.groups[x].tags) != 0xFF {
+                self.groups[x].tags -= OVER_ONE;
             }
             x = self.next(x, tag);
         }
@@ -351,6 +472,71 @@ mod tests {
     }
     fn key_at(l: Loc) -> u64 {
         u64::from(l.node) | u64::from(l.off) << 32
+    }
+
+    /// Locations come back as given whether their offset carries extra hash bits (below
+    /// 2^24) or not (above), through find, set and remove.
+    #[test]
+    fn locations_round_trip_with_and_without_extra_hash_bits() {
+        let offs = [0u32, 1, OFF_BITS, OFF_BITS + 1, EXTRA - 1];
+        let mut t = KeyTable::with_room(100);
+        let mut at = std::collections::HashMap::new();
+        for k in 0..50u64 {
+            let l = Loc { node: k as u32, off: offs[k as usize % offs.len()] };
+            t.insert_new(k, l);
+            at.insert(l, k);
+        }
+        let key_at = |l: Loc| at[&l];
+        for k in 0..50u64 {
+            assert_eq!(
+                t.find(k, key_at),
+                Some(Loc { node: k as u32, off: offs[k as usize % offs.len()] })
+            );
+        }
+        assert!(!t.insert_absent(7, Loc { node: 7, off: 3 }, key_at));
+        let moved = Loc { node: 999, off: OFF_BITS + 5 };
+        assert!(t.set(3, moved, key_at));
+        let mut at2 = at.clone();
+        at2.insert(moved, 3);
+        let key_at2 = |l: Loc| at2[&l];
+        assert_eq!(t.find(3, key_at2), Some(moved));
+        assert_eq!(t.remove(4, key_at2), Some(Loc { node: 4, off: offs[4] }));
+        assert_eq!(t.find(4, key_at2), None);
+        let mut all: Vec<Loc> = t.entries().collect();
+        all.sort_by_key(|l| (l.node, l.off));
+        assert_eq!(all.len(), 49);
+        assert!(all.contains(&moved));
+    }
+
+    /// The byte tests are exact for every tag value, including ones next to zero bytes
+    /// (where the usual borrow trick reports false zeros).
+    #[test]
+    fn byte_tests_are_exact() {
+        let mut rng = 7u64;
+        for _ in 0..100_000 {
+            rng = crate::rng::splitmix64(rng);
+            // Bytes drawn mostly from {0, 1, tag, 0x80, 0xFF, random} to hit the edges.
+            let tag = tag_of(rng >> 13);
+            let mut w = 0u64;
+            for j in 0..8 {
+                let r = (rng >> (j * 3)) & 7;
+                let b = [0u64, 1, u64::from(tag), 0x80, 0xFF, (rng >> 40) & 0xFF, 0, 2][r as usize];
+                w |= b << (8 * j);
+            }
+            let (mut want_free, mut want_tag) = (0u64, 0u64);
+            for j in 0..SLOTS {
+                let b = tag_at(w, j);
+                if b == 0 {
+                    want_free |= 0x80 << (8 * j);
+                }
+                if b == tag {
+                    want_tag |= 0x80 << (8 * j);
+                }
+            }
+            assert_eq!(free(w), want_free, "{w:#x}");
+            assert_eq!(candidates(w, tag), want_tag, "{w:#x} tag {tag:#x}");
+            assert_ne!(tag, 0);
+        }
     }
 
     /// Against a `HashSet` through growth, removals and re-insertions at full load, with
@@ -378,8 +564,20 @@ mod tests {
                     }
                     t = bigger;
                 }
-                t.insert_new(k, loc(k));
+                if step % 2 == 0 {
+                    t.insert_new(k, loc(k));
+                } else {
+                    assert!(t.insert_absent(k, loc(k), key_at), "step {step}");
+                }
                 set.insert(k);
+            }
+            if step % 3 == 0 {
+                // A present key is never added twice.
+                if let Some(&s) = set.iter().next() {
+                    let len = t.len();
+                    assert!(!t.insert_absent(s, loc(s), key_at));
+                    assert_eq!(t.len(), len);
+                }
             }
             assert_eq!(t.len(), set.len());
             if step % 10_000 == 0 {
@@ -399,6 +597,9 @@ mod tests {
             assert_eq!(t.find(k, key_at), Some(loc(k)));
         }
         assert_eq!(t.find(n as u64, key_at), None);
+        for k in 0..n as u64 {
+            assert!(!t.insert_absent(k, loc(k), key_at), "present at full load: {k}");
+        }
         for k in (0..n as u64).step_by(2) {
             assert!(t.remove(k, key_at).is_some());
         }

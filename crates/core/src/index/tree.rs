@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The root node: the empty prefix. It has no keys and no holders.
 pub(super) const ROOT: u32 = 0;
 const NIL: u32 = u32::MAX;
+/// A location hint that matches no node.
+const NO_LOC: Loc = Loc { node: NIL, off: 0 };
 /// The largest worker id the index accepts (ids are dense; this bounds per-worker arrays).
 pub const MAX_WORKER: u32 = 1 << 20;
 /// How far ahead of a loop over keys their table groups are prefetched.
@@ -224,8 +226,10 @@ pub(super) struct Node {
     pub(super) live: bool,
 }
 
-/// Where a key lives: node and offset. The key itself is read from the node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a key lives: node and offset. The key itself is read from the node. Offsets are
+/// below 2^31 (a node of 2^31 keys would hold 16 GiB of them): the key table keeps seven
+/// bits of the key's hash in the top of offsets below 2^24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct Loc {
     pub(super) node: u32,
     pub(super) off: u32,
@@ -255,6 +259,10 @@ pub struct PrefixIndex {
     pub(super) ref_overflows: u64,
     pub(super) unknown_removals: u64,
     pub(super) evictions: u64,
+    /// The last key written by the last store, and where it was then: the next event of
+    /// the same sequence names it as its parent, and finds it here without a table
+    /// probe. Only a hint, checked before use ([`PrefixIndex::locate`]).
+    tail: (u64, Loc),
 }
 
 impl Default for PrefixIndex {
@@ -282,6 +290,7 @@ impl PrefixIndex {
             ref_overflows: 0,
             unknown_removals: 0,
             evictions: 0,
+            tail: (0, Loc { node: NIL, off: 0 }),
         }
     }
 
@@ -296,6 +305,21 @@ impl PrefixIndex {
     pub(super) fn lookup(&self, key: u64) -> Option<Loc> {
         let nodes = &self.nodes;
         self.table.find(key, |l| nodes[l.node as usize].keys[l.off as usize])
+    }
+
+    /// The location of `key`, trying `hint` first: a live node holding `key` at the
+    /// hinted offset is its location (a key is in at most one place of the tree), so a
+    /// right hint costs one read of a node's key instead of a table probe (a chain of
+    /// misses: control word, location, then the node's key); a stale one falls back to
+    /// the table.
+    #[inline]
+    fn locate(&self, key: u64, hint: Loc) -> Option<Loc> {
+        if let Some(n) = self.nodes.get(hint.node as usize) {
+            if n.live && n.keys.get(hint.off as usize) == Some(&key) {
+                return Some(hint);
+            }
+        }
+        self.lookup(key)
     }
 
     /// Points `key` at `loc`. The key must still be readable at its old location.
@@ -344,24 +368,16 @@ impl PrefixIndex {
             }
             let keys = &node.keys;
             for &k in keys.iter().take(AHEAD) {
-                t.prefetch_tags(k);
+                t.prefetch_insert(k);
             }
             for (off, &k) in keys.iter().enumerate() {
                 if let Some(&a) = keys.get(off + AHEAD) {
-                    t.prefetch_tags(a);
+                    t.prefetch_insert(a);
                 }
                 t.insert_new(k, Loc { node: id as u32, off: off as u32 });
             }
         }
         self.table = t;
-    }
-
-    /// Prefetches the table tags of the first [`AHEAD`] of `keys` (about to be added).
-    #[inline]
-    fn prefetch_keys(&self, keys: &[u64]) {
-        for &k in keys.iter().take(AHEAD) {
-            self.table.prefetch_tags(k);
-        }
     }
 
     /// Drops keys `[a, b)` of node `n` from the table (the keys stay in the node),
@@ -601,25 +617,35 @@ impl PrefixIndex {
         if keys.is_empty() {
             return Ok(report);
         }
-        // The parent's and the first key's lookups below are independent misses.
-        if let Some(p) = parent {
+        // The parent's and the first key's lookups below are independent misses (the
+        // parent is usually the tail of the previous store, found without a probe).
+        let hint = if parent == Some(self.tail.0) { self.tail.1 } else { NO_LOC };
+        if let Some(p) = parent.filter(|_| hint == NO_LOC) {
             self.table.prefetch(p);
         }
-        self.table.prefetch(keys[0]);
-        // The cursor is the key after which the next key attaches (None = root).
-        let mut cursor: Option<u64> = match parent {
+        // The groups of the first keys too, not only the first's: in the common case
+        // (new keys) they are what `attach_new` touches next, and their misses then
+        // overlap the wait for the first key's lookup instead of following it.
+        for &k in keys.iter().take(AHEAD) {
+            self.table.prefetch_insert(k);
+        }
+        // The cursor is the key after which the next key attaches (None = root), with a
+        // hint of its location.
+        let mut cursor: Option<(u64, Loc)> = match parent {
             None => None,
-            Some(p) if self.lookup(p).is_some() => Some(p),
-            Some(p) => {
-                report.orphan = true;
-                self.orphan_stores += 1;
-                // Remember it only when the run starts a new root.
-                if self.lookup(keys[0]).is_none() {
-                    self.orphan_parent.insert(keys[0], p);
-                    self.orphans_by_parent.entry(p).or_default().push(keys[0]);
+            Some(p) => match self.locate(p, hint) {
+                Some(loc) => Some((p, loc)),
+                None => {
+                    report.orphan = true;
+                    self.orphan_stores += 1;
+                    // Remember it only when the run starts a new root.
+                    if self.lookup(keys[0]).is_none() {
+                        self.orphan_parent.insert(keys[0], p);
+                        self.orphans_by_parent.entry(p).or_default().push(keys[0]);
+                    }
+                    None
                 }
-                None
-            }
+            },
         };
         let mut created_first = Vec::new();
         let check_orphans = !self.orphans_by_parent.is_empty();
@@ -633,12 +659,13 @@ impl PrefixIndex {
                 let n = self.compact(n);
                 self.touch(n);
                 i += run;
-                cursor = Some(keys[i - 1]);
+                // (the node may have moved; the location is looked up when needed)
+                cursor = Some((keys[i - 1], NO_LOC));
             } else {
                 // Attach the keys from here up to the first one already in the index:
                 // `attach_new` stops there, so each new key costs one table operation.
                 let start = i;
-                let run_len = self.attach_new(cursor, &keys[start..], w, t);
+                let (run_len, last) = self.attach_new(cursor, &keys[start..], w, t);
                 let run = &keys[start..start + run_len];
                 i = start + run_len;
                 report.new_blocks += run_len as u32;
@@ -647,8 +674,11 @@ impl PrefixIndex {
                         run.iter().copied().filter(|k| self.orphans_by_parent.contains_key(k)),
                     );
                 }
-                cursor = Some(keys[i - 1]);
+                cursor = Some((keys[i - 1], last));
             }
+        }
+        if let Some(c) = cursor {
+            self.tail = c;
         }
         for k in created_first {
             self.relink_orphans(k);
@@ -691,12 +721,19 @@ impl PrefixIndex {
     /// Creates the keys of `run` after `cursor`, up to the first key that is already in
     /// the index (the first key must not be). Returns how many were attached: fewer than
     /// `run.len()` when a key exists already or `run` repeats a key (inconsistent input;
-    /// the repeat would close a cycle).
-    fn attach_new(&mut self, cursor: Option<u64>, run: &[u64], w: u32, t: usize) -> usize {
+    /// the repeat would close a cycle), and the location of the last key attached.
+    /// `cursor` is the key to attach after and a hint of its location.
+    fn attach_new(
+        &mut self,
+        cursor: Option<(u64, Loc)>,
+        run: &[u64],
+        w: u32,
+        t: usize,
+    ) -> (usize, Loc) {
         let mut refs = [0u16; 3];
         refs[t] = 1;
         let me = Holder { worker: w, refs };
-        let (c, off) = match cursor.and_then(|k| self.lookup(k)) {
+        let (c, off) = match cursor.and_then(|(k, hint)| self.locate(k, hint)) {
             Some(loc) => (loc.node, loc.off as usize),
             None => (ROOT, 0),
         };
@@ -721,7 +758,9 @@ impl PrefixIndex {
         let mut written = 0;
         // Room for the whole run before any key is written (a rebuild reads the nodes).
         self.reserve_keys(run.len());
-        self.prefetch_keys(run);
+        for &k in run.iter().take(AHEAD) {
+            self.table.prefetch_insert(k);
+        }
         'chunks: for chunk in run.chunks(WARM) {
             let keys = &mut self.nodes[target as usize].keys;
             keys.reserve_exact(chunk.len());
@@ -730,15 +769,18 @@ impl PrefixIndex {
             for &k in chunk {
                 // `k` is `run[got]`.
                 if let Some(&ahead) = run.get(got + AHEAD) {
-                    self.table.prefetch_tags(ahead);
+                    self.table.prefetch_insert(ahead);
                 }
                 let nodes = &self.nodes;
                 // A key already present ends the run (it is a repeat within `run` when
                 // it is one of the keys just written).
-                if self.table.find(k, |l| nodes[l.node as usize].keys[l.off as usize]).is_some() {
+                let loc = Loc { node: target, off: (base + got) as u32 };
+                if !self
+                    .table
+                    .insert_absent(k, loc, |l| nodes[l.node as usize].keys[l.off as usize])
+                {
                     break 'chunks;
                 }
-                self.table.insert_new(k, Loc { node: target, off: (base + got) as u32 });
                 got += 1;
             }
         }
@@ -754,7 +796,8 @@ impl PrefixIndex {
         } else {
             self.nodes[c as usize].children.insert(run[0], target);
         }
-        got
+        // (got >= 1: the first key is absent, and `run` is not empty)
+        (got, Loc { node: target, off: (base + got).saturating_sub(1) as u32 })
     }
 
     /// Links the orphan roots waiting for `parent` (just created) under it.
