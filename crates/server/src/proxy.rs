@@ -112,6 +112,8 @@ struct Prepared {
     lora: Option<(String, RequestExtras)>,
     stream: bool,
     tokenize_time: Duration,
+    /// Time spent waiting for the whole body.
+    body_read_time: Duration,
 }
 
 async fn read_body(
@@ -261,12 +263,14 @@ async fn prepare(
     req: Request<Incoming>,
     kind: Option<Kind>,
 ) -> Result<(hyper::http::request::Parts, Prepared), Response<Body>> {
+    let t0 = Instant::now();
     let (parts, body) = read_body(state, req).await?;
+    let body_read_time = t0.elapsed();
     let Parsed { tokens, lora, stream, tokenize_time } =
         prepare_body(state, &body, kind).map_err(|(s, m)| error(s, &m))?;
     state.metrics.tokenize.observe(tokenize_time);
     let session = Some(session_key(state, &parts.headers, peer));
-    Ok((parts, Prepared { body, tokens, session, lora, stream, tokenize_time }))
+    Ok((parts, Prepared { body, tokens, session, lora, stream, tokenize_time, body_read_time }))
 }
 
 fn route(state: &State, p: &Prepared, preview: bool) -> Result<Decision, Response<Body>> {
@@ -560,7 +564,9 @@ async fn proxy(
             finished: false,
         };
         if attempt == 0 {
-            state.metrics.overhead(start.elapsed().saturating_sub(p.tokenize_time));
+            state
+                .metrics
+                .overhead(start.elapsed().saturating_sub(p.tokenize_time), p.body_read_time);
         }
         match send(state, &parts, &p.body, &backend).await {
             Attempt::Ok(resp) => {
