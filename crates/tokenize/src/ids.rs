@@ -365,6 +365,9 @@ fn classify(block: &[u8; 64]) -> Classes {
 /// the ids parse independently of each other. `None` for anything else, including every
 /// form [`id_list`] reads and this does not.
 fn id_list_blocks(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
+    if b.get(i) != Some(&b'[') {
+        return None;
+    }
     let mut pos = i + 1;
     if !b.get(pos)?.is_ascii_digit() {
         return None;
@@ -615,6 +618,9 @@ mod tests {
             br#"{"prompt": [1], "messages": []}"#,
             br#"[[1, 2]]"#,
             br#"{"prompt": [1]} x"#,
+            // Found by the fuzzer: a later prompt of a batch that does not open with `[`.
+            br#"{"prompt":[[5,6,70000],[],_7]]}"#,
+            br#"{"prompt":[[5],x7]}"#,
         ] {
             assert_eq!(scan(b), None, "{}", String::from_utf8_lossy(b));
         }

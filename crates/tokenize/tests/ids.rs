@@ -84,6 +84,8 @@ fn prompt(adversarial: bool) -> impl Strategy<Value = String> {
         1 => Just("[\"a\", 1]".to_string()),
         1 => Just("[[1], 2]".to_string()),
         1 => Just("[[[1]]]".to_string()),
+        // A later prompt of a batch that does not open with `[` (found by the fuzzer).
+        1 => (list(adversarial), prop_oneof![Just("x"), Just("_"), Just("1"), Just("{")]).prop_map(|(l, c)| format!("[[1],{c}{}]", &l[1..])),
     ]
 }
 
@@ -191,6 +193,18 @@ proptest! {
         check(format!("{{\"model\": \"m\", \"prompt\": {prompt}}}").as_bytes())?;
         let prompt = if batch { format!("[{list},[3]]") } else { list };
         check(format!("{{\"prompt\":{prompt},\"stream\":true}}").as_bytes())?;
+    }
+
+    /// A batch one of whose lists opens with another byte (found by the fuzzer), in an
+    /// otherwise plain body.
+    #[test]
+    fn the_scanner_agrees_with_serde_on_broken_batches(lists in prop::collection::vec(list(false), 2..5), at in any::<usize>(), c in any::<u8>()) {
+        let mut lists = lists;
+        let k = 1 + at % (lists.len() - 1);
+        lists[k] = format!("{}{}", c as char, &lists[k][1..]);
+        check(format!("{{\"prompt\": [{}], \"model\": \"m\"}}", lists.join(",")).as_bytes())?;
+        lists[0] = format!("{}{}", c as char, &lists[0][1..]);
+        check(format!("{{\"prompt\": [{}]}}", lists.join(", ")).as_bytes())?;
     }
 
     /// Random byte edits of such bodies (truncations, stray digits, broken UTF-8, ...).
