@@ -17,7 +17,9 @@
 //! Tokenization: 8,192-token multi-turn chats through the template and the tokenizer
 //! (`Tokenizer::encode_chat_body`), and an 8,192-token completion, in tokens/s.
 //!
-//! Run: `cargo bench -p kvroute-benches --bench serve -- [--seconds S] [--rate R]`.
+//! Run: `cargo bench -p kvroute-benches --bench serve -- [--seconds S] [--rate R]
+//! [--compare]` (`--compare`: a run with the serde pass alone, the token-id reader
+//! before the byte scanner, first, under the same load).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -206,6 +208,24 @@ fn main() {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(http);
         // Warm up connections, then measure.
         let _ = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, 0.5).await;
+        // `--compare`: first a run with the serde pass alone (the reader before the byte
+        // scanner), then the normal run, under the same load.
+        if std::env::args().any(|a| a == "--compare") {
+            kvroute_server::bench::SERDE_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+            srv.state.metrics.overhead_samples.lock().clear();
+            let load0 = loadavg();
+            let (_, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
+            let mut over = srv.state.metrics.overhead_samples.lock().clone();
+            println!(
+                "[serde pass only] serve overhead at {rate} req/s for {seconds} s: p50 {}, p99 {}, p999 {} ({} samples, {failed} failed); load average before / after: {load0} / {}",
+                q(&mut over, 0.5),
+                q(&mut over, 0.99),
+                q(&mut over, 0.999),
+                over.len(),
+                loadavg()
+            );
+            kvroute_server::bench::SERDE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         srv.state.metrics.overhead_samples.lock().clear();
         srv.state.metrics.body_read_samples.lock().clear();
         let load0 = loadavg();

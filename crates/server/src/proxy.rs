@@ -188,7 +188,11 @@ fn fast_token_ids(state: &State, body: &[u8], kind: Option<Kind>) -> Option<Pars
     if kind == Some(Kind::Chat) {
         return None;
     }
-    let p = kvroute_tokenize::ids::parse(body)?;
+    let p = if crate::bench::SERDE_ONLY.load(Ordering::Relaxed) {
+        kvroute_tokenize::ids::parse_serde(body)?
+    } else {
+        kvroute_tokenize::ids::parse(body)?
+    };
     Some(Parsed {
         tokens: p.tokens,
         lora: lora_of(state, p.model.as_deref()),
