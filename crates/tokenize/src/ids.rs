@@ -304,24 +304,26 @@ fn list(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
 }
 
 /// Per-byte classes of a 64-byte block, one bit per byte (bit k = byte k): ASCII digits,
-/// `,`, ` ` and `]`.
+/// `,`, ` `, `]` and `0`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Classes {
     digits: u64,
     commas: u64,
     spaces: u64,
     closes: u64,
+    zeros: u64,
 }
 
 /// [`Classes`] one byte at a time (the reference, and other architectures).
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
 fn classify_bytes(block: &[u8; 64]) -> Classes {
-    let mut c = Classes { digits: 0, commas: 0, spaces: 0, closes: 0 };
+    let mut c = Classes { digits: 0, commas: 0, spaces: 0, closes: 0, zeros: 0 };
     for (k, &x) in block.iter().enumerate() {
         c.digits |= u64::from(x.is_ascii_digit()) << k;
         c.commas |= u64::from(x == b',') << k;
         c.spaces |= u64::from(x == b' ') << k;
         c.closes |= u64::from(x == b']') << k;
+        c.zeros |= u64::from(x == b'0') << k;
     }
     c
 }
@@ -331,7 +333,7 @@ fn classify_bytes(block: &[u8; 64]) -> Classes {
 #[inline]
 fn classify(block: &[u8; 64]) -> Classes {
     use std::arch::x86_64::*;
-    let mut c = Classes { digits: 0, commas: 0, spaces: 0, closes: 0 };
+    let mut c = Classes { digits: 0, commas: 0, spaces: 0, closes: 0, zeros: 0 };
     for k in 0..4 {
         // SAFETY: SSE2 is in the x86_64 baseline; the unaligned load reads the 16 bytes
         // at 16 * k of the 64-byte block.
@@ -347,6 +349,7 @@ fn classify(block: &[u8; 64]) -> Classes {
             c.commas |= mask(_mm_cmpeq_epi8(x, _mm_set1_epi8(b',' as i8)));
             c.spaces |= mask(_mm_cmpeq_epi8(x, _mm_set1_epi8(b' ' as i8)));
             c.closes |= mask(_mm_cmpeq_epi8(x, _mm_set1_epi8(b']' as i8)));
+            c.zeros |= mask(_mm_cmpeq_epi8(x, _mm_set1_epi8(b'0' as i8)));
         }
     }
     c
@@ -390,7 +393,7 @@ fn id_list_blocks(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
                 &pad
             }
         };
-        let Classes { digits: d, commas: c, spaces: s, closes } = classify(block);
+        let Classes { digits: d, commas: c, spaces: s, closes, zeros } = classify(block);
         let close = closes & closes.wrapping_neg();
         // The bytes of the list in this block (before its `]`), and with the `]`.
         let inside = close.wrapping_sub(1);
@@ -408,10 +411,25 @@ fn id_list_blocks(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
             return None;
         }
         let mut starts = d & !dp & inside;
+        // A leading zero (an id of two digits or more that starts with 0), for the ids
+        // whose next byte is in this block; the one at byte 63 goes through `number`.
+        if starts & zeros & (d >> 1) != 0 {
+            return None;
+        }
         while starts != 0 {
             let k = starts.trailing_zeros() as usize;
             starts &= starts - 1;
-            out.push(number(b, pos + k)?.0);
+            // The id's length from the digit mask; one that may run into the next block,
+            // of 8 digits or more, or too near the end of the body for an 8-byte load
+            // takes `number`.
+            let len = (!(d >> k)).trailing_zeros() as usize;
+            match b.get(pos + k..pos + k + 8) {
+                Some(w) if len < 8 && k + len < 64 => {
+                    let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+                    out.push(swar_digits(w, len));
+                }
+                _ => out.push(number(b, pos + k)?.0),
+            }
         }
         if close != 0 {
             return Some((out, pos + close.trailing_zeros() as usize + 1));
@@ -479,16 +497,24 @@ fn number(b: &[u8], i: usize) -> Option<(u32, usize)> {
             if (len > 1) & (b[i] == b'0') {
                 return None;
             }
-            // The digits, most significant first in the low bytes, moved to the top of
-            // the word so the empty places read as leading zeros.
-            let d = w.wrapping_sub(0x30 * ONES) << (8 * (8 - len));
-            let d = (d.wrapping_mul(10) + (d >> 8)) & 0x00FF_00FF_00FF_00FF;
-            let d = (d.wrapping_mul(100) + (d >> 16)) & 0x0000_FFFF_0000_FFFF;
-            let d = (d.wrapping_mul(10000) + (d >> 32)) & 0xFFFF_FFFF;
-            return Some((d as u32, i + len));
+            return Some((swar_digits(w, len), i + len));
         }
     }
     number_bytewise(b, i)
+}
+
+/// The value of the `len` (1 to 7) ASCII digits in the low bytes of `w` (the first digit
+/// in the lowest byte, as loaded little-endian); the bytes after them may be anything.
+#[inline(always)]
+fn swar_digits(w: u64, len: usize) -> u32 {
+    // The digits moved to the top of the word so the empty places read as leading
+    // zeros; a borrow out of a non-digit byte only reaches the bytes after it, which
+    // the shift drops.
+    let d = w.wrapping_sub(0x30 * ONES) << (8 * (8 - len));
+    let d = (d.wrapping_mul(10) + (d >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let d = (d.wrapping_mul(100) + (d >> 16)) & 0x0000_FFFF_0000_FFFF;
+    let d = (d.wrapping_mul(10000) + (d >> 32)) & 0xFFFF_FFFF;
+    d as u32
 }
 
 /// [`number`] one digit at a time: near the end of the body, or 8 digits or more.
