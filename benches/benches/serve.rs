@@ -17,7 +17,9 @@
 //! Tokenization: 8,192-token multi-turn chats through the template and the tokenizer
 //! (`Tokenizer::encode_chat_body`), and an 8,192-token completion, in tokens/s.
 //!
-//! Run: `cargo bench -p kvroute-benches --bench serve -- [--seconds S] [--rate R]`.
+//! Run: `cargo bench -p kvroute-benches --bench serve -- [--seconds S] [--rate R]
+//! [--compare]` (`--compare`: a run with the serde pass alone, the token-id reader
+//! before the byte scanner, first, under the same load).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -206,9 +208,30 @@ fn main() {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(http);
         // Warm up connections, then measure.
         let _ = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, 0.5).await;
+        // `--compare`: first a run with the serde pass alone (the reader before the byte
+        // scanner), then the normal run, under the same load.
+        if std::env::args().any(|a| a == "--compare") {
+            kvroute_server::bench::SERDE_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+            srv.state.metrics.overhead_samples.lock().clear();
+            let load0 = loadavg();
+            let (_, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
+            let mut over = srv.state.metrics.overhead_samples.lock().clone();
+            println!(
+                "[serde pass only] serve overhead at {rate} req/s for {seconds} s: p50 {}, p99 {}, p999 {} ({} samples, {failed} failed); load average before / after: {load0} / {}",
+                q(&mut over, 0.5),
+                q(&mut over, 0.99),
+                q(&mut over, 0.999),
+                over.len(),
+                loadavg()
+            );
+            kvroute_server::bench::SERDE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         srv.state.metrics.overhead_samples.lock().clear();
+        srv.state.metrics.body_read_samples.lock().clear();
+        let load0 = loadavg();
         let (mut via, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
         let mut over = srv.state.metrics.overhead_samples.lock().clone();
+        let mut body_read = srv.state.metrics.body_read_samples.lock().clone();
         let (mut direct, _) = drive(&client, &format!("http://{}", backends[0]), &bodies, rate, seconds.min(2.0)).await;
         println!(
             "serve overhead at {rate} req/s for {seconds} s, 8,192-token prompts, 4 backends: p50 {}, p99 {}, p999 {} ({} samples, {failed} failed)",
@@ -216,6 +239,12 @@ fn main() {
             q(&mut over, 0.99),
             q(&mut over, 0.999),
             over.len()
+        );
+        println!(
+            "  of which waiting for the whole body: p50 {}, p99 {}; load average before / after the run: {load0} / {}",
+            q(&mut body_read, 0.5),
+            q(&mut body_read, 0.99),
+            loadavg()
         );
         println!(
             "client end to end: through kvroute serve p50 {}, p99 {}; straight to a backend p50 {}, p99 {}",
@@ -240,6 +269,12 @@ fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
     }
     let parse = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
     assert_eq!(toks.len(), 8192);
+    // The serde_json pass the server ran before the byte scanner, for comparison.
+    let (w0, c0) = (Instant::now(), thread_cpu_ns());
+    for i in 0..iters {
+        std::hint::black_box(kvroute_tokenize::ids::parse_serde(&bodies[i % bodies.len()]));
+    }
+    let serde = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
     let (w0, c0) = (Instant::now(), thread_cpu_ns());
     for _ in 0..iters {
         let req = kvroute::router::Request {
@@ -252,14 +287,42 @@ fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
         std::hint::black_box(state.router.preview(&req).unwrap());
     }
     let route = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
+    // What a proxied request does: route (records the prediction), on_routed, on_finished.
+    let (w0, c0) = (Instant::now(), thread_cpu_ns());
+    for i in 0..iters {
+        let t = kvroute_server::bench::prepare(state, &bodies[i % bodies.len()], true).unwrap();
+        let req = kvroute::router::Request {
+            tokens: &t,
+            session: Some("s"),
+            lora: None,
+            extras: None,
+            now_ms: None,
+        };
+        let d = state.router.route(&req).unwrap();
+        let _ = state.router.on_routed(&d);
+        let _ = state.router.on_finished(d.request_id);
+    }
+    let live = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
     let n = iters as f64;
     println!(
-        "request path per 8,192-token request (thread CPU time; wall time on this loaded machine): body parse {} ({}), route (preview) {} ({})",
+        "request path per 8,192-token request (thread CPU time; wall time on this loaded machine): body parse {} ({}) [serde_json pass {} ({})], route (preview) {} ({}); parse + route + on_routed + on_finished (as a proxied request) {} ({})",
         fmt_ns(parse.1 / n),
         fmt_ns(parse.0 / n),
+        fmt_ns(serde.1 / n),
+        fmt_ns(serde.0 / n),
         fmt_ns(route.1 / n),
-        fmt_ns(route.0 / n)
+        fmt_ns(route.0 / n),
+        fmt_ns(live.1 / n),
+        fmt_ns(live.0 / n)
     );
+}
+
+/// The 1-minute load average.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// This thread's CPU time (time it ran, not time it waited for a core), nanoseconds.

@@ -3,11 +3,13 @@
 //! tokenizer and chat template (testdata/tokenize/chatml, with tools and tojson).
 //!
 //! Nothing a client sends may panic: every input is token ids or an error. When a chat
-//! body renders, its token ids must be the encoding of the rendered text.
+//! body renders, its token ids must be the encoding of the rendered text. The token-id
+//! byte scanner of `/v1/completions` bodies (`ids::scan`) must give serde_json's answer
+//! (`ids::parse_serde`) whenever it gives one, for any bytes.
 
 #![no_main]
 
-use kvroute_tokenize::{ChatRequest, Json, Tokenizer};
+use kvroute_tokenize::{ids, ChatRequest, Json, Tokenizer};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
@@ -20,6 +22,11 @@ fn tokenizer() -> &'static Tokenizer {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let reference = ids::parse_serde(data);
+    if let Some(fast) = ids::scan(data) {
+        assert_eq!(Some(fast), reference, "the scanner disagrees with serde_json");
+    }
+    assert_eq!(ids::parse(data), reference);
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(body) = Json::parse(text) else { return };
     let tok = tokenizer();

@@ -27,6 +27,11 @@ pub mod bench {
             if completion { crate::proxy::Kind::Completion } else { crate::proxy::Kind::Chat };
         crate::proxy::prepare_body(state, body, Some(kind)).ok().map(|p| p.tokens)
     }
+
+    /// When set, token-id prompts are read by the serde pass alone (what the server did
+    /// before the byte scanner), for A/B runs of the serve bench in one process.
+    pub static SERDE_ONLY: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
 }
 
 pub use config::{DnsBackends, ServeConfig, ServerConfig};

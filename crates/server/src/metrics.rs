@@ -72,6 +72,9 @@ pub struct Metrics {
     pub client_disconnects: AtomicU64,
     /// Recent overhead samples in nanoseconds (a ring of the last 65,536), for benches.
     pub overhead_samples: Mutex<Vec<u64>>,
+    /// The part of each overhead sample (same index) spent reading the request body,
+    /// nanoseconds, for benches.
+    pub body_read_samples: Mutex<Vec<u64>>,
     overhead_next: AtomicU64,
 }
 
@@ -90,16 +93,18 @@ impl Metrics {
         h.observe(d);
     }
 
-    /// Records one router overhead.
-    pub fn overhead(&self, d: Duration) {
+    /// Records one router overhead, of which `body_read` was spent reading the body.
+    pub fn overhead(&self, d: Duration, body_read: Duration) {
         self.overhead.observe(d);
         let i = self.overhead_next.fetch_add(1, Ordering::Relaxed) as usize;
-        let mut s = self.overhead_samples.lock();
-        let ns = d.as_nanos() as u64;
-        if s.len() < RING {
-            s.push(ns);
-        } else {
-            s[i % RING] = ns;
+        for (ring, d) in [(&self.overhead_samples, d), (&self.body_read_samples, body_read)] {
+            let mut s = ring.lock();
+            let ns = d.as_nanos() as u64;
+            if s.len() < RING {
+                s.push(ns);
+            } else {
+                s[i % RING] = ns;
+            }
         }
     }
 

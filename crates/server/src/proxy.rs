@@ -112,6 +112,8 @@ struct Prepared {
     lora: Option<(String, RequestExtras)>,
     stream: bool,
     tokenize_time: Duration,
+    /// Time spent waiting for the whole body.
+    body_read_time: Duration,
 }
 
 async fn read_body(
@@ -169,95 +171,6 @@ pub(crate) struct Parsed {
     pub(crate) tokenize_time: Duration,
 }
 
-/// The fields a completions body with a token-id prompt needs, parsed without building
-/// a JSON tree and in one pass (an 8,192-token prompt is a 40 KB body).
-#[derive(serde::Deserialize)]
-struct FastBody<'a> {
-    #[serde(default)]
-    prompt: Option<PromptIds>,
-    #[serde(borrow, default)]
-    messages: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default)]
-    prompt_embeds: Option<&'a serde_json::value::RawValue>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    model: Option<String>,
-}
-
-/// A token-id prompt, `[1, 2]` or `[[1, 2], ...]` (the first of a batch), read straight
-/// into a `Vec<u32>`. Anything else (text, an empty list, ids that are not u32s) is a
-/// deserialization error, which sends the body down the general path.
-struct PromptIds(Vec<u32>);
-
-impl<'de> serde::Deserialize<'de> for PromptIds {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Outer;
-        impl<'de> serde::de::Visitor<'de> for Outer {
-            type Value = PromptIds;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a list of token ids or a list of such lists")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<PromptIds, A::Error> {
-                match seq.next_element::<First>()? {
-                    None => Err(serde::de::Error::custom("empty prompt")),
-                    Some(First::Id(x)) => {
-                        // Only a flat list needs this buffer (a batch's first prompt
-                        // comes with its own).
-                        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(8192));
-                        out.push(x);
-                        while let Some(x) = seq.next_element::<u32>()? {
-                            out.push(x);
-                        }
-                        Ok(PromptIds(out))
-                    }
-                    Some(First::List(v)) => {
-                        // The rest of the batch must be lists of ids too.
-                        while seq.next_element::<Vec<u32>>()?.is_some() {}
-                        Ok(PromptIds(v))
-                    }
-                }
-            }
-        }
-        d.deserialize_seq(Outer)
-    }
-}
-
-/// The first element of a token-id prompt: an id, or the first prompt of a batch.
-enum First {
-    Id(u32),
-    List(Vec<u32>),
-}
-
-impl<'de> serde::Deserialize<'de> for First {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = First;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a token id or a list of token ids")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<First, E> {
-                u32::try_from(v).map(First::Id).map_err(|_| E::custom("token id out of range"))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<First, A::Error> {
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(8192));
-                while let Some(x) = seq.next_element::<u32>()? {
-                    out.push(x);
-                }
-                Ok(First::List(out))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 fn lora_of(state: &State, model: Option<&str>) -> Option<(String, RequestExtras)> {
     let m = model?;
     let path = state.cfg.lora_adapters.get(m)?;
@@ -268,24 +181,22 @@ fn lora_of(state: &State, model: Option<&str>) -> Option<(String, RequestExtras)
     Some((m.to_string(), extras))
 }
 
-/// Token-id completions prompts (`[1, 2]` or `[[1, 2], ...]`) without the JSON tree;
-/// `None` sends the body down the general path (which also produces every error).
+/// Token-id completions prompts (`[1, 2]` or `[[1, 2], ...]`) without the JSON tree
+/// (a byte scanner, serde_json for anything it leaves); `None` sends the body down the
+/// general path (which also produces every error).
 fn fast_token_ids(state: &State, body: &[u8], kind: Option<Kind>) -> Option<Parsed> {
     if kind == Some(Kind::Chat) {
         return None;
     }
-    let fb: FastBody = serde_json::from_slice(body).ok()?;
-    if fb.messages.is_some() || fb.prompt_embeds.is_some_and(|p| p.get() != "null") {
-        return None;
-    }
-    let tokens = fb.prompt?.0;
-    if tokens.is_empty() {
-        return None;
-    }
+    let p = if crate::bench::SERDE_ONLY.load(Ordering::Relaxed) {
+        kvroute_tokenize::ids::parse_serde(body)?
+    } else {
+        kvroute_tokenize::ids::parse(body)?
+    };
     Some(Parsed {
-        tokens,
-        lora: lora_of(state, fb.model.as_deref()),
-        stream: fb.stream.unwrap_or(false),
+        tokens: p.tokens,
+        lora: lora_of(state, p.model.as_deref()),
+        stream: p.stream,
         tokenize_time: Duration::ZERO,
     })
 }
@@ -356,12 +267,14 @@ async fn prepare(
     req: Request<Incoming>,
     kind: Option<Kind>,
 ) -> Result<(hyper::http::request::Parts, Prepared), Response<Body>> {
+    let t0 = Instant::now();
     let (parts, body) = read_body(state, req).await?;
+    let body_read_time = t0.elapsed();
     let Parsed { tokens, lora, stream, tokenize_time } =
         prepare_body(state, &body, kind).map_err(|(s, m)| error(s, &m))?;
     state.metrics.tokenize.observe(tokenize_time);
     let session = Some(session_key(state, &parts.headers, peer));
-    Ok((parts, Prepared { body, tokens, session, lora, stream, tokenize_time }))
+    Ok((parts, Prepared { body, tokens, session, lora, stream, tokenize_time, body_read_time }))
 }
 
 fn route(state: &State, p: &Prepared, preview: bool) -> Result<Decision, Response<Body>> {
@@ -655,7 +568,9 @@ async fn proxy(
             finished: false,
         };
         if attempt == 0 {
-            state.metrics.overhead(start.elapsed().saturating_sub(p.tokenize_time));
+            state
+                .metrics
+                .overhead(start.elapsed().saturating_sub(p.tokenize_time), p.body_read_time);
         }
         match send(state, &parts, &p.body, &backend).await {
             Attempt::Ok(resp) => {

@@ -24,6 +24,7 @@
 
 pub mod cache;
 pub mod chat;
+pub mod ids;
 pub mod json;
 pub mod template;
 
