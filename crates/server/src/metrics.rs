@@ -57,7 +57,8 @@ pub struct Metrics {
     /// Request latency as the client sees it until the response head, by endpoint.
     pub latency: Mutex<BTreeMap<&'static str, std::sync::Arc<Histogram>>>,
     /// Router overhead per proxied request: from the handler's start (reading the body
-    /// included) to the upstream request sent, tokenization excluded.
+    /// included) to the upstream request built and handed to the HTTP client,
+    /// tokenization excluded.
     pub overhead: Histogram,
     /// Tokenization and template rendering per request.
     pub tokenize: Histogram,
@@ -132,7 +133,7 @@ impl Metrics {
         for (ep, h) in self.latency.lock().iter() {
             h.write(out, "kvroute_serve_request_duration_seconds", &format!("endpoint=\"{ep}\""));
         }
-        let _ = writeln!(out, "# HELP kvroute_serve_overhead_seconds Router overhead per proxied request (body read to upstream send, tokenization excluded).");
+        let _ = writeln!(out, "# HELP kvroute_serve_overhead_seconds Router overhead per proxied request (handler start, body read included, to the upstream request handed to the HTTP client; tokenization excluded).");
         let _ = writeln!(out, "# TYPE kvroute_serve_overhead_seconds histogram");
         self.overhead.write(out, "kvroute_serve_overhead_seconds", "");
         let _ = writeln!(out, "# HELP kvroute_serve_tokenize_seconds Tokenization and chat template rendering per request.");

@@ -469,12 +469,13 @@ async fn prime(mut body: Incoming) -> Result<Primed, hyper::Error> {
     Ok(Primed { head, rest: body })
 }
 
-async fn send(
-    state: &State,
+/// The upstream request for `backend`: the client's method, path, query and headers, the
+/// original body bytes (never re-serialized).
+fn upstream_request(
     parts: &hyper::http::request::Parts,
     body: &Bytes,
     backend: &crate::backends::Backend,
-) -> Attempt {
+) -> Result<Request<Full<Bytes>>, Response<Body>> {
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let uri = format!("{}{pq}", backend.base);
     let mut builder = Request::builder().method(parts.method.clone()).uri(uri);
@@ -485,9 +486,19 @@ async fn send(
             h.insert(header::HOST, v);
         }
     }
-    let req = match builder.body(Full::new(body.clone())) {
+    builder
+        .body(Full::new(body.clone()))
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &e.to_string()))
+}
+
+async fn send(
+    state: &State,
+    req: Result<Request<Full<Bytes>>, Response<Body>>,
+    backend: &crate::backends::Backend,
+) -> Attempt {
+    let req = match req {
         Ok(r) => r,
-        Err(e) => return Attempt::Fail(error(StatusCode::BAD_REQUEST, &e.to_string())),
+        Err(r) => return Attempt::Fail(r),
     };
     let timeout = Duration::from_millis(state.cfg.first_byte_timeout_ms.max(1));
     let deadline = tokio::time::Instant::now() + timeout;
@@ -560,19 +571,25 @@ async fn proxy(
                 &format!("worker {} has no backend", d.worker.name),
             );
         };
-        let _ = state.router.on_routed(&d);
+        if let Err(e) = state.router.on_routed(&d) {
+            // The worker left between the decision and now (a DNS refresh removed it):
+            // the request still goes out; the router has nothing to account it to.
+            tracing::warn!(worker = %d.worker.name, error = %e, "on_routed failed");
+        }
         let mut life = Lifecycle {
             state: state.clone(),
             id: d.request_id,
             first_token: false,
             finished: false,
         };
+        let req = upstream_request(&parts, &p.body, &backend);
         if attempt == 0 {
+            // Up to the upstream request built and handed to the HTTP client.
             state
                 .metrics
                 .overhead(start.elapsed().saturating_sub(p.tokenize_time), p.body_read_time);
         }
-        match send(state, &parts, &p.body, &backend).await {
+        match send(state, req, &backend).await {
             Attempt::Ok(resp) => {
                 if !p.stream || resp.body().head.iter().any(|f| f.is_data()) {
                     // A non-streaming answer's head comes when generation is done; a
