@@ -214,6 +214,17 @@ impl Router {
             c.skipped_fields += u64::from(batch.skipped_fields);
             c.skipped_events += u64::from(batch.skipped_events);
             c.last_event_ts = batch.ts;
+            // The eviction horizon: cached blocks / blocks stored per second since the
+            // worker's first batch.
+            let first = f64::from_bits(worker.first_event_ts_bits.load(Ordering::Relaxed));
+            if first.is_nan() {
+                worker.first_event_ts_bits.store(batch.ts.to_bits(), Ordering::Relaxed);
+            } else if batch.ts > first && c.blocks_stored > 0 && c.blocks_removed > 0 {
+                // Known once the cache has evicted: before that it has not turned over.
+                let cached = c.blocks_stored.saturating_sub(c.blocks_removed) as f64;
+                let rate = c.blocks_stored as f64 / (batch.ts - first);
+                worker.horizon_bits.store((cached / rate).to_bits(), Ordering::Relaxed);
+            }
         }
         self.metrics.event_batches.fetch_add(1, Ordering::Relaxed);
         Ok(report)

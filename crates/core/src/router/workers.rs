@@ -49,6 +49,11 @@ pub(crate) struct WorkerState {
     pub(crate) rate_bits: AtomicU64,
     /// The current prediction TTL, ms.
     pub(crate) pred_ttl_ms: AtomicU64,
+    /// The `ts` of the worker's first event batch, seconds (f64 bits; NaN: none yet).
+    pub(crate) first_event_ts_bits: AtomicU64,
+    /// The worker's eviction horizon, seconds (f64 bits; NaN: not known): cached blocks
+    /// over blocks stored per second, both from its KV events.
+    pub(crate) horizon_bits: AtomicU64,
 }
 
 /// A worker's cache model (approximate and hybrid modes).
@@ -85,6 +90,8 @@ impl WorkerState {
             learn: Mutex::new(Learner::new()),
             rate_bits: AtomicU64::new(f64::NAN.to_bits()),
             pred_ttl_ms: AtomicU64::new(ttl_ms),
+            first_event_ts_bits: AtomicU64::new(f64::NAN.to_bits()),
+            horizon_bits: AtomicU64::new(f64::NAN.to_bits()),
         }
     }
 
@@ -148,6 +155,7 @@ impl WorkerState {
                 f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
                 pool_rate,
             ),
+            eviction_horizon_s: f64::from_bits(self.horizon_bits.load(Ordering::Relaxed)).max(0.0),
         }
     }
 }

@@ -126,6 +126,10 @@ pub struct Load {
     /// worker's own learned rate when that differs from the pool's by more than a factor
     /// 2 (other hardware; see `router::predict::DISTINCT_RATE_FACTOR`).
     pub prefill_tokens_per_s: f64,
+    /// The worker's eviction horizon, seconds: its cached blocks over the blocks it stores
+    /// per second, both from its KV events (NaN or 0: not known). A block written there
+    /// now is evicted after about this long unless it is used again.
+    pub eviction_horizon_s: f64,
 }
 
 /// The 64-bit key of a LoRA adapter name (XXH3-64 of its UTF-8 bytes), as stored in

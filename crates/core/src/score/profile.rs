@@ -1064,6 +1064,7 @@ mod tests {
                             } else {
                                 dec as f64 * 100.0
                             },
+                            eviction_horizon_s: 0.0,
                         };
                         cand.last_routed_ms = last;
                         if let Some(l) = lora {

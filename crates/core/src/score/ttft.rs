@@ -17,7 +17,15 @@
 //!   delays the request that queues behind it on that worker (`externality` = 1), so work
 //!   that a cache hit avoids counts for both. Without this term the choice is greedy for
 //!   the request alone, and under load it recomputes a long shared prefix on an emptier
-//!   worker, which adds work for everyone (measured in docs/simulation.md).
+//!   worker, which adds work for everyone (measured in docs/simulation.md);
+//! - memory (session 4): a candidate that holds less of the request than the best holder,
+//!   beyond its `shared_blocks`, pays `externality x given-up tokens / rate` once more
+//!   (the private history left behind, a conversation's earlier turns, is lost to its next
+//!   reader and written a second time here); and a candidate whose cache turns over
+//!   faster than the candidates' mean (`Load::eviction_horizon_s`, cached blocks over
+//!   blocks stored per second, from its KV events) pays its own prefill's externality
+//!   times `turnover / mean turnover - 1` more (a block written there evicts younger
+//!   history). Nobody evicting, or a prefix everyone shares: unchanged.
 //!
 //! The cheapest candidate wins; candidates within `tie_s` of it are near-ties (default:
 //! one step overhead, the granularity at which an engine finishes prefills) and go to the
@@ -209,6 +217,42 @@ impl TtftPolicy {
             lo = lo.min(a);
             sum += a;
         }
+        // Memory: a block written on a worker whose cache turns over faster than the
+        // pool's on average evicts younger history there (more likely to be read again),
+        // so the request's own blocks are charged the externality in proportion to the
+        // worker's turnover (1 / eviction horizon) over the candidates' mean turnover
+        // (0 for a worker that has not evicted). Nobody evicting: unchanged.
+        let turnover = |c: &Candidate| {
+            let h = c.load.eviction_horizon_s;
+            if h.is_finite() && h > 0.0 {
+                1.0 / h
+            } else {
+                0.0
+            }
+        };
+        let mean_turnover = cands.iter().map(turnover).sum::<f64>() / n as f64;
+        if mean_turnover > 0.0 {
+            for (k, c) in cands.iter().enumerate() {
+                let own = ttft[k] - self.step_overhead_s - queue[k];
+                cost[k] += self.externality * own * (turnover(c) / mean_turnover - 1.0).max(0.0);
+            }
+        }
+        // A private prefix given up: a candidate that holds less of the request than the
+        // best holder, beyond the shared blocks, leaves that history (a conversation's
+        // earlier turns, one group's prompt) behind on the holder, where it now occupies
+        // memory with no one to read it, and writes a second copy here: the recompute is
+        // charged once more, as the work the next reader of that history on the holder
+        // (the conversation's next turn, had it stayed) would have saved.
+        let mmax = cands.iter().map(|c| c.matched_blocks).max().unwrap_or(0);
+        let prompt = f64::from(req.prompt_tokens);
+        let tokens =
+            |m: u32| (f64::from(m) * f64::from(self.block_size)).min((prompt - 1.0).max(0.0));
+        for (k, c) in cands.iter().enumerate() {
+            let keep = c.matched_blocks.max(req.shared_blocks);
+            if mmax > keep {
+                cost[k] += self.externality * (tokens(mmax) - tokens(keep)) / self.rate(c);
+            }
+        }
         let mean = sum / n as f64;
         let abs = self.balance_abs.unwrap_or(3.0 * mean.sqrt() + 1.0);
         let tie = self.tie_s.unwrap_or(self.step_overhead_s);
@@ -293,7 +337,14 @@ mod tests {
     #[test]
     fn ttft_prices_match_against_queue_in_seconds() {
         let p = TtftPolicy { step_overhead_s: 0.01, ..TtftPolicy::default() };
-        let req = RequestInfo { prompt_tokens: 1_000, total_blocks: 62, ..Default::default() };
+        // The 50 matched blocks are a shared prefix, so that giving them up is not charged
+        // (see `giving_up_a_private_prefix_is_charged_once_more`).
+        let req = RequestInfo {
+            prompt_tokens: 1_000,
+            total_blocks: 62,
+            shared_blocks: 50,
+            ..Default::default()
+        };
         // w0 holds 50 blocks (800 tokens) but has 4,000 tokens queued; w1 is idle and cold.
         // TTFT w0: 0.01 + 0.4 + 0.02 = 0.43 s ; w1: 0.01 + 0 + 0.1 = 0.11 s.
         // Cost adds the own prefill once more: 0.45 and 0.21.
@@ -453,6 +504,43 @@ mod tests {
         assert_ne!(k, 3, "near-tie to the less loaded");
         // A prefix that is not shared is never replicated.
         req.shared_blocks = 0;
+        assert_eq!(run(&p, &req, &cands).0, 0);
+    }
+
+    #[test]
+    fn giving_up_a_private_prefix_is_charged_once_more() {
+        let p = TtftPolicy::default();
+        let mut req = RequestInfo { prompt_tokens: 2_000, total_blocks: 125, ..Default::default() };
+        // w0 holds 100 blocks (1,600 tokens) of a private history behind 4,000 queued
+        // tokens: 0.01 + 0.4 + 2 x 0.04 = 0.49 s. w1 is idle and cold: 0.01 + 2 x 0.2 =
+        // 0.41 s, plus the 1,600 tokens given up once more (0.16 s) = 0.57 s.
+        let cands = [cand(0, 100, 4_000, 1, 10_000.0), cand(1, 0, 0, 0, 10_000.0)];
+        let (k, rows) = run(&p, &req, &cands);
+        assert_eq!(k, 0, "the history stays with its holder");
+        assert!(close(rows[6], 0.49) && close(rows[7], 0.57), "{:?}", &rows[6..8]);
+        // A shared prefix (one the traffic at large contains) is not charged: w1 wins.
+        req.shared_blocks = 100;
+        let (k, rows) = run(&p, &req, &cands);
+        assert_eq!(k, 1);
+        assert!(close(rows[7], 0.41), "{}", rows[7]);
+    }
+
+    #[test]
+    fn a_worker_whose_cache_turns_over_faster_is_charged_for_what_it_evicts() {
+        let p = TtftPolicy::default();
+        let req = RequestInfo { prompt_tokens: 1_000, total_blocks: 62, ..Default::default() };
+        // Equal and cold, but w0's cache turns over every 10 s, w1's every 30 s (mean
+        // turnover 1/15 per second): w0 pays its own prefill (0.1 s) x (1.5 - 1) once more.
+        let mut cands = [cand(0, 0, 0, 0, 10_000.0), cand(1, 0, 0, 1, 10_000.0)];
+        cands[0].load.eviction_horizon_s = 10.0;
+        cands[1].load.eviction_horizon_s = 30.0;
+        let (k, rows) = run(&p, &req, &cands);
+        assert_eq!(k, 1, "the slower cache wins although it is busier");
+        assert!(close(rows[6], 0.26) && close(rows[7], 0.21), "{:?}", &rows[6..8]);
+        // A worker that has not evicted yet (horizon unknown) pays nothing extra; nobody
+        // evicting: the near-tie goes to the less loaded, w0.
+        cands[0].load.eviction_horizon_s = 0.0;
+        cands[1].load.eviction_horizon_s = 0.0;
         assert_eq!(run(&p, &req, &cands).0, 0);
     }
 
