@@ -64,11 +64,21 @@ fn slots(key: u64) -> (usize, usize) {
 
 impl Popularity {
     /// A request whose prompt has the full blocks `keys` was routed.
+    ///
+    /// The counters are bumped with a plain load and store, not an atomic add: a locked
+    /// read-modify-write costs about 20 cycles, 1,024 of them for an 8,192-token prompt
+    /// (in a perf profile of the `serve` bench this function took 3.7% of the samples,
+    /// the whole route 5.2%).
+    /// Two threads bumping the same counter at the same instant can lose one increment;
+    /// the halving already races the same way. A lost increment undercounts a block by
+    /// one request among the window's 1,024, which moves its share by 0.1%: the sketch
+    /// answers "more than 1/N of recent requests", which is not that sharp.
     pub(crate) fn record(&self, keys: &[u64]) {
         for &k in keys {
             let (a, b) = slots(k);
-            self.rows[a].fetch_add(1, Ordering::Relaxed);
-            self.rows[b].fetch_add(1, Ordering::Relaxed);
+            let (a, b) = (&self.rows[a], &self.rows[b]);
+            a.store(a.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+            b.store(b.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
         }
         self.total.fetch_add(1, Ordering::Relaxed);
         if self.since.fetch_add(1, Ordering::Relaxed) + 1 >= WINDOW {
