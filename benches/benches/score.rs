@@ -26,6 +26,7 @@ fn candidates(n: u32) -> Vec<Candidate> {
                 pending_prefill_tokens: rng.below(20_000),
                 active_requests: rng.below(80) as u32,
                 prefill_tokens_per_s: 5_000.0 + rng.next_f64() * 10_000.0,
+                ..Load::default()
             };
             c.last_routed_ms = Some(rng.below(10_000));
             c
