@@ -295,6 +295,38 @@ impl KeyTable {
         prefetch_line(&self.groups[self.next(g, tag_of(h))]);
     }
 
+    /// The slot of group `i` (whose control word is `t`) that holds `key`, if any.
+    #[inline(always)]
+    fn slot_of(
+        &self,
+        i: usize,
+        t: u64,
+        tag: u8,
+        h: u64,
+        key: u64,
+        key_at: &impl Fn(Loc) -> u64,
+    ) -> Option<usize> {
+        let mut m = candidates(t, tag);
+        while m != 0 {
+            let j = (m.trailing_zeros() / 8) as usize;
+            m &= m - 1;
+            let s = self.groups[i].slots[j];
+            if may_be(s, h) && key_at(unpack(s)) == key {
+                return Some(j);
+            }
+        }
+        None
+    }
+
+    /// Puts `loc` (of a key with hash `h` and tag `tag`) in a free slot of group `i`.
+    #[inline(always)]
+    fn place(&mut self, i: usize, tag: u8, h: u64, loc: Loc) {
+        let j = (free(self.groups[i].tags).trailing_zeros() / 8) as usize;
+        self.groups[i].tags |= u64::from(tag) << (8 * j);
+        self.groups[i].slots[j] = pack(loc, h);
+        self.len += 1;
+    }
+
     /// The group and slot of `key`, if present, and the number of groups probed before.
     #[inline]
     fn position(
@@ -310,14 +342,8 @@ impl KeyTable {
         let mut i = self.home(h);
         for k in 0..self.groups.len() {
             let t = self.groups[i].tags;
-            let mut m = candidates(t, tag);
-            while m != 0 {
-                let j = (m.trailing_zeros() / 8) as usize;
-                m &= m - 1;
-                let s = self.groups[i].slots[j];
-                if may_be(s, h) && key_at(unpack(s)) == key {
-                    return Some((i, j, k));
-                }
+            if let Some(j) = self.slot_of(i, t, tag, h, key, &key_at) {
+                return Some((i, j, k));
             }
             if over(t) == 0 {
                 return None;
@@ -359,10 +385,7 @@ impl KeyTable {
             }
             i = self.next(i, tag);
         }
-        let j = (free(self.groups[i].tags).trailing_zeros() / 8) as usize;
-        self.groups[i].tags |= u64::from(tag) << (8 * j);
-        self.groups[i].slots[j] = pack(loc, h);
-        self.len += 1;
+        self.place(i, tag, h, loc);
     }
 
     /// Adds `key` at `loc` unless it is present: one pass over its probe sequence that
@@ -387,14 +410,8 @@ impl KeyTable {
         let mut passed = 0usize;
         for _ in 0..self.groups.len() {
             let t = self.groups[i].tags;
-            let mut m = candidates(t, tag);
-            while m != 0 {
-                let j = (m.trailing_zeros() / 8) as usize;
-                m &= m - 1;
-                let s = self.groups[i].slots[j];
-                if may_be(s, h) && key_at(unpack(s)) == key {
-                    return false;
-                }
+            if self.slot_of(i, t, tag, h, key, &key_at).is_some() {
+                return false;
             }
             if target == usize::MAX {
                 if free(t) != 0 {
@@ -427,10 +444,7 @@ impl KeyTable {
             x = self.next(x, tag);
         }
         debug_assert_eq!(x, target);
-        let j = (free(self.groups[target].tags).trailing_zeros() / 8) as usize;
-        self.groups[target].tags |= u64::from(tag) << (8 * j);
-        self.groups[target].slots[j] = pack(loc, h);
-        self.len += 1;
+        self.place(target, tag, h, loc);
         true
     }
 
