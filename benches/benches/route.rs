@@ -10,7 +10,7 @@
 //! - `route_llm_d/<case>`: the `llm-d` preset (prefix 3, queue 2, kv-utilization 2).
 //! - `route_kvroute/<case>`: the `kvroute` preset (the default: precise mode, predicted
 //!   residency, popularity sketch, never-stale load, the `ttft` picker), measured after
-//!   256 earlier requests were routed and sent (see `prime_predictions`).
+//!   256 earlier requests were routed and sent (see `common::prime_predictions`).
 //! - `baseline/hash_8192`: `BlockHasher::block_keys` alone on one prompt.
 //! - `baseline/match/<case>`: `PrefixIndex::find_matches` alone, on a standalone index
 //!   holding the same keys (built with `PrefixIndex::store` from the router's own keys).
@@ -189,33 +189,6 @@ fn bench_route(c: &mut Criterion) {
         g.bench_function(p.name, |b| b.iter(|| router.route(black_box(&req)).unwrap()));
     }
     g.finish();
-}
-
-/// Puts the `kvroute` preset's per-route state in a serving router's shape: 256 earlier
-/// requests (distinct 8,192-token prompts, none a prefix of a probe) routed and sent,
-/// so the predicted-residency overlay holds 131,072 predictions, the popularity sketch
-/// has counts, and every worker has a learned prefill rate; and a load scrape of every
-/// worker. Routes then read the overlay (its lock and one lookup per candidate that
-/// matches) and the never-stale load; nothing is confirmed or expired during the bench
-/// (the TTL outlives the fixed `now_ms`).
-fn prime_predictions(router: &Router) {
-    let report = kvroute::router::LoadReport {
-        waiting: Some(1),
-        running: Some(4),
-        kv_usage: Some(0.3),
-        loras: None,
-    };
-    for w in 0..WORKERS {
-        router.report_load(&worker_name(w), 0, &report).expect("load report");
-    }
-    for i in 0..256u64 {
-        let t = tokens(&[(0x7000_0000 + i, PROMPT_BLOCKS)]);
-        let d = router.route(&Request { now_ms: Some(900), ..Request::new(&t) }).expect("route");
-        router.on_routed(&d).expect("on_routed");
-        if i % 2 == 0 {
-            router.on_first_token_at(d.request_id, 950).expect("first token");
-        }
-    }
 }
 
 criterion_group!(benches, bench_route);

@@ -23,7 +23,7 @@
 #![allow(dead_code)] // each bench binary uses a different subset
 
 use kvroute::events::{BlockRemoved, BlockStored, EngineHash, KvEvent, KvEventBatch};
-use kvroute::router::{LoadReport, Router};
+use kvroute::router::{LoadReport, Request, Router};
 use kvroute_benches::{chain_keys, sm, EVENT_BLOCKS};
 
 /// Workers in the router.
@@ -220,7 +220,7 @@ pub fn probes(router: &Router) -> Vec<Probe> {
 /// candidate count and matched blocks. Panics with the case name otherwise. (Skipped,
 /// apart from the prompt size, by a router that leaves `Decision::candidates` empty.)
 pub fn check_probe(router: &Router, p: &Probe) {
-    let d = router.route(&kvroute::router::Request::new(&p.tokens)).expect("route");
+    let d = router.route(&Request::new(&p.tokens)).expect("route");
     assert_eq!(d.total_blocks as usize, PROMPT_BLOCKS, "{}: prompt blocks", p.name);
     if d.candidates.is_empty() {
         return;
@@ -229,4 +229,27 @@ pub fn check_probe(router: &Router, p: &Probe) {
     let holders = d.candidates.iter().filter(|c| c.matched_blocks == best && best > 0).count();
     assert_eq!(best, p.expect_blocks, "{}: matched blocks", p.name);
     assert_eq!(holders, p.expect_holders, "{}: holders", p.name);
+}
+
+/// Puts the `kvroute` preset's per-route state in a serving router's shape: 256 earlier
+/// requests (distinct 8,192-token prompts, none a prefix of a probe) routed and sent,
+/// so the predicted-residency overlay holds 131,072 predictions, the popularity sketch
+/// has counts, and every worker has a learned prefill rate; and a load scrape of every
+/// worker. Routes then read the overlay (its lock and one lookup per candidate that
+/// matches) and the never-stale load; nothing is confirmed or expired during the bench
+/// (the TTL outlives the fixed `now_ms`).
+pub fn prime_predictions(router: &Router) {
+    let report =
+        LoadReport { waiting: Some(1), running: Some(4), kv_usage: Some(0.3), loras: None };
+    for w in 0..WORKERS {
+        router.report_load(&worker_name(w), 0, &report).expect("load report");
+    }
+    for i in 0..256u64 {
+        let t = tokens(&[(0x7000_0000 + i, PROMPT_BLOCKS)]);
+        let d = router.route(&Request { now_ms: Some(900), ..Request::new(&t) }).expect("route");
+        router.on_routed(&d).expect("on_routed");
+        if i % 2 == 0 {
+            router.on_first_token_at(d.request_id, 950).expect("first token");
+        }
+    }
 }

@@ -79,27 +79,6 @@ fn routes() {
     report("baseline/hash_8192", rounds);
 }
 
-/// As `benches/route.rs`: 256 earlier requests routed and sent.
-fn prime_predictions(router: &Router) {
-    let report = kvroute::router::LoadReport {
-        waiting: Some(1),
-        running: Some(4),
-        kv_usage: Some(0.3),
-        loras: None,
-    };
-    for w in 0..WORKERS {
-        router.report_load(&worker_name(w), 0, &report).expect("load report");
-    }
-    for i in 0..256u64 {
-        let t = tokens(&[(0x7000_0000 + i, PROMPT_BLOCKS)]);
-        let d = router.route(&Request { now_ms: Some(900), ..Request::new(&t) }).expect("route");
-        router.on_routed(&d).expect("on_routed");
-        if i % 2 == 0 {
-            router.on_first_token_at(d.request_id, 950).expect("first token");
-        }
-    }
-}
-
 struct Conv {
     worker: String,
     store: KvEventBatch,
