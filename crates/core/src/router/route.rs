@@ -124,7 +124,7 @@ impl Router {
                     worker: w.id,
                     matched_blocks: m.map_or(0, |o| o.blocks),
                     matched_by_tier: m.map_or([0; 3], |o| o.by_tier),
-                    load: w.load(usage, mean, pool_rate),
+                    load: w.load(usage, mean, pool_rate, now),
                     loaded_loras: if req.lora.is_some() { *w.loras.read() } else { LoraSet::new() },
                     last_routed_ms: (last != u64::MAX).then_some(last),
                     healthy: w.healthy.load(Ordering::Relaxed)
