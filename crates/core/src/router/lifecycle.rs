@@ -264,6 +264,7 @@ impl Router {
             f.worker.decode_blocks.fetch_add(f.blocks, Ordering::Relaxed);
             if now_ms >= f.routed_ms && now_ms - f.routed_ms <= 3_600_000 {
                 let elapsed = (now_ms - f.routed_ms) as f64 / 1e3;
+                self.tail.observe(elapsed);
                 let (work, secs) = (f.work_tokens as f64, elapsed - self.step_overhead_s());
                 let pool = {
                     let mut pool = self.pool_learn.lock();
