@@ -28,10 +28,11 @@
 //!   history). Nobody evicting, or a prefix everyone shares: unchanged.
 //! - history within the tail (session 5): while the cheapest holder of the longest match
 //!   predicts a TTFT within the router's recent TTFT tail (`RequestInfo::tail_ttft_s`, the
-//!   p90 of its observed routing-to-first-token times), a candidate that would give up
-//!   private blocks (beyond `shared_blocks`) is priced two tie tolerances above that
-//!   holder: latency objectives are percentiles, a request that stays below the tail costs
-//!   nothing against them, and the recompute is certain.
+//!   p90 of its observed routing-to-first-token times), or while the candidate itself
+//!   would not bring the request within it, a candidate that would give up private blocks
+//!   (beyond `shared_blocks`) is priced two tie tolerances above that holder: latency
+//!   objectives are percentiles, a move that leaves the request on the same side of the
+//!   tail does not change them, and the recompute is certain.
 //!
 //! The cheapest candidate wins; candidates within `tie_s` of it are near-ties (default:
 //! one step overhead, the granularity at which an engine finishes prefills) and go to the
@@ -260,10 +261,11 @@ impl TtftPolicy {
             }
         }
         // History within the tail: while the holder of the longest match can give the
-        // request its first token within the router's recent TTFT tail (p90), a move away
-        // from a private history buys no latency that a percentile objective counts and
-        // recomputes that history for certain: a candidate that would give it up is priced
-        // above the cheapest holder (by two tie tolerances, so never a near-tie).
+        // request its first token within the router's recent TTFT tail (p90), or while a
+        // candidate would not bring it within the tail either, a move away from a private
+        // history buys no latency that a percentile objective counts and recomputes that
+        // history for certain: such a candidate is priced above the cheapest holder (by
+        // two tie tolerances, so never a near-tie).
         if req.tail_ttft_s > 0.0 && mmax > req.shared_blocks {
             let (mut hold_ttft, mut hold_cost) = (f64::INFINITY, f64::INFINITY);
             for (k, c) in cands.iter().enumerate() {
@@ -271,12 +273,11 @@ impl TtftPolicy {
                     (hold_ttft, hold_cost) = (ttft[k], cost[k]);
                 }
             }
-            if hold_ttft <= req.tail_ttft_s {
-                let floor = hold_cost + 2.0 * self.tie_s.unwrap_or(self.step_overhead_s);
-                for (k, c) in cands.iter().enumerate() {
-                    if c.matched_blocks.max(req.shared_blocks) < mmax {
-                        cost[k] = cost[k].max(floor);
-                    }
+            let floor = hold_cost + 2.0 * self.tie_s.unwrap_or(self.step_overhead_s);
+            for (k, c) in cands.iter().enumerate() {
+                let out_of_tail = hold_ttft > req.tail_ttft_s && ttft[k] <= req.tail_ttft_s;
+                if c.matched_blocks.max(req.shared_blocks) < mmax && !out_of_tail {
+                    cost[k] = cost[k].max(floor);
                 }
             }
         }
@@ -568,9 +569,14 @@ mod tests {
         let (k, rows) = run(&p, &req, &cands);
         assert_eq!(k, 0);
         assert!(close(rows[7], 1.11), "{:?}", &rows[6..8]);
-        // A tail of 1 s: the holder would put the request in the tail, the cost decides.
+        // A tail of 1 s: the holder would put the request in the tail and w1 (0.21 s)
+        // takes it out: the cost decides.
         req.tail_ttft_s = 1.0;
         assert_eq!(run(&p, &req, &cands).0, 1);
+        // A tail of 0.2 s: in the tail on either worker, the move buys no latency the
+        // percentile counts: it stays.
+        req.tail_ttft_s = 0.2;
+        assert_eq!(run(&p, &req, &cands).0, 0);
         // A shared prefix is not a history to keep: the cost decides whatever the tail.
         req.tail_ttft_s = 2.0;
         req.shared_blocks = 100;
