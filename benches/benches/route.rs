@@ -155,6 +155,7 @@ fn bench_route(c: &mut Criterion) {
             now_ms: 1_000,
             shared_blocks: 0,
             shared_share: 0.0,
+            tail_ttft_s: 0.0,
         };
         g.bench_function(format!("decide_four/{}", p.name), |b| {
             b.iter(|| {

@@ -56,6 +56,7 @@ fn bench_decide(c: &mut Criterion) {
         now_ms: 1_000,
         shared_blocks: 0,
         shared_share: 0.0,
+        tail_ttft_s: 0.0,
     };
     let mut group = c.benchmark_group("decide_64_workers");
     for (name, cfg) in profiles {

@@ -312,3 +312,48 @@ fn pending_prefill_adds_other_routers_waiting_requests_to_its_own_in_flight_work
         a.pending_prefill_tokens
     );
 }
+
+#[test]
+fn in_flight_prefill_counts_the_progress_made_since_it_started() {
+    // Learn a pool rate of 8,000 tokens/s on both workers (one 8,000-token prompt a second).
+    let r = router(&["a", "b"], |_| {});
+    let mut now = 1_000u64;
+    for i in 0..200u64 {
+        let d = r.route(&at(&prompt(10_000 + i, 8_000), now)).unwrap();
+        r.on_routed(&d).unwrap();
+        now += 1_010;
+        r.on_first_token_at(d.request_id, now).unwrap();
+        r.on_finished(d.request_id).unwrap();
+        now += 5;
+    }
+    // Two 8,000-token requests of its own go to `a` at `now`: the first is prefilled, the
+    // second waits behind it.
+    r.drain_worker("b", 0, true).unwrap();
+    let d1 = r.route(&at(&prompt(1, 8_000), now)).unwrap();
+    r.on_routed(&d1).unwrap();
+    let d2 = r.route(&at(&prompt(2, 8_000), now)).unwrap();
+    r.on_routed(&d2).unwrap();
+    assert_eq!((d1.worker.name.as_str(), d2.worker.name.as_str()), ("a", "a"));
+    r.drain_worker("b", 0, false).unwrap();
+    let a = d1.worker_id;
+    let queue_s = |t: u64| {
+        let d = r.preview(&at(&prompt(3, 160), t)).unwrap();
+        let k = d.candidates.iter().position(|c| c.worker_id == a).unwrap();
+        d.candidate_scores(k)[2]
+    };
+    // Just routed: both prompts are ahead (2 s at 8,000 tokens/s) ...
+    let q = queue_s(now);
+    assert!((q - 2.0).abs() < 0.1, "{q}");
+    // ... half a second later about a quarter of it is done.
+    let q = queue_s(now + 500);
+    assert!((q - 1.5).abs() < 0.1, "{q}");
+    // The first one's first token at 1.2 s (slower than priced): the second one starts
+    // then, and its whole prompt counts from there (not what the clock alone would say).
+    r.on_first_token_at(d1.request_id, now + 1_200).unwrap();
+    let q = queue_s(now + 1_200);
+    assert!((q - 1.0).abs() < 0.1, "{q}");
+    let q = queue_s(now + 1_700);
+    assert!((q - 0.5).abs() < 0.1, "{q}");
+    // Past its expected end nothing is left (its first token is due any moment).
+    assert_eq!(queue_s(now + 2_500), 0.0);
+}

@@ -55,7 +55,13 @@ struct Tracer {
     stored: Vec<u64>,
     removed: Vec<u64>,
     dump: Option<Arc<Mutex<Vec<String>>>>,
+    /// Per request: (routed at, predicted ttft_s, predicted queue_s) of the chosen worker.
+    predicted: HashMap<u64, (f64, f64, f64)>,
+    /// Calibration bins by predicted queue_s: (count, sum predicted ttft, sum actual ttft).
+    calib: Vec<(u64, f64, f64)>,
 }
+
+const BINS: [f64; 6] = [0.0, 0.25, 1.0, 3.0, 6.0, 12.0];
 
 fn prefix(keys: &[u64], set: &HashSet<u64>) -> u64 {
     keys.iter().take_while(|k| set.contains(*k)).count() as u64
@@ -75,6 +81,16 @@ impl Policy for Tracer {
         let per: Vec<u64> = self.cached.iter().map(|c| prefix(keys, c)).collect();
         let best = per.iter().copied().max().unwrap_or(0);
         let chosen = per[w];
+        if let Some((_, d)) = self.inner.last_decision() {
+            let names = d.score_names();
+            let ti = names.iter().position(|n| n.ends_with("ttft_s"));
+            let qi = names.iter().position(|n| n.ends_with("queue_s"));
+            let pos = d.candidates.iter().position(|c| c.worker_id.index() == w);
+            if let (Some(ti), Some(qi), Some(pos)) = (ti, qi, pos) {
+                let s = d.candidate_scores(pos);
+                self.predicted.insert(r.req.id, (view.now_s, s[ti], s[qi]));
+            }
+        }
         let mut t = self.t.lock().unwrap();
         t.requests += 1;
         t.blocks += keys.len() as u64;
@@ -169,6 +185,13 @@ impl Policy for Tracer {
         self.inner.on_events(worker, evs, reqs, now_s)
     }
     fn on_first_token(&mut self, w: usize, req: &SimRequest, now_s: f64) -> Result<()> {
+        if let Some((at, ttft, q)) = self.predicted.remove(&req.id) {
+            let b = BINS.iter().rposition(|&x| q >= x).unwrap_or(0);
+            let c = &mut self.calib[b];
+            c.0 += 1;
+            c.1 += ttft;
+            c.2 += now_s - at;
+        }
         self.inner.on_first_token(w, req, now_s)
     }
     fn on_finished(&mut self, w: usize, req: &SimRequest, now_s: f64) -> Result<()> {
@@ -209,6 +232,8 @@ fn main() -> Result<()> {
                         stored: vec![0; cfg.workers],
                         removed: vec![0; cfg.workers],
                         dump: dump.clone(),
+                        predicted: HashMap::new(),
+                        calib: vec![(0, 0.0, 0.0); BINS.len()],
                     };
                     let res = kvroute_sim::run(prepared, cfg, &mut tr)?;
                     if let (Some(p), Some(d)) = (dump_path, dump) {
@@ -234,6 +259,15 @@ fn main() -> Result<()> {
                         })
                         .collect();
                     let t = t.lock().unwrap().clone();
+                    let calib: Vec<String> = BINS
+                        .iter()
+                        .zip(&tr.calib)
+                        .map(|(b, (n, p, a))| {
+                            let n1 = (*n).max(1) as f64;
+                            format!("q>={b}s: n {n} pred {:.2} actual {:.2}", p / n1, a / n1)
+                        })
+                        .collect();
+                    let pw = format!("{pw}\n  ttft calibration {}", calib.join(" | "));
                     Ok((name.clone(), res, t, pw, format!("{m:?}")))
                 })
             })
@@ -246,7 +280,7 @@ fn main() -> Result<()> {
         counts.insert(name.clone(), ());
         let pct = |x: u64| 100.0 * x as f64 / t.blocks as f64;
         println!(
-            "\n{name}: hit {:.2}% block-hit {:.2}% ttft p90 {:.2}s top {:.1}% evictions {}",
+            "\n{name}: hit {:.2}% block-hit {:.2}% ttft p90 {:.3}s top {:.1}% evictions {}",
             100.0 * res.hit_rate,
             100.0 * res.block_hit_rate,
             res.ttft_p90_s.unwrap_or(0.0),

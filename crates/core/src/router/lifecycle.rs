@@ -56,7 +56,8 @@ impl Router {
             )));
         }
         let mean = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
-        let ahead = worker.load(None, mean, f64::NAN).pending_prefill_tokens;
+        let pool_rate = f64::from_bits(self.pool_rate_bits.load(Ordering::Relaxed));
+        let ahead = worker.load(None, mean, pool_rate, decision.routed_ms).pending_prefill_tokens;
         {
             let mut inflight = self.inflight.lock();
             if inflight.contains_key(&decision.request_id) {
@@ -81,7 +82,10 @@ impl Router {
             // must never subtract before these adds.
             worker.running.fetch_add(1, Ordering::Relaxed);
             worker.inflight_prefill.fetch_add(prefill, Ordering::Relaxed);
-            worker.inflight_count.fetch_add(1, Ordering::Relaxed);
+            if worker.inflight_count.fetch_add(1, Ordering::Relaxed) == 0 {
+                // Nothing of this router's in flight there: its prefill starts now.
+                worker.prefill_since_ms.store(decision.routed_ms, Ordering::Relaxed);
+            }
             worker.since_report_routed.fetch_add(1, Ordering::Relaxed);
             worker.since_report_prefill.fetch_add(prefill, Ordering::Relaxed);
             // Mean uncached tokens per request, weight 1/64 per request.
@@ -252,9 +256,15 @@ impl Router {
             f.prefill_done = true;
             f.worker.inflight_prefill.fetch_sub(f.prefill_tokens, Ordering::Relaxed);
             f.worker.inflight_count.fetch_sub(1, Ordering::Relaxed);
+            // The next in-flight request there starts its prefill now (FCFS). (A time on
+            // another clock than the routing's is ignored, as for the rate below.)
+            if now_ms >= f.routed_ms {
+                f.worker.prefill_since_ms.store(now_ms, Ordering::Relaxed);
+            }
             f.worker.decode_blocks.fetch_add(f.blocks, Ordering::Relaxed);
             if now_ms >= f.routed_ms && now_ms - f.routed_ms <= 3_600_000 {
                 let elapsed = (now_ms - f.routed_ms) as f64 / 1e3;
+                self.tail.observe(elapsed);
                 let (work, secs) = (f.work_tokens as f64, elapsed - self.step_overhead_s());
                 let pool = {
                     let mut pool = self.pool_learn.lock();

@@ -153,7 +153,8 @@ impl Router {
             .iter()
             .flatten()
             .map(|w| {
-                let load = w.load(None, mean, pool_rate);
+                // No clock here: the in-flight prefill without progress.
+                let load = w.load(None, mean, pool_rate, 0);
                 WorkerMetrics {
                     worker: w.key.clone(),
                     decisions: w.decisions.load(Ordering::Relaxed),

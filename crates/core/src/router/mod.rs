@@ -36,6 +36,7 @@ mod predict;
 mod request;
 mod route;
 mod snapshot;
+mod tail;
 mod workers;
 
 pub use config::{
@@ -88,6 +89,8 @@ pub struct Router {
     pub(crate) pool_rate_bits: AtomicU64,
     /// Which prompt prefixes recent traffic shares (for the `ttft` picker's guard).
     pub(crate) popular: popular::Popularity,
+    /// The tail (p90) of observed times to first token (for the `ttft` picker).
+    pub(crate) tail: tail::Tail,
 }
 
 impl std::fmt::Debug for Router {
@@ -142,6 +145,7 @@ impl Router {
             pool_learn: Mutex::new(predict::Learner::new()),
             pool_rate_bits: AtomicU64::new(prior.to_bits()),
             popular: popular::Popularity::default(),
+            tail: tail::Tail::default(),
             cfg,
         };
         for w in router.cfg.workers.clone() {

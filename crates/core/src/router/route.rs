@@ -124,7 +124,7 @@ impl Router {
                     worker: w.id,
                     matched_blocks: m.map_or(0, |o| o.blocks),
                     matched_by_tier: m.map_or([0; 3], |o| o.by_tier),
-                    load: w.load(usage, mean, pool_rate),
+                    load: w.load(usage, mean, pool_rate, now),
                     loaded_loras: if req.lora.is_some() { *w.loras.read() } else { LoraSet::new() },
                     last_routed_ms: (last != u64::MAX).then_some(last),
                     healthy: w.healthy.load(Ordering::Relaxed)
@@ -158,6 +158,7 @@ impl Router {
                 now_ms: now,
                 shared_blocks,
                 shared_share,
+                tail_ttft_s: self.tail.p90_s(),
             };
             let request_id = if commit {
                 self.next_request.fetch_add(1, Ordering::Relaxed)

@@ -54,6 +54,10 @@ pub(crate) struct WorkerState {
     /// The worker's eviction horizon, seconds (f64 bits; NaN: not known): cached blocks
     /// over blocks stored per second, both from its KV events.
     pub(crate) horizon_bits: AtomicU64,
+    /// Since when (ms, the requests' clock) the worker has been prefilling this router's
+    /// oldest request without a first token: the last first token of one of its requests
+    /// there, or the routing that found none in flight (u64::MAX: never).
+    pub(crate) prefill_since_ms: AtomicU64,
 }
 
 /// A worker's cache model (approximate and hybrid modes).
@@ -92,6 +96,7 @@ impl WorkerState {
             pred_ttl_ms: AtomicU64::new(ttl_ms),
             first_event_ts_bits: AtomicU64::new(f64::NAN.to_bits()),
             horizon_bits: AtomicU64::new(f64::NAN.to_bits()),
+            prefill_since_ms: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -109,18 +114,44 @@ impl WorkerState {
 
     /// The worker's load. `mean_uncached` prices a scraped waiting request in prompt
     /// tokens (the router's mean uncached tokens per routed request); `pool_rate` is the
-    /// prefill rate of a worker not observed yet.
+    /// prefill rate of a worker not observed yet; `now_ms` (the requests' clock) lets the
+    /// in-flight prefill count the progress made since it started.
     pub(crate) fn load(
         &self,
         model_usage: Option<f64>,
         mean_uncached: f64,
         pool_rate: f64,
+        now_ms: u64,
     ) -> Load {
         let rep_w = self.rep_waiting.load(Ordering::Relaxed);
         let rep_r = self.rep_running.load(Ordering::Relaxed);
         let rep_u = f64::from_bits(self.rep_kv_usage.load(Ordering::Relaxed));
         let tracked = self.running.load(Ordering::Relaxed);
-        let inflight = self.inflight_prefill.load(Ordering::Relaxed);
+        let inflight_total = self.inflight_prefill.load(Ordering::Relaxed);
+        let rate = super::predict::routing_rate(
+            f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
+            pool_rate,
+        );
+        // Requests waiting there at the last scrape that are not this router's (other
+        // router replicas'; 0 with one router, whose requests bound the scraped waiting).
+        let others = if rep_w == u32::MAX {
+            0
+        } else {
+            rep_w.saturating_sub(self.inflight_at_report.load(Ordering::Relaxed))
+        };
+        // Progress: the worker has been prefilling this router's in-flight work since its
+        // last first token there (or since it had none), at the rate the router prices it
+        // at; that much of the in-flight prefill is done. Without it a long prompt counts
+        // in full until its first token, seconds after most of it was computed. Not while
+        // other routers' requests wait there: the worker may be computing theirs (FCFS).
+        let since = self.prefill_since_ms.load(Ordering::Relaxed);
+        let started = since != u64::MAX && now_ms > since && others == 0;
+        let done = if started && rate.is_finite() && rate > 0.0 {
+            ((now_ms - since) as f64 / 1e3 * rate) as u64
+        } else {
+            0
+        };
+        let inflight = inflight_total.saturating_sub(done);
         let (mut active, mut pending) = (tracked, inflight);
         if rep_w != u32::MAX || rep_r != u32::MAX {
             // Never stale: the scrape plus what this router sent since, or this router's
@@ -139,22 +170,18 @@ impl WorkerState {
             // from above) at the mean. With router replicas the first bound misses every
             // running prefill, and a replica's own in-flight work is a fraction of the
             // worker's; with one router this one is its own in-flight prefill.
-            let others = w.saturating_sub(self.inflight_at_report.load(Ordering::Relaxed));
             pending =
                 pending.max(inflight.saturating_add((f64::from(others) * mean_uncached) as u64));
         }
         Load {
             waiting: if rep_w == u32::MAX { 0 } else { rep_w },
             running: if rep_r == u32::MAX { tracked } else { rep_r },
-            inflight_prefill_tokens: inflight,
+            inflight_prefill_tokens: inflight_total,
             kv_usage: if rep_u.is_nan() { model_usage.unwrap_or(0.0) } else { rep_u },
             decode_blocks: self.decode_blocks.load(Ordering::Relaxed),
             pending_prefill_tokens: pending,
             active_requests: active,
-            prefill_tokens_per_s: super::predict::routing_rate(
-                f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
-                pool_rate,
-            ),
+            prefill_tokens_per_s: rate,
             eviction_horizon_s: f64::from_bits(self.horizon_bits.load(Ordering::Relaxed)).max(0.0),
         }
     }

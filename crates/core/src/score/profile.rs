@@ -1162,6 +1162,7 @@ mod tests {
                     now_ms: now,
                     shared_blocks: 0,
                     shared_share: 0.0,
+                    tail_ttft_s: 0.0,
                 };
                 let profile = cfg.build().unwrap();
                 let bound = profile.max_total();

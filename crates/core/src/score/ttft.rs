@@ -26,6 +26,13 @@
 //!   blocks stored per second, from its KV events) pays its own prefill's externality
 //!   times `turnover / mean turnover - 1` more (a block written there evicts younger
 //!   history). Nobody evicting, or a prefix everyone shares: unchanged.
+//! - history within the tail (session 5): while the cheapest holder of the longest match
+//!   predicts a TTFT within the router's recent TTFT tail (`RequestInfo::tail_ttft_s`, the
+//!   p90 of its observed routing-to-first-token times), or while the candidate itself
+//!   would not bring the request within it, a candidate that would give up private blocks
+//!   (beyond `shared_blocks`) is priced two tie tolerances above that holder: latency
+//!   objectives are percentiles, a move that leaves the request on the same side of the
+//!   tail does not change them, and the recompute is certain.
 //!
 //! The cheapest candidate wins; candidates within `tie_s` of it are near-ties (default:
 //! one step overhead, the granularity at which an engine finishes prefills) and go to the
@@ -251,6 +258,27 @@ impl TtftPolicy {
             let keep = c.matched_blocks.max(req.shared_blocks);
             if mmax > keep {
                 cost[k] += self.externality * (tokens(mmax) - tokens(keep)) / self.rate(c);
+            }
+        }
+        // History within the tail: while the holder of the longest match can give the
+        // request its first token within the router's recent TTFT tail (p90), or while a
+        // candidate would not bring it within the tail either, a move away from a private
+        // history buys no latency that a percentile objective counts and recomputes that
+        // history for certain: such a candidate is priced above the cheapest holder (by
+        // two tie tolerances, so never a near-tie).
+        if req.tail_ttft_s > 0.0 && mmax > req.shared_blocks {
+            let (mut hold_ttft, mut hold_cost) = (f64::INFINITY, f64::INFINITY);
+            for (k, c) in cands.iter().enumerate() {
+                if c.matched_blocks == mmax && cost[k] < hold_cost {
+                    (hold_ttft, hold_cost) = (ttft[k], cost[k]);
+                }
+            }
+            let floor = hold_cost + 2.0 * self.tie_s.unwrap_or(self.step_overhead_s);
+            for (k, c) in cands.iter().enumerate() {
+                let out_of_tail = hold_ttft > req.tail_ttft_s && ttft[k] <= req.tail_ttft_s;
+                if c.matched_blocks.max(req.shared_blocks) < mmax && !out_of_tail {
+                    cost[k] = cost[k].max(floor);
+                }
             }
         }
         let mean = sum / n as f64;
@@ -523,6 +551,36 @@ mod tests {
         let (k, rows) = run(&p, &req, &cands);
         assert_eq!(k, 1);
         assert!(close(rows[7], 0.41), "{}", rows[7]);
+    }
+
+    #[test]
+    fn a_private_history_stays_while_its_holder_is_within_the_ttft_tail() {
+        let p = TtftPolicy::default();
+        let mut req = RequestInfo { prompt_tokens: 2_000, total_blocks: 125, ..Default::default() };
+        // w0 holds 100 blocks (1,600 tokens) of a private history behind 10,000 queued
+        // tokens: TTFT 0.01 + 1.0 + 0.04 = 1.05 s, cost 1.09 s. w1 is idle and cold: TTFT
+        // 0.21 s, cost 0.41 + 0.16 = 0.57 s: the cost alone moves the request.
+        let cands = [cand(0, 100, 10_000, 1, 10_000.0), cand(1, 0, 0, 0, 10_000.0)];
+        assert_eq!(run(&p, &req, &cands).0, 1, "no tail known: the cost decides");
+        // The router's recent TTFT p90 is 2 s: 1.05 s on the holder is within it, the
+        // move would buy no latency a percentile counts: it stays, and w1 is priced above
+        // it (1.09 + 2 x 0.01).
+        req.tail_ttft_s = 2.0;
+        let (k, rows) = run(&p, &req, &cands);
+        assert_eq!(k, 0);
+        assert!(close(rows[7], 1.11), "{:?}", &rows[6..8]);
+        // A tail of 1 s: the holder would put the request in the tail and w1 (0.21 s)
+        // takes it out: the cost decides.
+        req.tail_ttft_s = 1.0;
+        assert_eq!(run(&p, &req, &cands).0, 1);
+        // A tail of 0.2 s: in the tail on either worker, the move buys no latency the
+        // percentile counts: it stays.
+        req.tail_ttft_s = 0.2;
+        assert_eq!(run(&p, &req, &cands).0, 0);
+        // A shared prefix is not a history to keep: the cost decides whatever the tail.
+        req.tail_ttft_s = 2.0;
+        req.shared_blocks = 100;
+        assert_eq!(run(&p, &req, &cands).0, 1);
     }
 
     #[test]
