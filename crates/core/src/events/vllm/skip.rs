@@ -144,8 +144,9 @@ mod avx2 {
                 // v - 0xcc is 0, 1, 2 for the wide markers; saturating + 0x70 sends every
                 // value above 15 to bit 7 set (vpshufb: 0), the rest to its table entry.
                 let idx = _mm256_adds_epu8(_mm256_sub_epi8(v, m_cc), bias);
-                let fix = _mm256_and_si256(_mm256_cmpgt_epi8(v, minus1), one);
-                let l = _mm256_or_si256(_mm256_shuffle_epi8(wide, idx), fix);
+                // Positive fixints (all bits set in `fix`; the table gave them 0): 0 - -1.
+                let fix = _mm256_cmpgt_epi8(v, minus1);
+                let l = _mm256_sub_epi8(_mm256_shuffle_epi8(wide, idx), fix);
                 let mut nx = _mm256_add_epi8(iota, l);
                 let mut cnt = _mm256_min_epu8(l, one);
                 for _ in 0..4 {
