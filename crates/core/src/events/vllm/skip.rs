@@ -96,6 +96,32 @@ mod avx2 {
     /// element that straddles into the next window has at most 4 bytes there.
     const OVERHANG: usize = 4;
 
+    /// Where the walk from `entry` (0..=OVERHANG) of a window leaves it (`0x80 + k`: `k`
+    /// bytes into the next window; below 0x80: it does not) and how many elements it
+    /// passes, from the doubled `nx` and `cnt` of both lanes: the low lane is composed
+    /// with the high one for the entries 0..=4, then one shift of a 64-bit word by the
+    /// entry picks the answer.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn compose(nx: __m256i, cnt: __m256i, entry: usize) -> (u8, usize) {
+        let lo_nx = _mm256_castsi256_si128(nx);
+        let hi_nx = _mm256_extracti128_si256::<1>(nx);
+        let lo_cnt = _mm256_castsi256_si128(cnt);
+        let hi_cnt = _mm256_extracti128_si256::<1>(cnt);
+        // Left the low lane: 0x80 + k -> k (the entry into the high lane); did not: bit 7
+        // set -> vpshufb gives 0, which reads as "does not leave" below.
+        let to_hi = _mm_xor_si128(lo_nx, _mm_set1_epi8(0x80u8 as i8));
+        let c_nx = _mm_shuffle_epi8(hi_nx, to_hi);
+        let c_cnt = _mm_add_epi8(lo_cnt, _mm_shuffle_epi8(hi_cnt, to_hi));
+        let w_nx = _mm_cvtsi128_si64(c_nx) as u64;
+        let w_cnt = _mm_cvtsi128_si64(c_cnt) as u64;
+        let shift = 8 * entry as u32;
+        ((w_nx >> shift) as u8, usize::from((w_cnt >> shift) as u8))
+    }
+
     /// [`super::skip_uints`] with AVX2, over 32-byte windows (two 16-byte lanes).
     ///
     /// Per window, for every byte `i` of each lane in parallel: `nx[i]` = where the next
@@ -103,11 +129,12 @@ mod avx2 {
     /// lane and `0x80 + (offset - 16)` once past it (so `vpshufb`, which reads index bits
     /// 0..3 and gives 0 for an index with bit 7 set, follows pointers inside the lane and
     /// yields 0 for pointers that left it), and `cnt[i]` = elements passed. A byte that is
-    /// no accepted marker has length 0 and points at itself. Four doubling rounds
+    /// no accepted marker has length 0 and points at itself. Doubling rounds
     /// (`nx = max(nx, nx[nx])`, `cnt += cnt[nx]`: the max keeps pointers that left, since
-    /// pointers only move forward and every "left" value is above every "inside" one)
-    /// give the walk over 16 elements, so a walk of accepted elements always leaves its
-    /// 16-byte lane; one that does not ("stuck") met another byte. The low lane is then
+    /// pointers only move forward and every "left" value is above every "inside" one):
+    /// three give the walk over 8 elements, enough to leave a lane unless it holds a run of
+    /// 1-byte elements; only then a fourth gives 16, so a walk of accepted elements always
+    /// leaves its 16-byte lane, and one that does not ("stuck") met another byte. The low lane is then
     /// composed with the high one for the 5 possible entries (0..=4), and the serial step
     /// per 32 bytes is one shift of a 64-bit word by the entry.
     ///
@@ -135,7 +162,6 @@ mod avx2 {
         let m_cc = _mm256_set1_epi8(0xccu8 as i8);
         let bias = _mm256_set1_epi8(0x70);
         let minus1 = _mm256_set1_epi8(-1);
-        let high = _mm_set1_epi8(0x80u8 as i8);
         loop {
             let mut stuck = false;
             while done < n && base + 32 + OVERHANG <= len {
@@ -149,25 +175,19 @@ mod avx2 {
                 let l = _mm256_sub_epi8(_mm256_shuffle_epi8(wide, idx), fix);
                 let mut nx = _mm256_add_epi8(iota, l);
                 let mut cnt = _mm256_min_epu8(l, one);
-                for _ in 0..4 {
+                // Three rounds pass 8 elements, which leaves a lane unless it holds runs of
+                // 1-byte elements; a fourth round (16) runs only for windows that need it.
+                for _ in 0..3 {
                     cnt = _mm256_add_epi8(cnt, _mm256_shuffle_epi8(cnt, nx));
                     nx = _mm256_max_epu8(nx, _mm256_shuffle_epi8(nx, nx));
                 }
-                // Compose: from entry e of the low lane, on through the high lane.
-                let lo_nx = _mm256_castsi256_si128(nx);
-                let hi_nx = _mm256_extracti128_si256::<1>(nx);
-                let lo_cnt = _mm256_castsi256_si128(cnt);
-                let hi_cnt = _mm256_extracti128_si256::<1>(cnt);
-                // Left the low lane: 0x80 + k -> k (the entry into the high lane); stuck:
-                // bit 7 set -> 0, which reads as stuck below.
-                let to_hi = _mm_xor_si128(lo_nx, high);
-                let c_nx = _mm_shuffle_epi8(hi_nx, to_hi);
-                let c_cnt = _mm_add_epi8(lo_cnt, _mm_shuffle_epi8(hi_cnt, to_hi));
-                let w_nx = _mm_cvtsi128_si64(c_nx) as u64;
-                let w_cnt = _mm_cvtsi128_si64(c_cnt) as u64;
-                let shift = 8 * entry as u32;
-                let exit = (w_nx >> shift) as u8;
-                let c = usize::from((w_cnt >> shift) as u8);
+                // SAFETY (both calls): this function runs only where the CPU has AVX2.
+                let (mut exit, mut c) = unsafe { compose(nx, cnt, entry) };
+                if exit < 0x80 {
+                    cnt = _mm256_add_epi8(cnt, _mm256_shuffle_epi8(cnt, nx));
+                    nx = _mm256_max_epu8(nx, _mm256_shuffle_epi8(nx, nx));
+                    (exit, c) = unsafe { compose(nx, cnt, entry) };
+                }
                 if exit < 0x80 || c > n - done {
                     // Stuck (another byte), or the array ends in this window.
                     stuck = true;
