@@ -6,18 +6,21 @@
 //! about 10 cycles per element whatever the loop looks like.
 //!
 //! [`skip_uints`] breaks the chain with SIMD where the CPU has AVX2 (detected at run
-//! time; elsewhere it walks element by element). It looks at the payload in fixed 16-byte
-//! windows, independent of where elements start, and computes for every byte `i` of a
-//! window, in parallel: where the next element would start if one started at `i`
-//! (`i` + its length by marker: 1 for a positive fixint, 2, 3, 5 for uint8/16/32; a byte
-//! that is no such marker points at itself), and then, by pointer doubling (three rounds
-//! of a byte shuffle: 1, 2, 4, then 8 elements), where the walk from `i` leaves the window
-//! and how many elements it passes. The only serial step left is one small table lookup
-//! per window: the element that straddles into the next window fixes where the walk
-//! enters it (0..4 bytes in). A walk that does not leave its window within 8 elements
-//! (an unexpected marker, or a run of 1-byte elements) is finished by the element-by-
-//! element walk, which also takes the last window of the array and anything near the end
-//! of the payload.
+//! time; elsewhere it walks element by element). It looks at the payload in fixed 32-byte
+//! windows (two 16-byte lanes), independent of where elements start, and computes for
+//! every byte `i` of a lane, in parallel: where the next element would start if one
+//! started at `i` (`i` + its length by marker: 1 for a positive fixint, 2, 3, 5 for
+//! uint8/16/32; a byte that is no such marker points at itself), and then, by pointer
+//! doubling (byte shuffles: 1, 2, 4, 8 and, only where needed, 16 elements), where the
+//! walk from `i` leaves the lane and how many elements it passes. The low lane is composed
+//! with the high one for the 5 possible entries, so the only serial step left is one
+//! shift of a 64-bit word per window: the element that straddles into the next window
+//! fixes where the walk enters it (0..4 bytes in). A walk that does not leave its window
+//! (an unexpected marker, or the array's end inside it) is finished by the element-by-
+//! element walk, which also takes anything near the end of the payload.
+//!
+//! Every implementation can be called by name ([`skip_uints_with`]), so that tests, the
+//! fuzz target and the benchmarks run each path the CPU has, not only the dispatched one.
 //!
 //! Only the encodings msgspec writes for non-negative ints up to 2^32 are stepped over
 //! here; everything else is left to the caller's decoder (which accepts the same values in
@@ -53,13 +56,15 @@ pub(super) fn skip_uints(buf: &[u8], pos: usize, n: usize) -> (usize, usize) {
     skip_scalar(buf, pos, n, usize::MAX)
 }
 
-/// The names of the implementations of [`skip_uints`], for [`skip_uints_with`].
+/// The names of the implementations of `skip_uints` (the token-id skip), for
+/// [`skip_uints_with`].
 pub const SKIP_PATHS: [&str; 2] = ["scalar", "avx2"];
 
-/// [`skip_uints`] by the implementation named `path` (one of [`SKIP_PATHS`]); `None` when
-/// this CPU cannot run it. Tests, the fuzz target and the benchmarks call every path
-/// explicitly, so each is exercised on a machine that has it, not only the one the
-/// dispatch picks.
+/// `skip_uints` (the token-id skip) by the implementation named `path` (one of
+/// [`SKIP_PATHS`]): steps over at most `n` msgpack uints from `pos`, returns where it
+/// stopped and how many it passed; `None` when this CPU cannot run it. Tests, the fuzz
+/// target and the benchmarks call every path explicitly, so each is exercised on a
+/// machine that has it, not only the one the dispatch picks.
 pub fn skip_uints_with(path: &str, buf: &[u8], pos: usize, n: usize) -> Option<(usize, usize)> {
     match path {
         "scalar" => Some(skip_scalar(buf, pos, n, usize::MAX)),
