@@ -14,6 +14,11 @@
 //!   `vllm::decode_with` keeping only root events' token ids, as a vLLM-keyed router does.
 //! - `<mode>/decode_apply/{store,remove}`: `Router::apply_vllm_batch(worker, &payload)`.
 //! - `<mode>/apply/{store,remove}`: `Router::apply_events` on the pre-decoded batch.
+//! - `decode/store_{zipf,widths}_tokens_for_roots`, `vllm/decode_apply/store_{zipf,widths}`:
+//!   the same store batches with other token ids (`common::TokenDist`): the generator's
+//!   uniform ids below 128,000 take 3 or 5 bytes each; Zipf-like ids (realistic text) mostly
+//!   1 or 3; uniform widths (1, 2, 3 or 5 bytes at random) are the worst case for finding
+//!   where a token-id array ends.
 //!
 //! Modes: `vllm` (`hash_algo: "sha256_cbor"`, `verify_engine_hashes: false`: the engine
 //! hashes are the index keys) and `xxh3` (every stored block re-keyed from its tokens, the
@@ -40,7 +45,11 @@ struct Conv {
     remove: KvEventBatch,
     store_msg: Vec<u8>,
     remove_msg: Vec<u8>,
+    /// `store` with its token ids drawn from `TokenDist::Zipf` and `TokenDist::Widths`.
+    store_msg_dist: [Vec<u8>; 2],
 }
+
+const DISTS: [TokenDist; 2] = [TokenDist::Zipf, TokenDist::Widths];
 
 fn convs() -> Vec<Conv> {
     (0..CONVS)
@@ -52,6 +61,7 @@ fn convs() -> Vec<Conv> {
             Conv {
                 worker: worker_name(w),
                 store_msg: vllm::encode(&store),
+                store_msg_dist: DISTS.map(|d| vllm::encode(&retokened(&store, d, k as u64))),
                 remove_msg: vllm::encode(&remove),
                 store,
                 remove,
@@ -125,6 +135,17 @@ fn bench_events(c: &mut Criterion) {
             vllm::decode_with(black_box(&convs[i % CONVS].store_msg), opts).unwrap()
         })
     });
+    // The same batches with realistic (Zipf-like) and worst-case (uniform widths) ids.
+    for (j, d) in DISTS.iter().enumerate() {
+        g.bench_function(format!("store_{}_tokens_for_roots", d.name()), |b| {
+            let opts = vllm::DecodeOptions { token_ids: vllm::TokenIds::KeepForRoots };
+            let mut i = 0;
+            b.iter(|| {
+                i += 1;
+                vllm::decode_with(black_box(&convs[i % CONVS].store_msg_dist[j]), opts).unwrap()
+            })
+        });
+    }
     g.finish();
 
     for (mode, algo) in [("vllm", "sha256_cbor"), ("xxh3", "xxh3")] {
@@ -161,6 +182,20 @@ fn bench_events(c: &mut Criterion) {
         g.bench_function("decode_apply/store", |b| {
             b.iter_custom(|n| custom(n, &convs, false, store_msg, remove_ev))
         });
+        if mode == "vllm" {
+            for (j, d) in DISTS.iter().enumerate() {
+                let store_dist = |c: &Conv| {
+                    black_box(
+                        router
+                            .apply_vllm_batch(&c.worker, black_box(&c.store_msg_dist[j]))
+                            .unwrap(),
+                    );
+                };
+                g.bench_function(format!("decode_apply/store_{}", d.name()), |b| {
+                    b.iter_custom(|n| custom(n, &convs, false, store_dist, remove_ev))
+                });
+            }
+        }
         g.bench_function("decode_apply/remove", |b| {
             b.iter_custom(|n| custom(n, &convs, true, remove_msg, store_ev))
         });

@@ -253,3 +253,61 @@ pub fn prime_predictions(router: &Router) {
         }
     }
 }
+
+/// How [`retokened`] draws token ids.
+#[derive(Clone, Copy, Debug)]
+pub enum TokenDist {
+    /// Zipf-like ids below 150,000 (a 1/x law: 41% below 128, 93% below 65,536), as the
+    /// ids of real text in a Qwen/Llama-3-sized vocabulary are: most take 1 or 3 bytes of
+    /// msgpack.
+    Zipf,
+    /// Every id's msgpack width drawn uniformly from 1, 2, 3 and 5 bytes: the worst case
+    /// for finding where a token-id array ends.
+    Widths,
+}
+
+impl TokenDist {
+    /// The name used in benchmark ids.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenDist::Zipf => "zipf",
+            TokenDist::Widths => "widths",
+        }
+    }
+
+    /// Token id number `i` of stream `seed`.
+    pub fn token(self, seed: u64, i: u64) -> u32 {
+        let x = sm((seed << 32) ^ i ^ 0x5eed_0000_0000_0000);
+        match self {
+            TokenDist::Zipf => {
+                let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+                (150_000f64.powf(u) as u32).saturating_sub(1)
+            }
+            TokenDist::Widths => {
+                let y = (x >> 8) as u32;
+                match x % 4 {
+                    0 => y % 0x80,
+                    1 => 0x80 + y % 0x80,
+                    2 => 0x100 + y % 0xff00,
+                    _ => 0x1_0000 + y % 0xffff_0000,
+                }
+            }
+        }
+    }
+}
+
+/// `batch` with every `BlockStored`'s token ids redrawn from `dist` (same counts, same
+/// hashes: a router keyed by the engine's hashes treats it exactly like `batch`).
+pub fn retokened(batch: &KvEventBatch, dist: TokenDist, seed: u64) -> KvEventBatch {
+    let mut b = batch.clone();
+    let mut i = 0u64;
+    for ev in &mut b.events {
+        if let KvEvent::BlockStored(s) = ev {
+            for t in &mut s.token_ids {
+                *t = dist.token(seed, i);
+                i += 1;
+            }
+        }
+    }
+    b
+}

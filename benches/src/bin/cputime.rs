@@ -96,29 +96,71 @@ fn events() {
             Conv { worker: worker_name(w), store_msg: vllm::encode(&store), store, remove }
         })
         .collect();
-    let opts = vllm::DecodeOptions { token_ids: vllm::TokenIds::KeepForRoots };
-    let rounds = (0..ROUNDS)
-        .map(|r| {
-            let s = cpu_ns();
-            for c in &convs[(r * 64) % 1024..][..64] {
-                black_box(vllm::decode_with(black_box(&c.store_msg), opts).unwrap());
-            }
-            (cpu_ns() - s) as f64 / 64.0
+    // The same batches with other token-id distributions (`common::TokenDist`).
+    let dists = [TokenDist::Zipf, TokenDist::Widths];
+    let other: Vec<Vec<Vec<u8>>> = dists
+        .iter()
+        .map(|&d| {
+            convs
+                .iter()
+                .enumerate()
+                .map(|(k, c)| vllm::encode(&retokened(&c.store, d, k as u64)))
+                .collect()
         })
         .collect();
-    report("decode/store_tokens_for_roots", rounds);
+    let msgs: Vec<(String, Vec<&[u8]>)> =
+        std::iter::once((String::new(), convs.iter().map(|c| c.store_msg.as_slice()).collect()))
+            .chain(
+                dists.iter().zip(&other).map(|(d, m)| {
+                    (format!("_{}", d.name()), m.iter().map(Vec::as_slice).collect())
+                }),
+            )
+            .collect();
+    let opts = vllm::DecodeOptions { token_ids: vllm::TokenIds::KeepForRoots };
+    for (suffix, msg) in &msgs {
+        let rounds = (0..ROUNDS)
+            .map(|r| {
+                let s = cpu_ns();
+                for m in &msg[(r * 64) % 1024..][..64] {
+                    black_box(vllm::decode_with(black_box(m), opts).unwrap());
+                }
+                (cpu_ns() - s) as f64 / 64.0
+            })
+            .collect();
+        report(&format!("decode/store{suffix}_tokens_for_roots"), rounds);
+        // The same payload again and again: in cache, as one just received is.
+        let rounds = (0..ROUNDS)
+            .map(|r| {
+                let m = msg[r % 1024];
+                let s = cpu_ns();
+                for _ in 0..64 {
+                    black_box(vllm::decode_with(black_box(m), opts).unwrap());
+                }
+                (cpu_ns() - s) as f64 / 64.0
+            })
+            .collect();
+        report(&format!("decode/store{suffix}_tokens_for_roots_hot"), rounds);
+    }
     let router = Router::from_json(&config_json("sha256_cbor", r#""llm-d""#)).expect("config");
     populate(&router);
-    for (name, decode) in [("vllm/decode_apply/store", true), ("vllm/apply/store", false)] {
+    let mut cases: Vec<(String, Option<&[&[u8]]>)> = msgs
+        .iter()
+        .map(|(suffix, m)| (format!("vllm/decode_apply/store{suffix}"), Some(m.as_slice())))
+        .collect();
+    cases.insert(1, ("vllm/apply/store".to_string(), None));
+    for (name, msg) in cases {
         let rounds = (0..ROUNDS)
             .map(|r| {
                 let mut cpu = 0;
-                for c in &convs[(r * 64) % 1024..][..64] {
+                for (k, c) in convs.iter().enumerate().skip((r * 64) % 1024).take(64) {
                     let s = cpu_ns();
-                    if decode {
-                        black_box(router.apply_vllm_batch(&c.worker, &c.store_msg).unwrap());
-                    } else {
-                        black_box(router.apply_events(&c.worker, &c.store).unwrap());
+                    match msg {
+                        Some(m) => {
+                            black_box(router.apply_vllm_batch(&c.worker, m[k]).unwrap());
+                        }
+                        None => {
+                            black_box(router.apply_events(&c.worker, &c.store).unwrap());
+                        }
                     }
                     cpu += cpu_ns() - s;
                     router.apply_events(&c.worker, &c.remove).unwrap();
@@ -126,12 +168,61 @@ fn events() {
                 cpu as f64 / 64.0
             })
             .collect();
-        report(name, rounds);
+        report(&name, rounds);
+    }
+}
+
+/// The token-id skip alone, each implementation, on 4,096 token ids (one store batch's)
+/// of each distribution, in cache.
+fn skips() {
+    for (name, dist) in
+        [("bench", None), ("zipf", Some(TokenDist::Zipf)), ("widths", Some(TokenDist::Widths))]
+    {
+        let ids: Vec<u32> = (0..4096u64)
+            .map(|i| match dist {
+                None => (kvroute_benches::sm(i) % VOCAB) as u32,
+                Some(d) => d.token(1, i),
+            })
+            .collect();
+        let ev = KvEventBatch {
+            ts: 0.0,
+            events: vec![kvroute::events::KvEvent::BlockStored(kvroute::events::BlockStored {
+                token_ids: ids,
+                ..Default::default()
+            })],
+            data_parallel_rank: None,
+            skipped_fields: 0,
+            skipped_events: 0,
+        };
+        let msg = vllm::encode(&ev);
+        // The token-id array: after its 3-byte header (array16 of 4,096).
+        let at = msg.windows(3).position(|w| w == [0xdc, 0x10, 0x00]).expect("array16 header") + 3;
+        let end = vllm::skip_uints_with("scalar", &msg, at, 4096).unwrap();
+        assert_eq!(end.1, 4096);
+        for p in vllm::SKIP_PATHS {
+            let Some(got) = vllm::skip_uints_with(p, &msg, at, 4096) else { continue };
+            assert_eq!(got, end, "{p}");
+            let rounds = (0..ROUNDS)
+                .map(|_| {
+                    let s = cpu_ns();
+                    for _ in 0..64 {
+                        black_box(vllm::skip_uints_with(p, black_box(&msg), at, 4096));
+                    }
+                    (cpu_ns() - s) as f64 / 64.0
+                })
+                .collect();
+            report(&format!("skip/{name}/{p}"), rounds);
+        }
+        println!("  ({} bytes of token ids)", end.0 - at);
     }
 }
 
 fn main() {
     let what = std::env::args().nth(1).unwrap_or_default();
+    if what == "skip" {
+        skips();
+        return;
+    }
     if what != "events" {
         routes();
     }

@@ -66,6 +66,9 @@ mod skip;
 pub use decoder::{decode, decode_with, DecodeOptions, TokenIds};
 pub use encoder::encode;
 pub use json::batch_to_json;
+/// For the fuzz target and the benchmarks: each token-skip implementation by name.
+#[doc(hidden)]
+pub use skip::{skip_uints_with, SKIP_PATHS};
 
 /// The deepest nesting of generic values (inside `extra_keys`) that [`decode`] accepts.
 pub const MAX_DEPTH: usize = 32;
