@@ -122,16 +122,16 @@ pub(crate) fn chain_plain(
     if block_size != BS || cfg!(not(target_endian = "little")) {
         return chain(seed, block_size, parent, tokens, |_| None, out);
     }
-    let start = out.len();
-    out.resize(start + tokens.len() / BS, 0);
     let mut scratch = Vec::new();
     let mut key = parent;
-    for (block, slot) in tokens.chunks_exact(BS).zip(&mut out[start..]) {
+    // `extend` from an exact-size iterator writes in place (no zero fill first, no
+    // capacity check per key).
+    out.extend(tokens.chunks_exact(BS).map(|block| {
         let bytes: &[u8; BS * 4] =
             token_bytes(block, &mut scratch).try_into().expect("a block is 64 bytes");
         key = combine(key, xxh3_64_with_seed(bytes, seed));
-        *slot = key;
-    }
+        key
+    }));
 }
 
 #[cfg(test)]
