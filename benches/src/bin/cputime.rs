@@ -8,7 +8,9 @@
 //! Prints, per case, the minimum and the median over `ROUNDS` rounds of the mean CPU
 //! time per call in a round.
 //!
-//! Run: `cargo run --profile bench -p kvroute-benches --bin cputime [route|events]`.
+//! Run: `cargo run --profile bench -p kvroute-benches --bin cputime [route|events]`;
+//! `CPUTIME_ONLY=route_kvroute/shared_prefix_64` runs the route cases whose name contains
+//! it (and their router) only.
 
 #[allow(missing_docs)]
 #[path = "../../benches/common/mod.rs"]
@@ -37,10 +39,24 @@ fn report(name: &str, mut per_call_ns: Vec<f64>) {
     );
 }
 
+/// Whether a case runs: all of them, or those whose name contains `CPUTIME_ONLY` (to
+/// profile one case alone with `perf record`).
+fn selected(name: &str) -> bool {
+    std::env::var("CPUTIME_ONLY").map_or(true, |f| name.contains(&f))
+}
+
+/// Rounds per route case: `ROUNDS`, or `CPUTIME_ROUNDS` (more samples for a profile).
+fn rounds() -> usize {
+    std::env::var("CPUTIME_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(ROUNDS)
+}
+
 fn routes() {
     for (group, profile, prime) in
         [("route_llm_d", r#""llm-d""#, false), ("route_kvroute", r#""kvroute""#, true)]
     {
+        if !selected(group) && !std::env::var("CPUTIME_ONLY").is_ok_and(|f| f.contains(group)) {
+            continue;
+        }
         let router = Router::from_json(&config_json("xxh3", profile)).expect("config");
         populate(&router);
         let probes = probes(&router);
@@ -49,9 +65,12 @@ fn routes() {
         }
         for p in &probes {
             check_probe(&router, p);
+            if !selected(&format!("{group}/{}", p.name)) {
+                continue;
+            }
             let req = Request { now_ms: Some(1_000), ..Request::new(&p.tokens) };
             const N: usize = 400;
-            let rounds = (0..ROUNDS)
+            let rounds = (0..rounds())
                 .map(|_| {
                     let t = cpu_ns();
                     for _ in 0..N {
@@ -62,6 +81,9 @@ fn routes() {
                 .collect();
             report(&format!("{group}/{}", p.name), rounds);
         }
+    }
+    if !selected("baseline/hash_8192") {
+        return;
     }
     let router = Router::from_json(&config_json("xxh3", r#""llm-d""#)).expect("config");
     let t = tokens(&[(PROBE, PROMPT_BLOCKS)]);

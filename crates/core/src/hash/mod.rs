@@ -360,7 +360,7 @@ impl BlockHasher {
         let bs = self.cfg.block_size;
         let seed = self.cfg.native_seed;
         if extras.is_empty() {
-            native::chain(seed, bs, self.native_root, tokens, |_| None, out);
+            native::chain_plain(seed, bs, self.native_root, tokens, out);
         } else {
             let mut cur = ExtraKeysCursor::default();
             native::chain(

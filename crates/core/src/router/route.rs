@@ -190,10 +190,20 @@ impl Router {
                 })
                 .collect();
             // The rows are scorer-major, the decision's matrix candidate-major.
-            let mut scores = vec![0.0; kept.len() * rows];
-            for j in 0..rows {
-                for (cell, &v) in scores[j..].iter_mut().step_by(rows).zip(s.score.row(j)) {
-                    *cell = v;
+            // (Written in order, row slices taken once: a strided write per scorer cost
+            // more than the whole copy.)
+            let mut scores = Vec::with_capacity(kept.len() * rows);
+            let by_row: [&[f64]; 8] = std::array::from_fn(|j| s.score.row(j));
+            if rows <= by_row.len() {
+                for k in 0..kept.len() {
+                    scores.extend(by_row[..rows].iter().map(|r| r[k]));
+                }
+            } else {
+                scores.resize(kept.len() * rows, 0.0);
+                for j in 0..rows {
+                    for (cell, &v) in scores[j..].iter_mut().step_by(rows).zip(s.score.row(j)) {
+                        *cell = v;
+                    }
                 }
             }
             let matched = s.cands[decision.index].matched_blocks;

@@ -212,18 +212,24 @@ impl TtftPolicy {
         let (queue, rest) = rest.split_at_mut(n);
         let (cost, rest) = rest.split_at_mut(n);
         let (active, guard) = rest.split_at_mut(n);
-        let (mut lo, mut sum) = (f64::INFINITY, 0.0);
         for (k, c) in cands.iter().enumerate() {
             let (t, s, q, x) = self.predict(req, c);
             ttft[k] = t;
             saved[k] = s;
             queue[k] = q;
             cost[k] = x;
-            let a = f64::from(c.load.active_requests);
-            active[k] = a;
-            lo = lo.min(a);
-            sum += a;
+            active[k] = f64::from(c.load.active_requests);
         }
+        // The least and the sum of the active counts, in integers (no serial chain of
+        // float minima and additions): every count and every partial sum (below 2^53 for
+        // fewer than 2^21 candidates) is exact in f64, so these are the float results.
+        let lo =
+            cands.iter().map(|c| c.load.active_requests).min().map_or(f64::INFINITY, f64::from);
+        let sum = if n < 1 << 21 {
+            cands.iter().map(|c| u64::from(c.load.active_requests)).sum::<u64>() as f64
+        } else {
+            active.iter().sum::<f64>()
+        };
         // Memory: a block written on a worker whose cache turns over faster than the
         // pool's on average evicts younger history there (more likely to be read again),
         // so the request's own blocks are charged the externality in proportion to the
@@ -321,11 +327,14 @@ impl TtftPolicy {
         // Otherwise near-ties (within `tie` of the cheapest) go to the fewest active, then
         // uniformly at random.
         let near = |k: usize| if guarded { idle(k) } else { cost[k] <= best + tie };
-        let mut amin = f64::INFINITY;
+        // (Two loops: the divisions alone vectorize.)
         for (k, t) in totals.iter_mut().enumerate() {
             *t = if guarded && guard[k] != 0.0 || cost[k] <= 0.0 { 0.0 } else { best / cost[k] };
+        }
+        let mut amin = f64::INFINITY;
+        for (k, &a) in active.iter().enumerate() {
             if near(k) {
-                amin = amin.min(active[k]);
+                amin = amin.min(a);
             }
         }
         // Equal load among near-ties: uniform. (Not the lowest cost: learned rates differ a
