@@ -382,7 +382,10 @@ fn id_list_blocks(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>,
                 &pad
             }
         };
-        let Classes { digits: d, commas: c, spaces: s, closes, zeros } = classify(block);
+        let Classes { digits: d, commas: c, spaces: s, closes, zeros } = match simd {
+            Some(simd) => simd.classify(block),
+            None => classify(block),
+        };
         let close = closes & closes.wrapping_neg();
         // The bytes of the list in this block (before its `]`), and with the `]`.
         let inside = close.wrapping_sub(1);
@@ -632,7 +635,7 @@ mod tests {
     }
 
     #[test]
-    fn sse2_classes_equal_the_bytewise_ones() {
+    fn vector_classes_equal_the_bytewise_ones() {
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         for round in 0..2000 {
             let mut block = [0u8; 64];
@@ -646,6 +649,9 @@ mod tests {
                 }
             }
             assert_eq!(classify(&block), classify_bytes(&block), "{block:?}");
+            if let Some(simd) = Avx512::detect() {
+                assert_eq!(simd.classify(&block), classify_bytes(&block), "{block:?}");
+            }
         }
     }
 

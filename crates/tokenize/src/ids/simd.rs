@@ -1,6 +1,7 @@
 //! The vector code of the token-id scanner, and all of its `unsafe`.
 //!
-//! - [`classify`]: the byte classes of a 64-byte block with SSE2 (in every x86_64).
+//! - [`classify`]: the byte classes of a 64-byte block with SSE2 (in every x86_64);
+//!   [`Avx512::classify`] the same with AVX-512 compares into bit masks.
 //! - [`Avx512::block_ids`]: the values of every id that lies wholly inside a 64-byte
 //!   block, 8 ids per vector, with AVX-512 (VBMI and VBMI2): the ids' end and start
 //!   positions are compressed into the low lanes (`vpcompressb`), each id's digits are
@@ -75,18 +76,18 @@ impl Avx512 {
     /// its end.
     #[inline]
     pub(super) fn block_ids(self, block: &[u8; 64], starts: u64, ends: u64, out: &mut Vec<u32>) {
-        let n = ends.count_ones() as usize;
-        debug_assert!(n <= 32 && starts.count_ones() as usize >= n);
+        debug_assert!(ends.count_ones() <= 32 && starts.count_ones() >= ends.count_ones());
         // Whole groups of 8 are written: room for up to 32.
         out.reserve(32);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `self` exists only if `detect` found the target features of
-        // `block_ids_avx512`. It writes ceil(n / 8) * 8 <= 32 u32s from `out.len()`,
-        // inside the capacity just reserved, and sets the length to the n of them that
-        // are the ids' values (each written, none read before).
+        // `block_ids_avx512`. It writes ceil(n / 8) * 8 <= 32 u32s from `out.len()` (n:
+        // the ids, the bits of `ends`), inside the capacity just reserved, and returns n;
+        // the length grows by the n of them that are the ids' values (each written, none
+        // read before).
         unsafe {
             let len = out.len();
-            block_ids_avx512(block, starts, ends, n, out.as_mut_ptr().add(len));
+            let n = block_ids_avx512(block, starts, ends, out.as_mut_ptr().add(len));
             out.set_len(len + n);
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -94,6 +95,44 @@ impl Avx512 {
             let _ = (block, starts, ends, n, out);
             unreachable!("Avx512 is only detected on x86_64");
         }
+    }
+
+    /// [`Classes`] of a 64-byte block with one AVX-512 compare per class.
+    #[inline]
+    pub(super) fn classify(self, block: &[u8; 64]) -> Classes {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `self` exists only if `detect` found the target features of
+        // `classify_avx512`, which reads the 64 bytes of `block`.
+        unsafe {
+            classify_avx512(block)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = block;
+            unreachable!("Avx512 is only detected on x86_64");
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must have the enabled features.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn classify_avx512(block: &[u8; 64]) -> Classes {
+    use std::arch::x86_64::*;
+    // SAFETY: the block is 64 bytes, as many as a 512-bit unaligned load reads.
+    let x = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
+    let eq = |c: u8| _mm512_cmpeq_epi8_mask(x, _mm512_set1_epi8(c as i8));
+    Classes {
+        // Unsigned: x - '0' <= 9.
+        digits: _mm512_cmple_epu8_mask(
+            _mm512_sub_epi8(x, _mm512_set1_epi8(b'0' as i8)),
+            _mm512_set1_epi8(9),
+        ),
+        commas: eq(b','),
+        spaces: eq(b' '),
+        closes: eq(b']'),
+        zeros: eq(b'0'),
     }
 }
 
@@ -134,13 +173,17 @@ const FROM_END: [i8; 64] = {
     a
 };
 
+/// Writes the values of the n ids of the block (n: the bits of `ends`) to `dst`, in
+/// whole groups of 8, and returns n.
+///
 /// # Safety
 /// The CPU must have the enabled features; `dst` must be valid for writes of
-/// `n.div_ceil(8) * 8` u32s; `n`, `starts` and `ends` as [`Avx512::block_ids`] requires.
+/// `n.div_ceil(8) * 8` u32s; `starts` and `ends` as [`Avx512::block_ids`] requires.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
-unsafe fn block_ids_avx512(block: &[u8; 64], starts: u64, ends: u64, n: usize, dst: *mut u32) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+unsafe fn block_ids_avx512(block: &[u8; 64], starts: u64, ends: u64, dst: *mut u32) -> usize {
     use std::arch::x86_64::*;
+    let n = ends.count_ones() as usize;
     // SAFETY (every load below): the arrays and the block are 64 bytes, as many as a
     // 512-bit unaligned load reads.
     let (x, iota, lane_id, from_end) = unsafe {
@@ -178,4 +221,5 @@ unsafe fn block_ids_avx512(block: &[u8; 64], starts: u64, ends: u64, n: usize, d
         // SAFETY: group g writes u32s 8g .. 8g + 8 of `dst`, within the caller's room.
         unsafe { _mm256_storeu_si256(dst.add(8 * g).cast(), _mm512_cvtepi64_epi32(r)) };
     }
+    n
 }
