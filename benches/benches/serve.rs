@@ -303,7 +303,36 @@ fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
         let _ = state.router.on_finished(d.request_id);
     }
     let live = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
+    // The same three router calls timed one by one (thread CPU time, summed over the
+    // loop): which of them the router's share of a request is.
+    let (mut t_route, mut t_routed, mut t_finished) = (0u64, 0u64, 0u64);
+    for i in 0..iters {
+        let t = kvroute_server::bench::prepare(state, &bodies[i % bodies.len()], true).unwrap();
+        let req = kvroute::router::Request {
+            tokens: &t,
+            session: Some("s"),
+            lora: None,
+            extras: None,
+            now_ms: None,
+        };
+        let c0 = thread_cpu_ns();
+        let d = state.router.route(&req).unwrap();
+        let c1 = thread_cpu_ns();
+        let _ = state.router.on_routed(&d);
+        let c2 = thread_cpu_ns();
+        let _ = state.router.on_finished(d.request_id);
+        let c3 = thread_cpu_ns();
+        t_route += c1 - c0;
+        t_routed += c2 - c1;
+        t_finished += c3 - c2;
+    }
     let n = iters as f64;
+    println!(
+        "  router calls one by one (thread CPU time per request): route {}, on_routed {}, on_finished {}",
+        fmt_ns(t_route as f64 / n),
+        fmt_ns(t_routed as f64 / n),
+        fmt_ns(t_finished as f64 / n)
+    );
     println!(
         "request path per 8,192-token request (thread CPU time; wall time on this loaded machine): body parse {} ({}) [serde_json pass {} ({})], route (preview) {} ({}); parse + route + on_routed + on_finished (as a proxied request) {} ({})",
         fmt_ns(parse.1 / n),
