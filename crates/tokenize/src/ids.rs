@@ -357,6 +357,17 @@ use simd::{classify, Avx512};
 /// the ids parse independently of each other. `None` for anything else, including every
 /// form [`id_list`] reads and this does not.
 fn id_list_blocks(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usize)> {
+    match simd {
+        // The same loop, compiled with the AVX-512 (and BMI, POPCNT) features enabled.
+        Some(simd) => simd.id_list_blocks(b, i),
+        None => id_list_blocks_with(b, i, None),
+    }
+}
+
+/// [`id_list_blocks`]' loop, with the AVX-512 block reader when `simd` is given (and then
+/// inlined into a function compiled for it, `simd::Avx512::id_list_blocks`).
+#[inline(always)]
+fn id_list_blocks_with(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usize)> {
     if b.get(i) != Some(&b'[') {
         return None;
     }

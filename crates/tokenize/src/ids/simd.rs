@@ -97,6 +97,24 @@ impl Avx512 {
         }
     }
 
+    /// The block reader's loop (`super::id_list_blocks_with`) with this reader, compiled
+    /// with the features it needs, so that the per-block calls inline and the bit masks
+    /// use BMI and POPCNT.
+    #[inline]
+    pub(super) fn id_list_blocks(self, b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `self` exists only if `detect` found the target features of
+        // `id_list_blocks_avx512`; it is safe code compiled with them.
+        unsafe {
+            id_list_blocks_avx512(b, i, self)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (b, i);
+            unreachable!("Avx512 is only detected on x86_64");
+        }
+    }
+
     /// [`Classes`] of a 64-byte block with one AVX-512 compare per class.
     #[inline]
     pub(super) fn classify(self, block: &[u8; 64]) -> Classes {
@@ -117,7 +135,16 @@ impl Avx512 {
 /// # Safety
 /// The CPU must have the enabled features.
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt,bmi1,bmi2,lzcnt")]
+unsafe fn id_list_blocks_avx512(b: &[u8], i: usize, simd: Avx512) -> Option<(Vec<u32>, usize)> {
+    super::id_list_blocks_with(b, i, Some(simd))
+}
+
+/// # Safety
+/// The CPU must have the enabled features.
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
 unsafe fn classify_avx512(block: &[u8; 64]) -> Classes {
     use std::arch::x86_64::*;
     // SAFETY: the block is 64 bytes, as many as a 512-bit unaligned load reads.
@@ -181,6 +208,7 @@ const FROM_END: [i8; 64] = {
 /// `n.div_ceil(8) * 8` u32s; `starts` and `ends` as [`Avx512::block_ids`] requires.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+#[inline]
 unsafe fn block_ids_avx512(block: &[u8; 64], starts: u64, ends: u64, dst: *mut u32) -> usize {
     use std::arch::x86_64::*;
     let n = ends.count_ones() as usize;
