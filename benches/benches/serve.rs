@@ -18,8 +18,9 @@
 //! (`Tokenizer::encode_chat_body`), and an 8,192-token completion, in tokens/s.
 //!
 //! Run: `cargo bench -p kvroute-benches --bench serve -- [--seconds S] [--rate R]
-//! [--compare]` (`--compare`: a run with the serde pass alone, the token-id reader
-//! before the byte scanner, first, under the same load).
+//! [--compare]` (`--compare`: first a run with the serde pass alone, the token-id reader
+//! before the byte scanner, then one with the scanner's SWAR loop alone (no AVX-512),
+//! then the normal run, all under the same load).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -225,6 +226,22 @@ fn main() {
                 loadavg()
             );
             kvroute_server::bench::SERDE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+            // Then the byte scanner without its AVX-512 reader (what CPUs without AVX-512
+            // VBMI2 run).
+            kvroute_server::bench::PORTABLE_IDS.store(true, std::sync::atomic::Ordering::Relaxed);
+            srv.state.metrics.overhead_samples.lock().clear();
+            let load0 = loadavg();
+            let (_, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
+            let mut over = srv.state.metrics.overhead_samples.lock().clone();
+            println!(
+                "[SWAR scanner, no AVX-512] serve overhead at {rate} req/s for {seconds} s: p50 {}, p99 {}, p999 {} ({} samples, {failed} failed); load average before / after: {load0} / {}",
+                q(&mut over, 0.5),
+                q(&mut over, 0.99),
+                q(&mut over, 0.999),
+                over.len(),
+                loadavg()
+            );
+            kvroute_server::bench::PORTABLE_IDS.store(false, std::sync::atomic::Ordering::Relaxed);
         }
         srv.state.metrics.overhead_samples.lock().clear();
         srv.state.metrics.body_read_samples.lock().clear();
@@ -275,6 +292,12 @@ fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
         std::hint::black_box(kvroute_tokenize::ids::parse_serde(&bodies[i % bodies.len()]));
     }
     let serde = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
+    // The byte scanner without its AVX-512 block reader.
+    let (w0, c0) = (Instant::now(), thread_cpu_ns());
+    for i in 0..iters {
+        std::hint::black_box(kvroute_tokenize::ids::scan_portable(&bodies[i % bodies.len()]));
+    }
+    let swar = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
     let (w0, c0) = (Instant::now(), thread_cpu_ns());
     for _ in 0..iters {
         let req = kvroute::router::Request {
@@ -334,11 +357,14 @@ fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
         fmt_ns(t_finished as f64 / n)
     );
     println!(
-        "request path per 8,192-token request (thread CPU time; wall time on this loaded machine): body parse {} ({}) [serde_json pass {} ({})], route (preview) {} ({}); parse + route + on_routed + on_finished (as a proxied request) {} ({})",
+        "request path per 8,192-token request (thread CPU time; wall time on this loaded machine; scanner: AVX-512 {}): body parse {} ({}) [serde_json pass {} ({}); SWAR scanner, no AVX-512, {} ({})], route (preview) {} ({}); parse + route + on_routed + on_finished (as a proxied request) {} ({})",
+        kvroute_tokenize::ids::scan_uses_avx512(),
         fmt_ns(parse.1 / n),
         fmt_ns(parse.0 / n),
         fmt_ns(serde.1 / n),
         fmt_ns(serde.0 / n),
+        fmt_ns(swar.1 / n),
+        fmt_ns(swar.0 / n),
         fmt_ns(route.1 / n),
         fmt_ns(route.0 / n),
         fmt_ns(live.1 / n),
