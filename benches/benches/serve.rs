@@ -246,7 +246,9 @@ fn main() {
         srv.state.metrics.overhead_samples.lock().clear();
         srv.state.metrics.body_read_samples.lock().clear();
         let load0 = loadavg();
+        let sched0 = schedstat("serve");
         let (mut via, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
+        let sched1 = schedstat("serve");
         let mut over = srv.state.metrics.overhead_samples.lock().clone();
         let mut body_read = srv.state.metrics.body_read_samples.lock().clone();
         let (mut direct, _) = drive(&client, &format!("http://{}", backends[0]), &bodies, rate, seconds.min(2.0)).await;
@@ -262,6 +264,12 @@ fn main() {
             q(&mut body_read, 0.5),
             q(&mut body_read, 0.99),
             loadavg()
+        );
+        let n = via.len().max(1) as f64;
+        println!(
+            "  the router's threads per request (all of its work, whole run, /proc schedstat): on a core {}, runnable but waiting for a core {}",
+            fmt_ns((sched1.0 - sched0.0) as f64 / n),
+            fmt_ns((sched1.1 - sched0.1) as f64 / n)
         );
         println!(
             "client end to end: through kvroute serve p50 {}, p99 {}; straight to a backend p50 {}, p99 {}",
@@ -370,6 +378,25 @@ fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
         fmt_ns(live.1 / n),
         fmt_ns(live.0 / n)
     );
+}
+
+/// The summed (time on a CPU, time runnable and waiting for a CPU), nanoseconds, of this
+/// process's threads whose name starts with `prefix` (Linux `/proc/self/task/*/schedstat`;
+/// zeros elsewhere).
+fn schedstat(prefix: &str) -> (u64, u64) {
+    let mut sum = (0u64, 0u64);
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return sum };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let st = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let mut f = st.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+        sum.0 += f.next().unwrap_or(0);
+        sum.1 += f.next().unwrap_or(0);
+    }
+    sum
 }
 
 /// The 1-minute load average.
