@@ -48,6 +48,7 @@ pub(super) fn classify(block: &[u8; 64]) -> Classes {
 
 /// Proof that the CPU runs the AVX-512 block reader (obtained only from [`Self::detect`]).
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) struct Avx512(());
 
 impl Avx512 {
