@@ -77,7 +77,13 @@ impl Avx512 {
     /// its end.
     #[inline]
     pub(super) fn block_ids(self, block: &[u8; 64], starts: u64, ends: u64, out: &mut Vec<u32>) {
-        debug_assert!(ends.count_ones() <= 32 && starts.count_ones() >= ends.count_ones());
+        // Memory safety rests on this alone (the writes below): an end is a digit followed
+        // by a non-digit, so two ends are at least 2 bytes apart and a 64-bit mask of
+        // them has at most 32 bits; checked anyway, one popcnt per block. (Masks that
+        // broke the other promises would give wrong values, never an access outside the
+        // block or the output: `vpermb` takes its indices modulo 64.)
+        assert!(ends.count_ones() <= 32, "more than 32 ids end in a 64-byte block");
+        debug_assert!(starts.count_ones() >= ends.count_ones());
         // Whole groups of 8 are written: room for up to 32.
         out.reserve(32);
         #[cfg(target_arch = "x86_64")]
