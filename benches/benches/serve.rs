@@ -18,8 +18,9 @@
 //! (`Tokenizer::encode_chat_body`), and an 8,192-token completion, in tokens/s.
 //!
 //! Run: `cargo bench -p kvroute-benches --bench serve -- [--seconds S] [--rate R]
-//! [--compare]` (`--compare`: a run with the serde pass alone, the token-id reader
-//! before the byte scanner, first, under the same load).
+//! [--compare]` (`--compare`: first a run with the serde pass alone, the token-id reader
+//! before the byte scanner, then one with the scanner's SWAR loop alone (no AVX-512),
+//! then the normal run, all under the same load).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -225,11 +226,29 @@ fn main() {
                 loadavg()
             );
             kvroute_server::bench::SERDE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+            // Then the byte scanner without its AVX-512 reader (what CPUs without AVX-512
+            // VBMI2 run).
+            kvroute_server::bench::PORTABLE_IDS.store(true, std::sync::atomic::Ordering::Relaxed);
+            srv.state.metrics.overhead_samples.lock().clear();
+            let load0 = loadavg();
+            let (_, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
+            let mut over = srv.state.metrics.overhead_samples.lock().clone();
+            println!(
+                "[SWAR scanner, no AVX-512] serve overhead at {rate} req/s for {seconds} s: p50 {}, p99 {}, p999 {} ({} samples, {failed} failed); load average before / after: {load0} / {}",
+                q(&mut over, 0.5),
+                q(&mut over, 0.99),
+                q(&mut over, 0.999),
+                over.len(),
+                loadavg()
+            );
+            kvroute_server::bench::PORTABLE_IDS.store(false, std::sync::atomic::Ordering::Relaxed);
         }
         srv.state.metrics.overhead_samples.lock().clear();
         srv.state.metrics.body_read_samples.lock().clear();
         let load0 = loadavg();
+        let sched0 = schedstat("serve");
         let (mut via, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
+        let sched1 = schedstat("serve");
         let mut over = srv.state.metrics.overhead_samples.lock().clone();
         let mut body_read = srv.state.metrics.body_read_samples.lock().clone();
         let (mut direct, _) = drive(&client, &format!("http://{}", backends[0]), &bodies, rate, seconds.min(2.0)).await;
@@ -245,6 +264,12 @@ fn main() {
             q(&mut body_read, 0.5),
             q(&mut body_read, 0.99),
             loadavg()
+        );
+        let n = via.len().max(1) as f64;
+        println!(
+            "  the router's threads per request (all of its work, whole run, /proc schedstat): on a core {}, runnable but waiting for a core {}",
+            fmt_ns((sched1.0 - sched0.0) as f64 / n),
+            fmt_ns((sched1.1 - sched0.1) as f64 / n)
         );
         println!(
             "client end to end: through kvroute serve p50 {}, p99 {}; straight to a backend p50 {}, p99 {}",
@@ -275,6 +300,12 @@ fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
         std::hint::black_box(kvroute_tokenize::ids::parse_serde(&bodies[i % bodies.len()]));
     }
     let serde = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
+    // The byte scanner without its AVX-512 block reader.
+    let (w0, c0) = (Instant::now(), thread_cpu_ns());
+    for i in 0..iters {
+        std::hint::black_box(kvroute_tokenize::ids::scan_portable(&bodies[i % bodies.len()]));
+    }
+    let swar = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
     let (w0, c0) = (Instant::now(), thread_cpu_ns());
     for _ in 0..iters {
         let req = kvroute::router::Request {
@@ -303,18 +334,69 @@ fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
         let _ = state.router.on_finished(d.request_id);
     }
     let live = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
+    // The same three router calls timed one by one (thread CPU time, summed over the
+    // loop): which of them the router's share of a request is.
+    let (mut t_route, mut t_routed, mut t_finished) = (0u64, 0u64, 0u64);
+    for i in 0..iters {
+        let t = kvroute_server::bench::prepare(state, &bodies[i % bodies.len()], true).unwrap();
+        let req = kvroute::router::Request {
+            tokens: &t,
+            session: Some("s"),
+            lora: None,
+            extras: None,
+            now_ms: None,
+        };
+        let c0 = thread_cpu_ns();
+        let d = state.router.route(&req).unwrap();
+        let c1 = thread_cpu_ns();
+        let _ = state.router.on_routed(&d);
+        let c2 = thread_cpu_ns();
+        let _ = state.router.on_finished(d.request_id);
+        let c3 = thread_cpu_ns();
+        t_route += c1 - c0;
+        t_routed += c2 - c1;
+        t_finished += c3 - c2;
+    }
     let n = iters as f64;
     println!(
-        "request path per 8,192-token request (thread CPU time; wall time on this loaded machine): body parse {} ({}) [serde_json pass {} ({})], route (preview) {} ({}); parse + route + on_routed + on_finished (as a proxied request) {} ({})",
+        "  router calls one by one (thread CPU time per request): route {}, on_routed {}, on_finished {}",
+        fmt_ns(t_route as f64 / n),
+        fmt_ns(t_routed as f64 / n),
+        fmt_ns(t_finished as f64 / n)
+    );
+    println!(
+        "request path per 8,192-token request (thread CPU time; wall time on this loaded machine; scanner: AVX-512 {}): body parse {} ({}) [serde_json pass {} ({}); SWAR scanner, no AVX-512, {} ({})], route (preview) {} ({}); parse + route + on_routed + on_finished (as a proxied request) {} ({})",
+        kvroute_tokenize::ids::scan_uses_avx512(),
         fmt_ns(parse.1 / n),
         fmt_ns(parse.0 / n),
         fmt_ns(serde.1 / n),
         fmt_ns(serde.0 / n),
+        fmt_ns(swar.1 / n),
+        fmt_ns(swar.0 / n),
         fmt_ns(route.1 / n),
         fmt_ns(route.0 / n),
         fmt_ns(live.1 / n),
         fmt_ns(live.0 / n)
     );
+}
+
+/// The summed (time on a CPU, time runnable and waiting for a CPU), nanoseconds, of this
+/// process's threads whose name starts with `prefix` (Linux `/proc/self/task/*/schedstat`;
+/// zeros elsewhere).
+fn schedstat(prefix: &str) -> (u64, u64) {
+    let mut sum = (0u64, 0u64);
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return sum };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let st = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let mut f = st.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+        sum.0 += f.next().unwrap_or(0);
+        sum.1 += f.next().unwrap_or(0);
+    }
+    sum
 }
 
 /// The 1-minute load average.

@@ -13,6 +13,8 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+mod simd;
+
 /// What the router needs from a completions body with a token-id prompt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdPrompt {
@@ -164,6 +166,24 @@ const MAX_OPENERS: usize = 64;
 /// token-id prompt, or one written in a form the scanner leaves to serde: escaped keys,
 /// negative or fractional numbers, deep values, duplicate fields, ...).
 pub fn scan(b: &[u8]) -> Option<IdPrompt> {
+    scan_with(b, Avx512::detect())
+}
+
+/// [`scan`] without the AVX-512 block reader, on any CPU: the SWAR digit parsing alone
+/// (what [`scan`] does on CPUs without AVX-512 VBMI2). For tests and benchmarks that
+/// check both paths on one machine.
+#[doc(hidden)]
+pub fn scan_portable(b: &[u8]) -> Option<IdPrompt> {
+    scan_with(b, None)
+}
+
+/// Whether [`scan`] uses the AVX-512 block reader on this CPU.
+#[doc(hidden)]
+pub fn scan_uses_avx512() -> bool {
+    Avx512::detect().is_some()
+}
+
+fn scan_with(b: &[u8], simd: Option<Avx512>) -> Option<IdPrompt> {
     let mut i = skip_ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -198,7 +218,7 @@ pub fn scan(b: &[u8]) -> Option<IdPrompt> {
                 if prompt.is_some() {
                     return None;
                 }
-                let (ids, j) = prompt_ids(b, i)?;
+                let (ids, j) = prompt_ids(b, i, simd)?;
                 prompt = Some(ids);
                 i = j;
             }
@@ -275,15 +295,15 @@ fn serde_value<'de, T: Deserialize<'de>>(b: &'de [u8], i: usize) -> Option<(T, u
 
 /// The prompt at `b[i..]`: `[ids]` or `[[ids], [ids], ...]` (the first list counts, the
 /// others are checked), and the index just past it.
-fn prompt_ids(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
+fn prompt_ids(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usize)> {
     if b.get(i) != Some(&b'[') {
         return None;
     }
     let j = skip_ws(b, i + 1);
     if b.get(j) != Some(&b'[') {
-        return list(b, i);
+        return list(b, i, simd);
     }
-    let (first, mut i) = list(b, j)?;
+    let (first, mut i) = list(b, j, simd)?;
     loop {
         i = skip_ws(b, i);
         match b.get(i) {
@@ -291,7 +311,7 @@ fn prompt_ids(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
             Some(b',') => i = skip_ws(b, i + 1),
             _ => return None,
         }
-        let (_, j) = list(b, i)?;
+        let (_, j) = list(b, i, simd)?;
         i = j;
     }
 }
@@ -299,14 +319,14 @@ fn prompt_ids(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
 /// A list of ids at `b[i..]`: the block scanner for the compact forms, else the
 /// byte-by-byte reader.
 #[inline]
-fn list(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
-    id_list_blocks(b, i).or_else(|| id_list(b, i))
+fn list(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usize)> {
+    id_list_blocks(b, i, simd).or_else(|| id_list(b, i))
 }
 
 /// Per-byte classes of a 64-byte block, one bit per byte (bit k = byte k): ASCII digits,
 /// `,`, ` `, `]` and `0`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Classes {
+pub(crate) struct Classes {
     digits: u64,
     commas: u64,
     spaces: u64,
@@ -316,7 +336,7 @@ struct Classes {
 
 /// [`Classes`] one byte at a time (the reference, and other architectures).
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
-fn classify_bytes(block: &[u8; 64]) -> Classes {
+pub(crate) fn classify_bytes(block: &[u8; 64]) -> Classes {
     let mut c = Classes { digits: 0, commas: 0, spaces: 0, closes: 0, zeros: 0 };
     for (k, &x) in block.iter().enumerate() {
         c.digits |= u64::from(x.is_ascii_digit()) << k;
@@ -328,38 +348,7 @@ fn classify_bytes(block: &[u8; 64]) -> Classes {
     c
 }
 
-/// [`Classes`] 16 bytes at a time with SSE2 (part of every x86_64).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn classify(block: &[u8; 64]) -> Classes {
-    use std::arch::x86_64::*;
-    let mut c = Classes { digits: 0, commas: 0, spaces: 0, closes: 0, zeros: 0 };
-    for k in 0..4 {
-        // SAFETY: SSE2 is in the x86_64 baseline; the unaligned load reads the 16 bytes
-        // at 16 * k of the 64-byte block.
-        unsafe {
-            let x = _mm_loadu_si128(block.as_ptr().add(16 * k).cast::<__m128i>());
-            // Signed compares: bytes >= 0x80 are negative, so below '0'.
-            let digit = _mm_and_si128(
-                _mm_cmpgt_epi8(x, _mm_set1_epi8(b'0' as i8 - 1)),
-                _mm_cmplt_epi8(x, _mm_set1_epi8(b'9' as i8 + 1)),
-            );
-            let mask = |m: __m128i| u64::from(_mm_movemask_epi8(m) as u16) << (16 * k);
-            c.digits |= mask(digit);
-            c.commas |= mask(_mm_cmpeq_epi8(x, _mm_set1_epi8(b',' as i8)));
-            c.spaces |= mask(_mm_cmpeq_epi8(x, _mm_set1_epi8(b' ' as i8)));
-            c.closes |= mask(_mm_cmpeq_epi8(x, _mm_set1_epi8(b']' as i8)));
-            c.zeros |= mask(_mm_cmpeq_epi8(x, _mm_set1_epi8(b'0' as i8)));
-        }
-    }
-    c
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[inline]
-fn classify(block: &[u8; 64]) -> Classes {
-    classify_bytes(block)
-}
+use simd::{classify, Avx512};
 
 /// A list of ids at `b[i..]` (`b[i]` is `[`) in the forms clients write, `[1,2]` and
 /// `[1, 2]` (ids separated by a comma and at most one space, none inside the brackets),
@@ -367,7 +356,18 @@ fn classify(block: &[u8; 64]) -> Classes {
 /// with bit masks, so each id's start is known without reading the id before it and
 /// the ids parse independently of each other. `None` for anything else, including every
 /// form [`id_list`] reads and this does not.
-fn id_list_blocks(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
+fn id_list_blocks(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usize)> {
+    match simd {
+        // The same loop, compiled with the AVX-512 (and BMI, POPCNT) features enabled.
+        Some(simd) => simd.id_list_blocks(b, i),
+        None => id_list_blocks_with(b, i, None),
+    }
+}
+
+/// [`id_list_blocks`]' loop, with the AVX-512 block reader when `simd` is given (and then
+/// inlined into a function compiled for it, `simd::Avx512::id_list_blocks`).
+#[inline(always)]
+fn id_list_blocks_with(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usize)> {
     if b.get(i) != Some(&b'[') {
         return None;
     }
@@ -393,7 +393,10 @@ fn id_list_blocks(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
                 &pad
             }
         };
-        let Classes { digits: d, commas: c, spaces: s, closes, zeros } = classify(block);
+        let Classes { digits: d, commas: c, spaces: s, closes, zeros } = match simd {
+            Some(simd) => simd.classify(block),
+            None => classify(block),
+        };
         let close = closes & closes.wrapping_neg();
         // The bytes of the list in this block (before its `]`), and with the `]`.
         let inside = close.wrapping_sub(1);
@@ -415,6 +418,29 @@ fn id_list_blocks(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
         // whose next byte is in this block; the one at byte 63 goes through `number`.
         if starts & zeros & (d >> 1) != 0 {
             return None;
+        }
+        if let Some(simd) = simd {
+            // The ids wholly inside the block: those whose last digit is followed by a
+            // non-digit in the block, less the tail of an id begun in the block before
+            // (read there).
+            let mut ends = d & !(d >> 1) & inside & !(1 << 63);
+            if pd & d & 1 != 0 {
+                ends &= ends - 1;
+            }
+            // A run of 8 digits or more anywhere in the block leaves it to the loop below.
+            let mut long = d;
+            for _ in 0..7 {
+                long &= long << 1;
+            }
+            if ends != 0 && long == 0 {
+                // Every id of the block is 1 to 7 digits, digits from its start to its
+                // end, the k-th end after the k-th start and before the (k+1)-th (the
+                // masks above checked the list's form); at most 32 ("1," is 2 bytes).
+                simd.block_ids(block, starts, ends, &mut out);
+                // What is left: the id that runs into the next block, if any.
+                let last = 63 - ends.leading_zeros();
+                starts &= !((2u64 << last) - 1);
+            }
         }
         while starts != 0 {
             let k = starts.trailing_zeros() as usize;
@@ -545,6 +571,51 @@ fn number_bytewise(b: &[u8], i: usize) -> Option<(u32, usize)> {
 mod tests {
     use super::*;
 
+    /// The block reader's paths this CPU runs: the SWAR loop, and AVX-512 if present.
+    fn paths() -> Vec<Option<Avx512>> {
+        let mut p = vec![None];
+        p.extend(Avx512::detect().map(Some));
+        p
+    }
+
+    #[test]
+    fn the_avx512_reader_reads_every_id_length_at_every_place() {
+        let Some(simd) = Avx512::detect() else {
+            eprintln!("no AVX-512 VBMI2 on this CPU: only the SWAR path is tested");
+            return;
+        };
+        // Ids of 1 to 10 digits, every length at every offset of a block, with both
+        // separators and a `]` at every place: the AVX-512 reader against the SWAR loop
+        // and against the values written.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for round in 0..3000 {
+            let mut ids = Vec::new();
+            let mut text = String::from("[");
+            let n = 1 + round % 40;
+            for k in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Mostly the lengths the vector path takes, some it leaves to the loop.
+                let digits = if x & 7 == 0 { 8 + (x >> 3) % 3 } else { 1 + (x >> 3) % 7 } as u32;
+                let lo = if digits == 1 { 0 } else { 10u64.pow(digits - 1) };
+                let hi = (10u64.pow(digits) - 1).min(u64::from(u32::MAX));
+                let v = (lo + (x >> 8) % (hi - lo + 1)) as u32;
+                if k > 0 {
+                    text.push_str(if (x >> 40) & 1 == 0 { "," } else { ", " });
+                }
+                text.push_str(&v.to_string());
+                ids.push(v);
+            }
+            text.push(']');
+            let lead = " ".repeat(round % 64);
+            let b = format!("{lead}{text}, 7]");
+            let want = Some((ids, lead.len() + text.len()));
+            assert_eq!(id_list_blocks(b.as_bytes(), lead.len(), Some(simd)), want, "{b}");
+            assert_eq!(id_list_blocks(b.as_bytes(), lead.len(), None), want, "{b}");
+        }
+    }
+
     #[test]
     fn numbers_read_as_serde_does() {
         for s in [
@@ -575,7 +646,7 @@ mod tests {
     }
 
     #[test]
-    fn sse2_classes_equal_the_bytewise_ones() {
+    fn vector_classes_equal_the_bytewise_ones() {
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         for round in 0..2000 {
             let mut block = [0u8; 64];
@@ -589,6 +660,9 @@ mod tests {
                 }
             }
             assert_eq!(classify(&block), classify_bytes(&block), "{block:?}");
+            if let Some(simd) = Avx512::detect() {
+                assert_eq!(simd.classify(&block), classify_bytes(&block), "{block:?}");
+            }
         }
     }
 
@@ -601,14 +675,18 @@ mod tests {
                 let s: Vec<String> = ids.iter().map(u32::to_string).collect();
                 for lead in 0..3 {
                     let b = format!("{}[{}]x", " ".repeat(lead), s.join(sep));
-                    assert_eq!(
-                        id_list_blocks(b.as_bytes(), lead),
-                        Some((ids.clone(), b.len() - 1)),
-                        "{b}"
-                    );
+                    for simd in paths() {
+                        assert_eq!(
+                            id_list_blocks(b.as_bytes(), lead, simd),
+                            Some((ids.clone(), b.len() - 1)),
+                            "{b}"
+                        );
+                    }
                 }
                 let spaced = format!("[{} ]", s.join(sep));
-                assert_eq!(id_list_blocks(spaced.as_bytes(), 0), None);
+                for simd in paths() {
+                    assert_eq!(id_list_blocks(spaced.as_bytes(), 0, simd), None);
+                }
                 assert_eq!(id_list(spaced.as_bytes(), 0), Some((ids.clone(), spaced.len())));
             }
         }
@@ -616,7 +694,9 @@ mod tests {
             "[1,,2]", "[1 ,2]", "[1,  2]", "[1, ]", "[1,]", "[1 2]", "[1,2", "[1,-2]", "[1,2.5]",
             "[01]", "[1,\n2]",
         ] {
-            assert_eq!(id_list_blocks(bad.as_bytes(), 0), None, "{bad}");
+            for simd in paths() {
+                assert_eq!(id_list_blocks(bad.as_bytes(), 0, simd), None, "{bad}");
+            }
         }
     }
 
