@@ -50,7 +50,7 @@ fn decode(args: DecodeArgs) -> Result<(), CliError> {
 
 fn parse_hex(text: &str) -> Result<Vec<u8>, CliError> {
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err(CliError(format!("--hex has an odd number of digits ({})", digits.len())));
     }
     let nibble = |i: usize| -> Result<u8, CliError> {
