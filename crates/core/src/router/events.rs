@@ -2,7 +2,7 @@
 
 use super::{Mode, OnHashMismatch, Router, WorkerState};
 use crate::error::{Error, Result};
-use crate::events::vllm::{DecodeOptions, TokenIds};
+use crate::events::vllm::{DecodeOptions, FlatHashes, TokenIds};
 use crate::events::{EngineHash, KvEvent, KvEventBatch, Value};
 use crate::hash::{ExtraKey, RequestExtras};
 use crate::index::PrefixIndex;
@@ -96,8 +96,10 @@ impl Router {
     /// engine's hashes are the keys) only those of events that start a sequence, for
     /// `verify_engine_hashes`, unless `vocab_size` asks for every token to be checked.
     pub fn apply_vllm_batch(&self, name: &str, payload: &[u8]) -> Result<ApplyReport> {
-        let batch = crate::events::vllm::decode_with(payload, self.decode_options())?;
-        self.apply_events(name, &batch)
+        // The hashes are decoded straight into the plan's vector (`decode_flat`): the
+        // same checks, errors and result as `apply_events(name, &decode_with(..)?)`.
+        let (batch, flat) = crate::events::vllm::decode_flat(payload, self.decode_options())?;
+        self.apply_inner(name, &batch, Some(flat), None)
     }
 
     /// What [`apply_vllm_batch`](Self::apply_vllm_batch) decodes of a payload.
@@ -124,8 +126,9 @@ impl Router {
         publisher: &str,
         seq: u64,
     ) -> Result<ApplyReport> {
-        let result = crate::events::vllm::decode_with(payload, self.decode_options())
-            .and_then(|batch| self.apply_inner(name, &batch, Some((publisher, seq))));
+        let result = crate::events::vllm::decode_flat(payload, self.decode_options()).and_then(
+            |(batch, flat)| self.apply_inner(name, &batch, Some(flat), Some((publisher, seq))),
+        );
         if result.is_err() {
             let _batch = self.apply_lock.lock();
             self.streams.lock().insert(publisher.to_string(), seq);
@@ -136,13 +139,14 @@ impl Router {
     /// Applies a decoded batch for worker `name` at the batch's data-parallel rank. The
     /// whole batch is validated first; on any error nothing is applied.
     pub fn apply_events(&self, name: &str, batch: &KvEventBatch) -> Result<ApplyReport> {
-        self.apply_inner(name, batch, None)
+        self.apply_inner(name, batch, None, None)
     }
 
     fn apply_inner(
         &self,
         name: &str,
         batch: &KvEventBatch,
+        flat: Option<FlatHashes>,
         stream: Option<(&str, u64)>,
     ) -> Result<ApplyReport> {
         if self.cfg.mode == Mode::Approximate {
@@ -179,7 +183,7 @@ impl Router {
             None => return Err(Error::UnknownWorker(key.to_string())),
         };
         let mut report = ApplyReport::default();
-        let plan = match self.validate(batch, &mut report) {
+        let plan = match self.validate(batch, flat, &mut report) {
             Ok(plan) => plan,
             Err(e) => {
                 worker.counters.lock().errors += 1;
@@ -231,11 +235,35 @@ impl Router {
     }
 
     /// Checks every event and turns it into an operation, touching no state.
-    fn validate<'a>(&self, batch: &'a KvEventBatch, report: &mut ApplyReport) -> Result<Plan<'a>> {
+    ///
+    /// With `flat` (from [`decode_flat`](crate::events::vllm::decode_flat)), the events'
+    /// hashes are taken from it (their `block_hashes` are empty) and it becomes the plan's
+    /// hash vector; without, they are projected from the events.
+    fn validate<'a>(
+        &self,
+        batch: &'a KvEventBatch,
+        flat: Option<FlatHashes>,
+        report: &mut ApplyReport,
+    ) -> Result<Plan<'a>> {
         let bs = self.cfg.block_size;
         let vllm = self.cfg.hash_algo.is_vllm();
         let mut ops = Vec::with_capacity(batch.events.len());
-        let mut hashes: Vec<u64> = Vec::new();
+        let (mut hashes, ranges) = match flat {
+            Some(f) => {
+                debug_assert_eq!(f.ranges.len(), batch.events.len());
+                (f.hashes, Some(f.ranges))
+            }
+            None => (Vec::new(), None),
+        };
+        // The hashes of event `i`, a range of `hashes`.
+        let take = |hashes: &mut Vec<u64>, i: usize, own: &[EngineHash]| match &ranges {
+            Some(r) => r[i].clone(),
+            None => {
+                let from = hashes.len();
+                hashes.extend(own.iter().map(EngineHash::to_u64));
+                from..hashes.len()
+            }
+        };
         for (i, ev) in batch.events.iter().enumerate() {
             match ev {
                 KvEvent::BlockStored(s) => {
@@ -253,9 +281,7 @@ impl Router {
                             event: s.block_size as usize,
                         });
                     }
-                    let from = hashes.len();
-                    hashes.extend(s.block_hashes.iter().map(EngineHash::to_u64));
-                    let range = from..hashes.len();
+                    let range = take(&mut hashes, i, &s.block_hashes);
                     let engine = &hashes[range.clone()];
                     let parent = s.parent_block_hash.as_ref().map(|h| h.to_u64());
                     let placeholder = s.is_placeholder();
@@ -378,9 +404,8 @@ impl Router {
                         report.unknown_medium += 1;
                         continue;
                     };
-                    let from = hashes.len();
-                    hashes.extend(r.block_hashes.iter().map(EngineHash::to_u64));
-                    ops.push(Op::Remove { tier, engine: from..hashes.len() });
+                    let engine = take(&mut hashes, i, &r.block_hashes);
+                    ops.push(Op::Remove { tier, engine });
                 }
                 KvEvent::AllBlocksCleared => ops.push(Op::Clear),
             }

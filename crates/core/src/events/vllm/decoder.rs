@@ -7,6 +7,7 @@ use crate::events::{BlockRemoved, BlockStored, EngineHash, KvEvent, KvEventBatch
 use crate::{Error, Result};
 use rmp::Marker;
 use std::fmt;
+use std::ops::Range;
 
 /// The `BlockStored` fields in the order of vLLM's class (the legacy array positions after
 /// the tag, and the key order of the map form).
@@ -68,7 +69,38 @@ pub fn decode(payload: &[u8]) -> Result<KvEventBatch> {
 
 /// [`decode`] with options: the same checks and errors; only what is stored differs.
 pub fn decode_with(payload: &[u8], opts: DecodeOptions) -> Result<KvEventBatch> {
-    let mut r = Reader { buf: payload, pos: 0, event: None, tokens: opts.token_ids };
+    decode_inner(payload, opts, None)
+}
+
+/// The engine hashes of a batch decoded by [`decode_flat`]: every event's hashes projected
+/// to u64 ([`EngineHash::to_u64`]) in one vector, and each kept event's range of it.
+#[derive(Debug, Default)]
+pub(crate) struct FlatHashes {
+    /// The hashes of all events, in order.
+    pub(crate) hashes: Vec<u64>,
+    /// `ranges[i]`: the hashes of `events[i]` (empty for `AllBlocksCleared`).
+    pub(crate) ranges: Vec<Range<usize>>,
+}
+
+/// [`decode_with`] for the router's own apply: the same checks and errors, but the block
+/// hashes of `BlockStored` and `BlockRemoved` go to the returned [`FlatHashes`] (their
+/// `block_hashes` stay empty), which saves a vector per event and a copy per hash.
+pub(crate) fn decode_flat(
+    payload: &[u8],
+    opts: DecodeOptions,
+) -> Result<(KvEventBatch, FlatHashes)> {
+    let mut flat = FlatHashes::default();
+    let batch = decode_inner(payload, opts, Some(&mut flat))?;
+    Ok((batch, flat))
+}
+
+fn decode_inner(
+    payload: &[u8],
+    opts: DecodeOptions,
+    flat: Option<&mut FlatHashes>,
+) -> Result<KvEventBatch> {
+    let mut r =
+        Reader { buf: payload, pos: 0, event: None, tokens: opts.token_ids, flat, ev_from: 0 };
     let mut skips = Skips::default();
     let (m, at) = r.marker("batch")?;
     let n = match m {
@@ -195,14 +227,18 @@ const U32_SHIFT: [u8; 256] = {
 };
 
 /// A cursor over the payload. `event` is the index of the event being read, for messages.
-struct Reader<'a> {
+struct Reader<'a, 'f> {
     buf: &'a [u8],
     pos: usize,
     event: Option<usize>,
     tokens: TokenIds,
+    /// Where block hashes go in [`decode_flat`] (else into each event).
+    flat: Option<&'f mut FlatHashes>,
+    /// Where the hashes of the event being read start in `flat`.
+    ev_from: usize,
 }
 
-impl<'a> Reader<'a> {
+impl<'a> Reader<'a, '_> {
     fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
@@ -417,6 +453,45 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
 
+    /// The block hashes of the event being read: into the event (`Vec<EngineHash>`), or,
+    /// in [`decode_flat`], projected to u64 at the end of the flat vector from `from` on
+    /// (what an earlier `block_hashes` key of the same event left there is dropped, as
+    /// the event form keeps the last one). Same checks and errors either way.
+    fn read_block_hashes(&mut self, field: &str) -> Result<Vec<EngineHash>> {
+        let from = self.ev_from;
+        let Some(flat) = self.flat.take() else {
+            return self.read_hashes(field);
+        };
+        let r = self.read_hashes_into(field, &mut flat.hashes, from);
+        self.flat = Some(flat);
+        r.map(|()| Vec::new())
+    }
+
+    fn read_hashes_into(&mut self, field: &str, out: &mut Vec<u64>, from: usize) -> Result<()> {
+        out.truncate(from);
+        let (n, _) = self.read_array_len(field)?;
+        out.reserve(n);
+        for _ in 0..n {
+            if let Some(&[0xcf, b0, b1, b2, b3, b4, b5, b6, b7]) =
+                self.buf.get(self.pos..self.pos + 9)
+            {
+                out.push(u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
+                self.pos += 9;
+                continue;
+            }
+            out.push(self.read_hash(field)?.to_u64());
+        }
+        Ok(())
+    }
+
+    /// Records the range of the event just pushed (in [`decode_flat`]).
+    fn flat_push(&mut self) {
+        let from = self.ev_from;
+        if let Some(f) = self.flat.as_mut() {
+            f.ranges.push(from..f.hashes.len());
+        }
+    }
+
     /// Checks an array of u32 like [`read_u32_array`](Self::read_u32_array) (same errors)
     /// without storing it; returns its length.
     ///
@@ -587,6 +662,7 @@ impl<'a> Reader<'a> {
     /// Reads one event (map or array form); known events are pushed to `out`.
     fn read_event(&mut self, out: &mut Vec<KvEvent>, skips: &mut Skips) -> Result<()> {
         let start = self.pos;
+        self.ev_from = self.flat.as_ref().map_or(0, |f| f.hashes.len());
         let (m, at) = self.marker("event")?;
         match m {
             Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
@@ -657,6 +733,7 @@ impl<'a> Reader<'a> {
             }
         }
         out.push(self.finish(b, start)?);
+        self.flat_push();
         Ok(())
     }
 
@@ -696,6 +773,7 @@ impl<'a> Reader<'a> {
             }
         }
         out.push(self.finish(b, at)?);
+        self.flat_push();
         Ok(())
     }
 
@@ -712,7 +790,7 @@ impl<'a> Reader<'a> {
     fn read_stored_field(&mut self, s: &mut BlockStored, seen: &mut u8, key: &str) -> Result<bool> {
         match key {
             "block_hashes" => {
-                s.block_hashes = self.read_hashes(key)?;
+                s.block_hashes = self.read_block_hashes(key)?;
                 *seen |= SEEN_HASHES;
             }
             "parent_block_hash" => {
@@ -793,7 +871,7 @@ impl<'a> Reader<'a> {
     ) -> Result<bool> {
         match key {
             "block_hashes" => {
-                r.block_hashes = self.read_hashes(key)?;
+                r.block_hashes = self.read_block_hashes(key)?;
                 *seen = true;
             }
             "medium" => r.medium = self.read_opt_str(key)?,

@@ -64,6 +64,7 @@ mod json;
 mod skip;
 
 pub use decoder::{decode, decode_with, DecodeOptions, TokenIds};
+pub(crate) use decoder::{decode_flat, FlatHashes};
 pub use encoder::encode;
 pub use json::batch_to_json;
 /// For the fuzz target and the benchmarks: each token-skip implementation by name.
