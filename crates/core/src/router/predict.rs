@@ -465,6 +465,37 @@ mod tests {
         assert_eq!(routing_rate(5_000.0, f64::NAN), 5_000.0);
     }
 
+    /// `holders` recomputed from `map` (the naive definition).
+    fn naive_holders(o: &Overlay) -> HashMap<BlockKey, u32> {
+        let mut h = HashMap::new();
+        for &(_, k) in o.map.keys() {
+            *h.entry(k).or_insert(0) += 1;
+        }
+        h
+    }
+
+    #[test]
+    fn overlay_holder_counts_follow_every_change() {
+        let mut o = Overlay::default();
+        let mut rng = crate::rng::SplitMix64::new(7);
+        for step in 0..4_000u64 {
+            let w = (rng.next_u64() % 5) as u32;
+            let start = rng.next_u64() % 12;
+            let keys: Vec<u64> = (start..start + 1 + rng.next_u64() % 4).collect();
+            match rng.next_u64() % 10 {
+                0..=5 => o.insert(w, &keys, step, 40, |w| 20 + u64::from(w) * 30),
+                6..=8 => o.confirm(w, &keys, step, |_| {}),
+                _ => o.clear_worker(w),
+            }
+            assert_eq!(o.holders, naive_holders(&o), "step {step}");
+            for k in 0..16 {
+                let anyone = (0..5).any(|w| o.map.contains_key(&(w, k)));
+                assert_eq!(o.predicted_anywhere(k), anyone);
+            }
+        }
+        assert!(o.counters.expired > 0 && o.counters.dropped > 0 && o.counters.confirmed > 0);
+    }
+
     #[test]
     fn overlay_extends_expires_confirms_and_caps() {
         let mut o = Overlay::default();
