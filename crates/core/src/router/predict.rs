@@ -124,6 +124,10 @@ pub struct PredictionCounters {
 #[derive(Debug, Default)]
 pub(crate) struct Overlay {
     map: HashMap<(u32, BlockKey), u64>,
+    /// How many workers `map` predicts each block on: a route asks once per distinct
+    /// match length whether anyone predicts the next block, instead of probing `map` for
+    /// each of its workers (almost always a miss).
+    holders: HashMap<BlockKey, u32>,
     /// Insertion order; entries whose time no longer matches the map are stale (the block
     /// was predicted again, confirmed or expired) and skipped.
     fifo: VecDeque<(u32, BlockKey, u64)>,
@@ -142,6 +146,27 @@ impl Overlay {
     /// Whether nothing is predicted.
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+
+    /// Whether `key` is predicted on any worker (TTLs aside); when
+    /// not, [`extend`](Self::extend) from a match ending just before `key` changes
+    /// nothing for any worker.
+    #[inline]
+    pub(crate) fn predicted_anywhere(&self, key: BlockKey) -> bool {
+        self.holders.contains_key(&key)
+    }
+
+    fn held(&mut self, key: BlockKey) {
+        *self.holders.entry(key).or_insert(0) += 1;
+    }
+
+    fn released(&mut self, key: BlockKey) {
+        if let hashbrown::hash_map::Entry::Occupied(mut e) = self.holders.entry(key) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
     }
 
     /// Extends `matched` (a prefix length of `keys` already held by `worker`) over the
@@ -176,6 +201,7 @@ impl Overlay {
         for &k in keys {
             if self.map.insert((worker, k), now_ms).is_none() {
                 self.counters.made += 1;
+                self.held(k);
             }
             self.fifo.push_back((worker, k, now_ms));
         }
@@ -186,6 +212,7 @@ impl Overlay {
                 self.fifo.pop_front();
             } else if now_ms.saturating_sub(t) > ttl_ms(w) {
                 self.map.remove(&(w, k));
+                self.released(k);
                 self.counters.expired += 1;
                 self.fifo.pop_front();
                 self.tombs.insert((w, k), t);
@@ -206,6 +233,7 @@ impl Overlay {
             if let Some((w, k, t)) = self.fifo.pop_front() {
                 if self.map.get(&(w, k)) == Some(&t) {
                     self.map.remove(&(w, k));
+                    self.released(k);
                     self.counters.dropped += 1;
                 }
             }
@@ -226,6 +254,7 @@ impl Overlay {
         }
         for &k in keys {
             if let Some(t) = self.map.remove(&(worker, k)) {
+                self.released(k);
                 self.counters.confirmed += 1;
                 observe(now_ms.saturating_sub(t));
             } else if let Some(t) = self.tombs.remove(&(worker, k)) {
@@ -236,7 +265,19 @@ impl Overlay {
 
     /// Forgets every prediction for `worker` (removed or cleared).
     pub(crate) fn clear_worker(&mut self, worker: u32) {
-        self.map.retain(|&(w, _), _| w != worker);
+        let holders = &mut self.holders;
+        self.map.retain(|&(w, k), _| {
+            if w != worker {
+                return true;
+            }
+            if let hashbrown::hash_map::Entry::Occupied(mut e) = holders.entry(k) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+            false
+        });
         self.tombs.retain(|&(w, _), _| w != worker);
     }
 
@@ -422,6 +463,37 @@ mod tests {
         // Not observed yet: the pool's; no usable pool rate: its own.
         assert_eq!(routing_rate(f64::NAN, 7_000.0), 7_000.0);
         assert_eq!(routing_rate(5_000.0, f64::NAN), 5_000.0);
+    }
+
+    /// `holders` recomputed from `map` (the naive definition).
+    fn naive_holders(o: &Overlay) -> HashMap<BlockKey, u32> {
+        let mut h = HashMap::new();
+        for &(_, k) in o.map.keys() {
+            *h.entry(k).or_insert(0) += 1;
+        }
+        h
+    }
+
+    #[test]
+    fn overlay_holder_counts_follow_every_change() {
+        let mut o = Overlay::default();
+        let mut rng = crate::rng::SplitMix64::new(7);
+        for step in 0..4_000u64 {
+            let w = (rng.next_u64() % 5) as u32;
+            let start = rng.next_u64() % 12;
+            let keys: Vec<u64> = (start..start + 1 + rng.next_u64() % 4).collect();
+            match rng.next_u64() % 10 {
+                0..=5 => o.insert(w, &keys, step, 40, |w| 20 + u64::from(w) * 30),
+                6..=8 => o.confirm(w, &keys, step, |_| {}),
+                _ => o.clear_worker(w),
+            }
+            assert_eq!(o.holders, naive_holders(&o), "step {step}");
+            for k in 0..16 {
+                let anyone = (0..5).any(|w| o.map.contains_key(&(w, k)));
+                assert_eq!(o.predicted_anywhere(k), anyone);
+            }
+        }
+        assert!(o.counters.expired > 0 && o.counters.dropped > 0 && o.counters.confirmed > 0);
     }
 
     #[test]

@@ -25,6 +25,18 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+/// Appends the first `n` cells of `R` scorer-major rows to `out`, candidate-major.
+fn transpose<const R: usize>(by_row: &[&[f64]; 8], n: usize, out: &mut Vec<f64>) {
+    let rows: [&[f64]; R] = std::array::from_fn(|j| &by_row[j][..n]);
+    let start = out.len();
+    out.resize(start + n * R, 0.0);
+    for (k, cell) in out[start..].chunks_exact_mut(R).enumerate() {
+        for (c, r) in cell.iter_mut().zip(&rows) {
+            *c = r[k];
+        }
+    }
+}
+
 impl Router {
     /// The block keys the router uses for `tokens` (full blocks only).
     pub fn block_keys(&self, tokens: &[u32], extras: Option<&RequestExtras>) -> Result<Vec<u64>> {
@@ -135,7 +147,19 @@ impl Router {
             // A pass of its own: the lookups (one likely cache miss each) are independent
             // across workers, and a tight loop lets the CPU overlap them.
             if let Some(o) = &overlay {
+                // Most workers' matches end at the same few lengths and the block after
+                // is rarely predicted anywhere: one probe per distinct length decides
+                // whether a worker's probe can find anything at all.
+                let mut memo = (usize::MAX, false);
                 for (c, w) in s.cands.iter_mut().zip(reg.live()) {
+                    let m = c.matched_blocks as usize;
+                    let Some(&next) = s.keys.get(m) else { continue };
+                    if memo.0 != m {
+                        memo = (m, o.predicted_anywhere(next));
+                    }
+                    if !memo.1 {
+                        continue;
+                    }
                     let ttl = w.pred_ttl_ms.load(Ordering::Relaxed);
                     c.matched_blocks =
                         o.extend(w.id.0, &s.keys, c.matched_blocks as usize, now, ttl) as u32;
@@ -194,11 +218,22 @@ impl Router {
             // more than the whole copy.)
             let mut scores = Vec::with_capacity(kept.len() * rows);
             let by_row: [&[f64]; 8] = std::array::from_fn(|j| s.score.row(j));
-            if rows <= by_row.len() {
-                for k in 0..kept.len() {
-                    scores.extend(by_row[..rows].iter().map(|r| r[k]));
-                }
-            } else {
+            // A fixed row count per call (the policies have 1 to 8 rows): the inner loop
+            // unrolls and the bounds checks go, where a loop over `rows` cost about 10
+            // instructions a cell.
+            let n = kept.len();
+            match rows {
+                1 => transpose::<1>(&by_row, n, &mut scores),
+                2 => transpose::<2>(&by_row, n, &mut scores),
+                3 => transpose::<3>(&by_row, n, &mut scores),
+                4 => transpose::<4>(&by_row, n, &mut scores),
+                5 => transpose::<5>(&by_row, n, &mut scores),
+                6 => transpose::<6>(&by_row, n, &mut scores),
+                7 => transpose::<7>(&by_row, n, &mut scores),
+                8 => transpose::<8>(&by_row, n, &mut scores),
+                _ => {}
+            }
+            if rows > by_row.len() {
                 scores.resize(kept.len() * rows, 0.0);
                 for j in 0..rows {
                     for (cell, &v) in scores[j..].iter_mut().step_by(rows).zip(s.score.row(j)) {

@@ -123,6 +123,7 @@ impl WorkerState {
     /// tokens (the router's mean uncached tokens per routed request); `pool_rate` is the
     /// prefill rate of a worker not observed yet; `now_ms` (the requests' clock) lets the
     /// in-flight prefill count the progress made since it started.
+    #[inline]
     pub(crate) fn load(
         &self,
         model_usage: Option<f64>,
