@@ -440,26 +440,25 @@ unsafe fn classify_avx2(block: &[u8; 64]) -> Classes {
 unsafe fn block_ids_avx2(block: &[u8; 64], mut starts: u64, mut ends: u64, dst: *mut u32) -> usize {
     use std::arch::x86_64::*;
     let n = ends.count_ones() as usize;
-    // The block after 8 bytes of room, so that the 8 bytes that end at any of its bytes
-    // can be loaded (the room's bytes are always masked off: an id starts in the block).
-    let mut buf = [0u8; 72];
-    buf[8..].copy_from_slice(block);
-    let ones = 0x0101_0101_0101_0101u64;
     // The id whose first digit is at the lowest set bit of `starts` and last digit at
-    // the lowest of `ends`, as its digits' values right-aligned in a u64 (first digit
-    // lowest, the places before it zero), and the next masks.
+    // the lowest of `ends`, as its digits right-aligned in a u64 (first digit lowest,
+    // the places before it zero), and the next masks.
     let mut next = || -> i64 {
         let s = starts.trailing_zeros() as usize;
         let e = ends.trailing_zeros() as usize & 63;
         starts &= starts.wrapping_sub(1);
         ends &= ends.wrapping_sub(1);
-        // Bytes e - 7 ..= e of the block are bytes e + 1 ..= e + 8 of `buf` (e <= 63).
-        let w = u64::from_le_bytes(buf[e + 1..e + 9].try_into().expect("8 bytes"));
-        // The id's 1 to 7 digits are the top (e - s + 1) bytes; a start after the end
-        // (broken masks) keeps no byte (a shift of 64 or more is taken as 0 below).
-        let keep = 8usize.wrapping_sub(e.wrapping_sub(s).wrapping_add(1)).wrapping_mul(8);
-        let m = if keep < 64 { !0u64 << keep } else { 0 };
-        ((w & m).wrapping_sub((0x30 * ones) & m)) as i64
+        // The 8 bytes ending at byte e, straight from the block (no copy, whose stores
+        // loads across them could not forward from): for e < 7, bytes 0 ..= 7 (`off`:
+        // a conditional move).
+        let off = e.saturating_sub(7);
+        let raw = u64::from_le_bytes(block[off..off + 8].try_into().expect("8 bytes"));
+        // The id's 1 to 7 digits (bytes s ..= e) moved to the top of the word with
+        // zeros below: shifted down to drop the bytes before s, then up so that e is
+        // the top byte. (Masks that broke the promises give wrong values, no panic.)
+        let down = s.wrapping_sub(off).wrapping_mul(8) & 63;
+        let up = (7 + s).wrapping_sub(e).wrapping_mul(8) & 63;
+        ((raw >> down) << up) as i64
     };
     let pairs = _mm256_set1_epi16(0x010A); // bytes 10, 1
     let fours = _mm256_set1_epi32(0x0001_0064); // words 100, 1
@@ -469,7 +468,8 @@ unsafe fn block_ids_avx2(block: &[u8; 64], mut starts: u64, mut ends: u64, dst: 
         // Past the n-th id the masks are empty: those lanes are junk, written but
         // never counted.
         let (a, b, c, d) = (next(), next(), next(), next());
-        let digits = _mm256_setr_epi64x(a, b, c, d);
+        // The digits' values; the zero bytes below them stay zero (saturating).
+        let digits = _mm256_subs_epu8(_mm256_setr_epi64x(a, b, c, d), _mm256_set1_epi8(b'0' as i8));
         // 10 * d0 + d1 per byte pair, 100 * p0 + p1 per word pair: per 8-byte lane the
         // high four digits' value in its low half, the low four's in its high half.
         let q = _mm256_madd_epi16(_mm256_maddubs_epi16(digits, pairs), fours);
