@@ -1,7 +1,8 @@
 //! Reading the token ids of a `/v1/completions` body: the byte scanner
 //! (`kvroute_tokenize::ids::scan`, what `kvroute serve` runs first) against the serde_json
-//! pass it falls back to (`ids::parse_serde`, what the server ran before), and the
-//! scanner without its AVX-512 block reader (`ids::scan_portable`), on the serve
+//! pass it falls back to (`ids::parse_serde`, what the server ran before), the scanner
+//! with the AVX2 block reader (`ids::scan_avx2`, what `scan` runs on CPUs with AVX2 but
+//! without AVX-512 VBMI2) and without a vector reader (`ids::scan_portable`), on the serve
 //! bench's body: 8,192 ids below 600, serde_json's compact writing (about 40 KB), and the
 //! same ids with Python's `json.dumps` spacing and as ids of a 150k vocabulary.
 //!
@@ -94,11 +95,15 @@ fn bench(c: &mut Criterion<ThreadCpu>) {
         let want = ids::parse_serde(&b).unwrap();
         assert_eq!(ids::scan(&b).as_ref(), Some(&want));
         assert_eq!(ids::scan_portable(&b).as_ref(), Some(&want));
+        assert_eq!(ids::scan_avx2(&b).as_ref(), Some(&want));
         assert_eq!(want.tokens.len(), 8192);
         let mut g = c.benchmark_group(format!("prompt_ids/{name}"));
         g.throughput(Throughput::Bytes(b.len() as u64));
         g.bench_function("scan", |x| x.iter(|| ids::scan(black_box(&b))));
-        // The SWAR loop alone (what `scan` runs on CPUs without AVX-512 VBMI2).
+        // The AVX2 reader (what `scan` runs on CPUs with AVX2 but without AVX-512 VBMI2;
+        // the SWAR loop on CPUs without AVX2).
+        g.bench_function("scan_avx2", |x| x.iter(|| ids::scan_avx2(black_box(&b))));
+        // The SWAR loop alone (what `scan` runs on CPUs without AVX2).
         g.bench_function("scan_portable", |x| x.iter(|| ids::scan_portable(black_box(&b))));
         g.bench_function("serde_json", |x| x.iter(|| ids::parse_serde(black_box(&b))));
         g.finish();

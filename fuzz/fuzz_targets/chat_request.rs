@@ -27,8 +27,10 @@ fuzz_target!(|data: &[u8]| {
     if let Some(fast) = &fast {
         assert_eq!(Some(fast), reference.as_ref(), "the scanner disagrees with serde_json");
     }
-    // The AVX-512 block reader (where the CPU has it) and the SWAR loop answer alike.
-    assert_eq!(ids::scan_portable(data), fast, "the scanner's two paths disagree");
+    // The AVX-512 and AVX2 block readers (where the CPU has them) and the SWAR loop
+    // answer alike.
+    assert_eq!(ids::scan_portable(data), fast, "the scanner's SWAR path disagrees");
+    assert_eq!(ids::scan_avx2(data), fast, "the scanner's AVX2 path disagrees");
     assert_eq!(ids::parse(data), reference);
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(body) = Json::parse(text) else { return };

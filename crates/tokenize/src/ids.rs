@@ -166,15 +166,23 @@ const MAX_OPENERS: usize = 64;
 /// token-id prompt, or one written in a form the scanner leaves to serde: escaped keys,
 /// negative or fractional numbers, deep values, duplicate fields, ...).
 pub fn scan(b: &[u8]) -> Option<IdPrompt> {
-    scan_with(b, Avx512::detect())
+    scan_with(b, Simd::detect())
 }
 
-/// [`scan`] without the AVX-512 block reader, on any CPU: the SWAR digit parsing alone
-/// (what [`scan`] does on CPUs without AVX-512 VBMI2). For tests and benchmarks that
-/// check both paths on one machine.
+/// [`scan`] without the vector block readers, on any CPU: the SWAR digit parsing alone
+/// (what [`scan`] does on CPUs without AVX2). For tests and benchmarks that check every
+/// path on one machine.
 #[doc(hidden)]
 pub fn scan_portable(b: &[u8]) -> Option<IdPrompt> {
     scan_with(b, None)
+}
+
+/// [`scan`] with the AVX2 block reader (what [`scan`] does on CPUs with AVX2 but without
+/// AVX-512 VBMI2), on CPUs that have AVX2 (and BMI1/2, POPCNT, LZCNT); elsewhere it is
+/// [`scan_portable`] ([`scan_has_avx2`] tells which). For tests and benchmarks.
+#[doc(hidden)]
+pub fn scan_avx2(b: &[u8]) -> Option<IdPrompt> {
+    scan_with(b, simd::Avx2::detect().map(Simd::Avx2))
 }
 
 /// Whether [`scan`] uses the AVX-512 block reader on this CPU.
@@ -183,7 +191,14 @@ pub fn scan_uses_avx512() -> bool {
     Avx512::detect().is_some()
 }
 
-fn scan_with(b: &[u8], simd: Option<Avx512>) -> Option<IdPrompt> {
+/// Whether this CPU runs the AVX2 block reader ([`scan_avx2`]; [`scan`] uses it when
+/// [`scan_uses_avx512`] is false).
+#[doc(hidden)]
+pub fn scan_has_avx2() -> bool {
+    simd::Avx2::detect().is_some()
+}
+
+fn scan_with(b: &[u8], simd: Option<Simd>) -> Option<IdPrompt> {
     let mut i = skip_ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -295,7 +310,7 @@ fn serde_value<'de, T: Deserialize<'de>>(b: &'de [u8], i: usize) -> Option<(T, u
 
 /// The prompt at `b[i..]`: `[ids]` or `[[ids], [ids], ...]` (the first list counts, the
 /// others are checked), and the index just past it.
-fn prompt_ids(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usize)> {
+fn prompt_ids(b: &[u8], i: usize, simd: Option<Simd>) -> Option<(Vec<u32>, usize)> {
     if b.get(i) != Some(&b'[') {
         return None;
     }
@@ -319,7 +334,7 @@ fn prompt_ids(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usi
 /// A list of ids at `b[i..]`: the block scanner for the compact forms, else the
 /// byte-by-byte reader.
 #[inline]
-fn list(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usize)> {
+fn list(b: &[u8], i: usize, simd: Option<Simd>) -> Option<(Vec<u32>, usize)> {
     id_list_blocks(b, i, simd).or_else(|| id_list(b, i))
 }
 
@@ -348,7 +363,7 @@ pub(crate) fn classify_bytes(block: &[u8; 64]) -> Classes {
     c
 }
 
-use simd::{classify, Avx512};
+use simd::{classify, Avx512, Simd};
 
 /// A list of ids at `b[i..]` (`b[i]` is `[`) in the forms clients write, `[1,2]` and
 /// `[1, 2]` (ids separated by a comma and at most one space, none inside the brackets),
@@ -356,18 +371,20 @@ use simd::{classify, Avx512};
 /// with bit masks, so each id's start is known without reading the id before it and
 /// the ids parse independently of each other. `None` for anything else, including every
 /// form [`id_list`] reads and this does not.
-fn id_list_blocks(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usize)> {
+fn id_list_blocks(b: &[u8], i: usize, simd: Option<Simd>) -> Option<(Vec<u32>, usize)> {
     match simd {
-        // The same loop, compiled with the AVX-512 (and BMI, POPCNT) features enabled.
+        // The same loop, compiled with the AVX-512 or AVX2 (and BMI, POPCNT) features
+        // enabled.
         Some(simd) => simd.id_list_blocks(b, i),
         None => id_list_blocks_with(b, i, None),
     }
 }
 
-/// [`id_list_blocks`]' loop, with the AVX-512 block reader when `simd` is given (and then
-/// inlined into a function compiled for it, `simd::Avx512::id_list_blocks`).
+/// [`id_list_blocks`]' loop, with a vector block reader when `simd` is given (and then
+/// inlined into a function compiled for it, `simd::Avx512::id_list_blocks` or
+/// `simd::Avx2::id_list_blocks`).
 #[inline(always)]
-fn id_list_blocks_with(b: &[u8], i: usize, simd: Option<Avx512>) -> Option<(Vec<u32>, usize)> {
+fn id_list_blocks_with(b: &[u8], i: usize, simd: Option<Simd>) -> Option<(Vec<u32>, usize)> {
     if b.get(i) != Some(&b'[') {
         return None;
     }
@@ -571,22 +588,23 @@ fn number_bytewise(b: &[u8], i: usize) -> Option<(u32, usize)> {
 mod tests {
     use super::*;
 
-    /// The block reader's paths this CPU runs: the SWAR loop, and AVX-512 if present.
-    fn paths() -> Vec<Option<Avx512>> {
+    /// The block reader's paths this CPU runs: the SWAR loop, and AVX2 and AVX-512 if
+    /// present.
+    fn paths() -> Vec<Option<Simd>> {
         let mut p = vec![None];
-        p.extend(Avx512::detect().map(Some));
+        p.extend(simd::Avx2::detect().map(|s| Some(Simd::Avx2(s))));
+        p.extend(Avx512::detect().map(|s| Some(Simd::Avx512(s))));
         p
     }
 
     #[test]
-    fn the_avx512_reader_reads_every_id_length_at_every_place() {
-        let Some(simd) = Avx512::detect() else {
-            eprintln!("no AVX-512 VBMI2 on this CPU: only the SWAR path is tested");
-            return;
-        };
+    fn the_vector_readers_read_every_id_length_at_every_place() {
+        if paths().len() == 1 {
+            eprintln!("no AVX2 or AVX-512 VBMI2 on this CPU: only the SWAR path is tested");
+        }
         // Ids of 1 to 10 digits, every length at every offset of a block, with both
-        // separators and a `]` at every place: the AVX-512 reader against the SWAR loop
-        // and against the values written.
+        // separators and a `]` at every place: the AVX2 and AVX-512 readers and the SWAR
+        // loop against the values written.
         let mut x = 0x2545_F491_4F6C_DD1Du64;
         for round in 0..3000 {
             let mut ids = Vec::new();
@@ -611,8 +629,9 @@ mod tests {
             let lead = " ".repeat(round % 64);
             let b = format!("{lead}{text}, 7]");
             let want = Some((ids, lead.len() + text.len()));
-            assert_eq!(id_list_blocks(b.as_bytes(), lead.len(), Some(simd)), want, "{b}");
-            assert_eq!(id_list_blocks(b.as_bytes(), lead.len(), None), want, "{b}");
+            for simd in paths() {
+                assert_eq!(id_list_blocks(b.as_bytes(), lead.len(), simd), want, "{simd:?} {b}");
+            }
         }
     }
 
@@ -660,8 +679,8 @@ mod tests {
                 }
             }
             assert_eq!(classify(&block), classify_bytes(&block), "{block:?}");
-            if let Some(simd) = Avx512::detect() {
-                assert_eq!(simd.classify(&block), classify_bytes(&block), "{block:?}");
+            for simd in paths().into_iter().flatten() {
+                assert_eq!(simd.classify(&block), classify_bytes(&block), "{simd:?} {block:?}");
             }
         }
     }

@@ -5,18 +5,22 @@
 //! adversarial numbers (signs, leading zeros, fractions, exponents, values past u32),
 //! random byte mutations of them, and arbitrary bytes.
 
-use kvroute_tokenize::ids::{parse, parse_serde, scan, scan_portable, scan_uses_avx512};
+use kvroute_tokenize::ids::{
+    parse, parse_serde, scan, scan_avx2, scan_has_avx2, scan_portable, scan_uses_avx512,
+};
 use proptest::prelude::*;
 
 fn check(body: &[u8]) -> Result<(), TestCaseError> {
     let reference = parse_serde(body);
-    // Both readers of the id lists: AVX-512 where this CPU has it, and the SWAR loop
-    // every CPU runs (the same as `scan` without AVX-512); they answer alike.
+    // Every reader of the id lists: AVX-512 where this CPU has it (`scan`), AVX2 where
+    // it has that (`scan_avx2`, what `scan` runs without AVX-512 VBMI2), and the SWAR
+    // loop every CPU runs (`scan_portable`); they answer alike.
     let fast = scan(body);
     if let Some(fast) = &fast {
         prop_assert_eq!(Some(fast), reference.as_ref(), "{}", String::from_utf8_lossy(body));
     }
-    prop_assert_eq!(scan_portable(body), fast);
+    prop_assert_eq!(scan_portable(body), fast.clone());
+    prop_assert_eq!(scan_avx2(body), fast);
     prop_assert_eq!(parse(body), reference);
     Ok(())
 }
@@ -234,6 +238,7 @@ proptest! {
         let pretty = serde_json::to_string_pretty(&v).unwrap();
         for b in [compact, python, pretty] {
             prop_assert!(scan_portable(b.as_bytes()).is_some(), "{}", b);
+            prop_assert!(scan_avx2(b.as_bytes()).is_some(), "{}", b);
             let p = scan(b.as_bytes());
             prop_assert!(p.is_some(), "{}", b);
             let p = p.unwrap();
@@ -245,8 +250,10 @@ proptest! {
     }
 }
 
-/// Says which paths ran (the AVX-512 one only on CPUs that have AVX-512 VBMI2).
+/// Says which paths ran (the AVX-512 one only on CPUs that have AVX-512 VBMI2, the AVX2
+/// one only on CPUs with AVX2).
 #[test]
 fn report_the_paths_tested() {
     eprintln!("ids::scan uses AVX-512 on this CPU: {}", scan_uses_avx512());
+    eprintln!("ids::scan_avx2 runs the AVX2 reader on this CPU: {}", scan_has_avx2());
 }
