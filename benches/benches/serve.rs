@@ -19,7 +19,7 @@
 //!
 //! Run: `cargo bench -p kvroute-benches --bench serve -- [--seconds S] [--rate R]
 //! [--compare]` (`--compare`: first a run with the serde pass alone, the token-id reader
-//! before the byte scanner, then one with the scanner's SWAR loop alone (no AVX-512),
+//! before the byte scanner, then one with the scanner's SWAR loop alone (no AVX-512 or AVX2),
 //! then the normal run, all under the same load).
 
 use bytes::Bytes;
@@ -209,39 +209,32 @@ fn main() {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(http);
         // Warm up connections, then measure.
         let _ = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, 0.5).await;
-        // `--compare`: first a run with the serde pass alone (the reader before the byte
-        // scanner), then the normal run, under the same load.
+        // `--compare`: runs with the token-id reader switched back to older paths first, then
+        // the normal run, under the same load.
         if std::env::args().any(|a| a == "--compare") {
-            kvroute_server::bench::SERDE_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
-            srv.state.metrics.overhead_samples.lock().clear();
-            let load0 = loadavg();
-            let (_, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
-            let mut over = srv.state.metrics.overhead_samples.lock().clone();
-            println!(
-                "[serde pass only] serve overhead at {rate} req/s for {seconds} s: p50 {}, p99 {}, p999 {} ({} samples, {failed} failed); load average before / after: {load0} / {}",
-                q(&mut over, 0.5),
-                q(&mut over, 0.99),
-                q(&mut over, 0.999),
-                over.len(),
-                loadavg()
-            );
-            kvroute_server::bench::SERDE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
-            // Then the byte scanner without its AVX-512 reader (what CPUs without AVX-512
-            // VBMI2 run).
-            kvroute_server::bench::PORTABLE_IDS.store(true, std::sync::atomic::Ordering::Relaxed);
-            srv.state.metrics.overhead_samples.lock().clear();
-            let load0 = loadavg();
-            let (_, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
-            let mut over = srv.state.metrics.overhead_samples.lock().clone();
-            println!(
-                "[SWAR scanner, no AVX-512] serve overhead at {rate} req/s for {seconds} s: p50 {}, p99 {}, p999 {} ({} samples, {failed} failed); load average before / after: {load0} / {}",
-                q(&mut over, 0.5),
-                q(&mut over, 0.99),
-                q(&mut over, 0.999),
-                over.len(),
-                loadavg()
-            );
-            kvroute_server::bench::PORTABLE_IDS.store(false, std::sync::atomic::Ordering::Relaxed);
+            use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+            // The serde pass alone (the reader before the byte scanner), then the byte
+            // scanner's portable SWAR loop alone (what CPUs without AVX2 run).
+            let switches: [(&AtomicBool, &str); 2] = [
+                (&kvroute_server::bench::SERDE_ONLY, "serde pass only"),
+                (&kvroute_server::bench::PORTABLE_IDS, "SWAR scanner, no AVX-512 or AVX2"),
+            ];
+            for (switch, label) in switches {
+                switch.store(true, Relaxed);
+                srv.state.metrics.overhead_samples.lock().clear();
+                let load0 = loadavg();
+                let (_, failed) = drive(&client, &format!("http://{}", srv.addr), &bodies, rate, seconds).await;
+                let mut over = srv.state.metrics.overhead_samples.lock().clone();
+                println!(
+                    "[{label}] serve overhead at {rate} req/s for {seconds} s: p50 {}, p99 {}, p999 {} ({} samples, {failed} failed); load average before / after: {load0} / {}",
+                    q(&mut over, 0.5),
+                    q(&mut over, 0.99),
+                    q(&mut over, 0.999),
+                    over.len(),
+                    loadavg()
+                );
+                switch.store(false, Relaxed);
+            }
         }
         srv.state.metrics.overhead_samples.lock().clear();
         srv.state.metrics.body_read_samples.lock().clear();
@@ -300,7 +293,7 @@ fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
         std::hint::black_box(kvroute_tokenize::ids::parse_serde(&bodies[i % bodies.len()]));
     }
     let serde = (w0.elapsed().as_nanos() as f64, (thread_cpu_ns() - c0) as f64);
-    // The byte scanner without its AVX-512 block reader.
+    // The byte scanner without its vector block readers (AVX-512, AVX2).
     let (w0, c0) = (Instant::now(), thread_cpu_ns());
     for i in 0..iters {
         std::hint::black_box(kvroute_tokenize::ids::scan_portable(&bodies[i % bodies.len()]));
@@ -365,7 +358,7 @@ fn cpu_breakdown(state: &kvroute_server::State, bodies: &[Bytes]) {
         fmt_ns(t_finished as f64 / n)
     );
     println!(
-        "request path per 8,192-token request (thread CPU time; wall time on this loaded machine; scanner: AVX-512 {}): body parse {} ({}) [serde_json pass {} ({}); SWAR scanner, no AVX-512, {} ({})], route (preview) {} ({}); parse + route + on_routed + on_finished (as a proxied request) {} ({})",
+        "request path per 8,192-token request (thread CPU time; wall time on this loaded machine; scanner: AVX-512 {}): body parse {} ({}) [serde_json pass {} ({}); SWAR scanner, no AVX-512 or AVX2, {} ({})], route (preview) {} ({}); parse + route + on_routed + on_finished (as a proxied request) {} ({})",
         kvroute_tokenize::ids::scan_uses_avx512(),
         fmt_ns(parse.1 / n),
         fmt_ns(parse.0 / n),

@@ -33,9 +33,9 @@ pub mod bench {
     pub static SERDE_ONLY: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
 
-    /// When set, token-id prompts are read by the byte scanner without its AVX-512 block
-    /// reader (the SWAR loop every CPU runs, `ids::scan_portable`), then serde, for A/B
-    /// runs of the serve bench in one process.
+    /// When set, token-id prompts are read by the byte scanner without its vector block
+    /// readers (AVX-512, AVX2): the SWAR loop every CPU has (`ids::scan_portable`), then
+    /// serde, for A/B runs of the serve bench in one process.
     pub static PORTABLE_IDS: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
 }
