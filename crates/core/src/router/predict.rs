@@ -137,6 +137,16 @@ pub(crate) struct Overlay {
     pub(crate) counters: PredictionCounters,
 }
 
+/// One worker fewer predicts `key` (the entry goes at zero).
+fn release(holders: &mut HashMap<BlockKey, u32>, key: BlockKey) {
+    if let hashbrown::hash_map::Entry::Occupied(mut e) = holders.entry(key) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
+    }
+}
+
 impl Overlay {
     /// Predictions held.
     pub(crate) fn len(&self) -> usize {
@@ -161,12 +171,7 @@ impl Overlay {
     }
 
     fn released(&mut self, key: BlockKey) {
-        if let hashbrown::hash_map::Entry::Occupied(mut e) = self.holders.entry(key) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
+        release(&mut self.holders, key);
     }
 
     /// Extends `matched` (a prefix length of `keys` already held by `worker`) over the
@@ -270,12 +275,7 @@ impl Overlay {
             if w != worker {
                 return true;
             }
-            if let hashbrown::hash_map::Entry::Occupied(mut e) = holders.entry(k) {
-                *e.get_mut() -= 1;
-                if *e.get() == 0 {
-                    e.remove();
-                }
-            }
+            release(holders, k);
             false
         });
         self.tombs.retain(|&(w, _), _| w != worker);
