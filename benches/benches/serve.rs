@@ -20,7 +20,8 @@
 //! Run: `cargo bench -p kvroute-benches --bench serve -- [--seconds S] [--rate R]
 //! [--compare]` (`--compare`: first a run with the serde pass alone, the token-id reader
 //! before the byte scanner, then one with the scanner's SWAR loop alone (no AVX-512 or AVX2),
-//! then the normal run, all under the same load).
+//! then one with its AVX2 block reader (no AVX-512), then the normal run, all under the
+//! same load).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -213,11 +214,18 @@ fn main() {
         // the normal run, under the same load.
         if std::env::args().any(|a| a == "--compare") {
             use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-            // The serde pass alone (the reader before the byte scanner), then the byte
-            // scanner's portable SWAR loop alone (what CPUs without AVX2 run).
-            let switches: [(&AtomicBool, &str); 2] = [
+            // The serde pass alone (the reader before the byte scanner), the byte scanner's
+            // portable SWAR loop alone (what CPUs without AVX2 run), then its AVX2 block
+            // reader (what CPUs with AVX2 but without AVX-512 VBMI2 run).
+            let avx2_label = if kvroute_tokenize::ids::scan_has_avx2() {
+                "AVX2 scanner, no AVX-512"
+            } else {
+                "AVX2 scanner requested, but this CPU has no AVX2: SWAR"
+            };
+            let switches: [(&AtomicBool, &str); 3] = [
                 (&kvroute_server::bench::SERDE_ONLY, "serde pass only"),
                 (&kvroute_server::bench::PORTABLE_IDS, "SWAR scanner, no AVX-512 or AVX2"),
+                (&kvroute_server::bench::AVX2_IDS, avx2_label),
             ];
             for (switch, label) in switches {
                 switch.store(true, Relaxed);

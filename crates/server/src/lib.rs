@@ -38,6 +38,11 @@ pub mod bench {
     /// serde, for A/B runs of the serve bench in one process.
     pub static PORTABLE_IDS: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
+
+    /// When set, token-id prompts are read by the byte scanner with its AVX2 block reader
+    /// (`ids::scan_avx2`: what CPUs with AVX2 but without AVX-512 VBMI2 run; the SWAR loop
+    /// on CPUs without AVX2), then serde, for A/B runs of the serve bench in one process.
+    pub static AVX2_IDS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 }
 
 pub use config::{DnsBackends, ServeConfig, ServerConfig};

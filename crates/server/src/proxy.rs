@@ -193,6 +193,9 @@ fn fast_token_ids(state: &State, body: &[u8], kind: Option<Kind>) -> Option<Pars
     } else if crate::bench::PORTABLE_IDS.load(Ordering::Relaxed) {
         kvroute_tokenize::ids::scan_portable(body)
             .or_else(|| kvroute_tokenize::ids::parse_serde(body))?
+    } else if crate::bench::AVX2_IDS.load(Ordering::Relaxed) {
+        kvroute_tokenize::ids::scan_avx2(body)
+            .or_else(|| kvroute_tokenize::ids::parse_serde(body))?
     } else {
         kvroute_tokenize::ids::parse(body)?
     };
