@@ -604,6 +604,22 @@ impl PrefixIndex {
         parent: Option<BlockKey>,
         keys: &[BlockKey],
     ) -> Result<StoreReport> {
+        self.store_ahead(worker, tier, parent, keys, &[])
+    }
+
+    /// [`store`](Self::store), where `next` are keys the caller stores right after
+    /// (the next event of a batch): as this store's last keys are written, the table
+    /// groups of `next`'s first keys are prefetched, so that their misses overlap the end
+    /// of this store instead of starting cold with the next one. Only a hint: the result
+    /// is the same for any `next`.
+    pub(crate) fn store_ahead(
+        &mut self,
+        worker: WorkerId,
+        tier: Tier,
+        parent: Option<BlockKey>,
+        keys: &[BlockKey],
+        next: &[BlockKey],
+    ) -> Result<StoreReport> {
         let w = worker.0;
         if w > MAX_WORKER {
             return Err(Error::invalid(format!(
@@ -665,7 +681,7 @@ impl PrefixIndex {
                 // Attach the keys from here up to the first one already in the index:
                 // `attach_new` stops there, so each new key costs one table operation.
                 let start = i;
-                let (run_len, last) = self.attach_new(cursor, &keys[start..], w, t);
+                let (run_len, last) = self.attach_new(cursor, &keys[start..], next, w, t);
                 let run = &keys[start..start + run_len];
                 i = start + run_len;
                 report.new_blocks += run_len as u32;
@@ -722,11 +738,13 @@ impl PrefixIndex {
     /// the index (the first key must not be). Returns how many were attached: fewer than
     /// `run.len()` when a key exists already or `run` repeats a key (inconsistent input;
     /// the repeat would close a cycle), and the location of the last key attached.
-    /// `cursor` is the key to attach after and a hint of its location.
+    /// `cursor` is the key to attach after and a hint of its location; `next`, the keys
+    /// the caller stores after `run`, whose groups are prefetched as `run` ends.
     fn attach_new(
         &mut self,
         cursor: Option<(u64, Loc)>,
         run: &[u64],
+        next: &[u64],
         w: u32,
         t: usize,
     ) -> (usize, Loc) {
@@ -768,7 +786,9 @@ impl PrefixIndex {
             written += chunk.len();
             for &k in chunk {
                 // `k` is `run[got]`.
-                if let Some(&ahead) = run.get(got + AHEAD) {
+                // Past the run's end, the keys that follow it (`next`, a hint).
+                let at = got + AHEAD;
+                if let Some(&ahead) = run.get(at).or_else(|| next.get(at - run.len())) {
                     self.table.prefetch_insert(ahead);
                 }
                 let nodes = &self.nodes;

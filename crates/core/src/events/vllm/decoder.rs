@@ -89,7 +89,12 @@ pub(crate) fn decode_flat(
     payload: &[u8],
     opts: DecodeOptions,
 ) -> Result<(KvEventBatch, FlatHashes)> {
-    let mut flat = FlatHashes::default();
+    // Sized once for the payload (a block takes at least 9 bytes as a uint64 hash, a
+    // stored one 16 more for its token ids), so that a batch's hashes rarely regrow it.
+    let mut flat = FlatHashes {
+        hashes: Vec::with_capacity(payload.len() / 32),
+        ranges: Vec::with_capacity(8),
+    };
     let batch = decode_inner(payload, opts, Some(&mut flat))?;
     Ok((batch, flat))
 }
