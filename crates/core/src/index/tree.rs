@@ -1475,6 +1475,55 @@ mod tests {
         (0..100).map(|p| crate::rng::splitmix64((c << 32) | p)).collect()
     }
 
+    /// `store_ahead`'s `next` is only a prefetch hint: with any hint (the keys stored
+    /// next, other keys, keys already present, none), every store, removal and snapshot
+    /// is the same as with `store`, including across table rebuilds, splits, chains that
+    /// extend a node and runs that meet existing keys.
+    #[test]
+    fn store_ahead_hints_change_nothing() {
+        let mut plain = PrefixIndex::default();
+        let mut hinted = PrefixIndex::default();
+        let mut r = 0x5eed_u64;
+        let mut rand = move |n: u64| {
+            r = crate::rng::splitmix64(r);
+            r % n
+        };
+        let chains: Vec<Vec<u64>> = (0..24).map(chain).collect();
+        for step in 0..3000 {
+            let c = &chains[rand(24) as usize];
+            let a = rand(100) as usize;
+            let b = (a + 1 + rand(40) as usize).min(100);
+            let w = WorkerId(rand(5) as u32);
+            let tier = if rand(4) == 0 { Tier::Cpu } else { Tier::Gpu };
+            let parent = if a == 0 { None } else { Some(c[a - 1]) };
+            if rand(5) == 0 {
+                assert_eq!(
+                    plain.remove(w, tier, &c[a..b]),
+                    hinted.remove(w, tier, &c[a..b]),
+                    "step {step}"
+                );
+                continue;
+            }
+            let other = &chains[rand(24) as usize];
+            let next: &[u64] = match rand(4) {
+                0 => &c[b..],
+                1 => &other[rand(100) as usize..],
+                2 => &c[a..b],
+                _ => &[],
+            };
+            assert_eq!(
+                plain.store(w, tier, parent, &c[a..b]).unwrap(),
+                hinted.store_ahead(w, tier, parent, &c[a..b], next).unwrap(),
+                "step {step}"
+            );
+            if step % 500 == 0 {
+                assert_eq!(plain.snapshot(), hinted.snapshot(), "step {step}");
+            }
+        }
+        assert_eq!(plain.snapshot(), hinted.snapshot());
+        assert_eq!(plain.stats(), hinted.stats());
+    }
+
     /// The LRU clock must order stores correctly across 2^32 stores: eviction takes the
     /// oldest leaves first even when the clock passes `u32::MAX` between two stores.
     #[test]
