@@ -10,7 +10,9 @@
 //!
 //! Run: `cargo run --profile bench -p kvroute-benches --bin cputime [route|events]`;
 //! `CPUTIME_ONLY=route_kvroute/shared_prefix_64` runs the route cases whose name contains
-//! it (and their router) only.
+//! it (and their router) only; for `events`, the cases whose name contains it (the
+//! router is populated regardless). `CPUTIME_ROUNDS` sets the rounds of the route and
+//! apply cases (more samples for a profile).
 
 #[allow(missing_docs)]
 #[path = "../../benches/common/mod.rs"]
@@ -140,6 +142,9 @@ fn events() {
             .collect();
     let opts = vllm::DecodeOptions { token_ids: vllm::TokenIds::KeepForRoots };
     for (suffix, msg) in &msgs {
+        if !selected(&format!("decode/store{suffix}_tokens_for_roots")) {
+            continue;
+        }
         let rounds = (0..ROUNDS)
             .map(|r| {
                 let s = cpu_ns();
@@ -171,7 +176,10 @@ fn events() {
         .collect();
     cases.insert(1, ("vllm/apply/store".to_string(), None));
     for (name, msg) in cases {
-        let rounds = (0..ROUNDS)
+        if !selected(&name) {
+            continue;
+        }
+        let rounds = (0..rounds())
             .map(|r| {
                 let mut cpu = 0;
                 for (k, c) in convs.iter().enumerate().skip((r * 64) % 1024).take(64) {

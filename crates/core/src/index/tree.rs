@@ -604,6 +604,22 @@ impl PrefixIndex {
         parent: Option<BlockKey>,
         keys: &[BlockKey],
     ) -> Result<StoreReport> {
+        self.store_ahead(worker, tier, parent, keys, &[])
+    }
+
+    /// [`store`](Self::store), where `next` are keys the caller stores right after
+    /// (the next event of a batch): as this store's last keys are written, the table
+    /// groups of `next`'s first keys are prefetched, so that their misses overlap the end
+    /// of this store instead of starting cold with the next one. Only a hint: the result
+    /// is the same for any `next`.
+    pub(crate) fn store_ahead(
+        &mut self,
+        worker: WorkerId,
+        tier: Tier,
+        parent: Option<BlockKey>,
+        keys: &[BlockKey],
+        next: &[BlockKey],
+    ) -> Result<StoreReport> {
         let w = worker.0;
         if w > MAX_WORKER {
             return Err(Error::invalid(format!(
@@ -665,7 +681,7 @@ impl PrefixIndex {
                 // Attach the keys from here up to the first one already in the index:
                 // `attach_new` stops there, so each new key costs one table operation.
                 let start = i;
-                let (run_len, last) = self.attach_new(cursor, &keys[start..], w, t);
+                let (run_len, last) = self.attach_new(cursor, &keys[start..], next, w, t);
                 let run = &keys[start..start + run_len];
                 i = start + run_len;
                 report.new_blocks += run_len as u32;
@@ -722,11 +738,13 @@ impl PrefixIndex {
     /// the index (the first key must not be). Returns how many were attached: fewer than
     /// `run.len()` when a key exists already or `run` repeats a key (inconsistent input;
     /// the repeat would close a cycle), and the location of the last key attached.
-    /// `cursor` is the key to attach after and a hint of its location.
+    /// `cursor` is the key to attach after and a hint of its location; `next`, the keys
+    /// the caller stores after `run`, whose groups are prefetched as `run` ends.
     fn attach_new(
         &mut self,
         cursor: Option<(u64, Loc)>,
         run: &[u64],
+        next: &[u64],
         w: u32,
         t: usize,
     ) -> (usize, Loc) {
@@ -768,7 +786,9 @@ impl PrefixIndex {
             written += chunk.len();
             for &k in chunk {
                 // `k` is `run[got]`.
-                if let Some(&ahead) = run.get(got + AHEAD) {
+                // Past the run's end, the keys that follow it (`next`, a hint).
+                let at = got + AHEAD;
+                if let Some(&ahead) = run.get(at).or_else(|| next.get(at - run.len())) {
                     self.table.prefetch_insert(ahead);
                 }
                 let nodes = &self.nodes;
@@ -1453,6 +1473,55 @@ mod tests {
 
     fn chain(c: u64) -> Vec<u64> {
         (0..100).map(|p| crate::rng::splitmix64((c << 32) | p)).collect()
+    }
+
+    /// `store_ahead`'s `next` is only a prefetch hint: with any hint (the keys stored
+    /// next, other keys, keys already present, none), every store, removal and snapshot
+    /// is the same as with `store`, including across table rebuilds, splits, chains that
+    /// extend a node and runs that meet existing keys.
+    #[test]
+    fn store_ahead_hints_change_nothing() {
+        let mut plain = PrefixIndex::default();
+        let mut hinted = PrefixIndex::default();
+        let mut r = 0x5eed_u64;
+        let mut rand = move |n: u64| {
+            r = crate::rng::splitmix64(r);
+            r % n
+        };
+        let chains: Vec<Vec<u64>> = (0..24).map(chain).collect();
+        for step in 0..3000 {
+            let c = &chains[rand(24) as usize];
+            let a = rand(100) as usize;
+            let b = (a + 1 + rand(40) as usize).min(100);
+            let w = WorkerId(rand(5) as u32);
+            let tier = if rand(4) == 0 { Tier::Cpu } else { Tier::Gpu };
+            let parent = if a == 0 { None } else { Some(c[a - 1]) };
+            if rand(5) == 0 {
+                assert_eq!(
+                    plain.remove(w, tier, &c[a..b]),
+                    hinted.remove(w, tier, &c[a..b]),
+                    "step {step}"
+                );
+                continue;
+            }
+            let other = &chains[rand(24) as usize];
+            let next: &[u64] = match rand(4) {
+                0 => &c[b..],
+                1 => &other[rand(100) as usize..],
+                2 => &c[a..b],
+                _ => &[],
+            };
+            assert_eq!(
+                plain.store(w, tier, parent, &c[a..b]).unwrap(),
+                hinted.store_ahead(w, tier, parent, &c[a..b], next).unwrap(),
+                "step {step}"
+            );
+            if step % 500 == 0 {
+                assert_eq!(plain.snapshot(), hinted.snapshot(), "step {step}");
+            }
+        }
+        assert_eq!(plain.snapshot(), hinted.snapshot());
+        assert_eq!(plain.stats(), hinted.stats());
     }
 
     /// The LRU clock must order stores correctly across 2^32 stores: eviction takes the

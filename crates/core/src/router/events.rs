@@ -451,9 +451,21 @@ impl Router {
             worker.has_events.store(true, Ordering::Relaxed);
         }
         let hashes = &plan.hashes[..];
+        // Per operation, the keys of the store that follows it (empty if none, or if
+        // it re-keys): a prefetch hint for the end of this one (`store_ahead`).
+        let follows: Vec<Range<usize>> = plan
+            .ops
+            .iter()
+            .skip(1)
+            .map(|op| match op {
+                Op::Store { engine, rekey: false, .. } => engine.clone(),
+                _ => 0..0,
+            })
+            .chain(std::iter::once(0..0))
+            .collect();
         let mut lock = Window { router: self, guard: None, blocks: 0 };
         let mut keys = Vec::new();
-        for op in plan.ops {
+        for (op, follow) in plan.ops.into_iter().zip(follows) {
             report.events += 1;
             match op {
                 Op::Store { tier, parent, engine, rekey, tokens, extra } => {
@@ -485,7 +497,14 @@ impl Router {
                                 &keys[start..start + n],
                             )
                         } else {
-                            index.store(id, tier, chunk_parent, chunk)
+                            // What is stored next: the rest of this event, or the next
+                            // event's keys.
+                            let next = if start + n < engine.len() {
+                                &engine[start + n..]
+                            } else {
+                                &hashes[follow.clone()]
+                            };
+                            index.store_ahead(id, tier, chunk_parent, chunk, next)
                         };
                         match r {
                             Ok(r) => {

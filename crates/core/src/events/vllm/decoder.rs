@@ -89,7 +89,12 @@ pub(crate) fn decode_flat(
     payload: &[u8],
     opts: DecodeOptions,
 ) -> Result<(KvEventBatch, FlatHashes)> {
-    let mut flat = FlatHashes::default();
+    // Sized once for the payload (a block takes at least 9 bytes as a uint64 hash, a
+    // stored one 16 more for its token ids), so that a batch's hashes rarely regrow it.
+    let mut flat = FlatHashes {
+        hashes: Vec::with_capacity(payload.len() / 32),
+        ranges: Vec::with_capacity(8),
+    };
     let batch = decode_inner(payload, opts, Some(&mut flat))?;
     Ok((batch, flat))
 }
@@ -471,7 +476,19 @@ impl<'a> Reader<'a, '_> {
         out.truncate(from);
         let (n, _) = self.read_array_len(field)?;
         out.reserve(n);
-        for _ in 0..n {
+        // msgspec writes 64-bit hashes as uint64 (0xcf + 8 bytes): the leading run of
+        // those is read from one bounds-checked slice; whatever follows it (another
+        // encoding, the end of the payload) goes element by element below.
+        let body = self.buf.get(self.pos..).unwrap_or(&[]);
+        let body = &body[..body.len().min(n.saturating_mul(9))];
+        let before = out.len();
+        for c in body.chunks_exact(9) {
+            let &[0xcf, b0, b1, b2, b3, b4, b5, b6, b7] = c else { break };
+            out.push(u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
+        }
+        let fast = out.len() - before;
+        self.pos += 9 * fast;
+        for _ in fast..n {
             if let Some(&[0xcf, b0, b1, b2, b3, b4, b5, b6, b7]) =
                 self.buf.get(self.pos..self.pos + 9)
             {

@@ -101,6 +101,9 @@ mod avx2 {
     /// element that straddles into the next window has at most 4 bytes there.
     const OVERHANG: usize = 4;
 
+    /// How far ahead of the window the walk prefetches the payload.
+    const PREFETCH: usize = 512;
+
     /// Where the walk from `entry` (0..=OVERHANG) of a window leaves it (`0x80 + k`: `k`
     /// bytes into the next window; below 0x80: it does not) and how many elements it
     /// passes, from the doubled `nx` and `cnt` of both lanes: the low lane is composed
@@ -172,6 +175,10 @@ mod avx2 {
             while done < n && base + 32 + OVERHANG <= len {
                 // SAFETY: `base + 32 <= len`, so the 32 bytes read are inside `buf`.
                 let v = unsafe { _mm256_loadu_si256(buf.as_ptr().add(base).cast()) };
+                // A payload just read from memory streams in ahead of the walk (a hint:
+                // a prefetch never faults, and the address is only computed, not
+                // dereferenced, so it may lie past the end of `buf`).
+                _mm_prefetch::<_MM_HINT_T0>(buf.as_ptr().wrapping_add(base + PREFETCH).cast());
                 // v - 0xcc is 0, 1, 2 for the wide markers; saturating + 0x70 sends every
                 // value above 15 to bit 7 set (vpshufb: 0), the rest to its table entry.
                 let idx = _mm256_adds_epu8(_mm256_sub_epi8(v, m_cc), bias);
