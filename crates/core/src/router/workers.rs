@@ -264,7 +264,10 @@ impl WorkerState {
             // Rule 11: the others' waiting requests are a lower bound of their work here;
             // their requests that arrived since the previous scrape (running or waiting)
             // are another, which also sees the prefill they have running.
-            self.clock_ms.fetch_max(now_ms, Ordering::Relaxed);
+            // (A read first: routes in the same millisecond do not write the line.)
+            if now_ms > self.clock_ms.load(Ordering::Relaxed) {
+                self.clock_ms.fetch_max(now_ms, Ordering::Relaxed);
+            }
             let others_new = self.others_new_prefill(now_ms, rate, true);
             let others_waiting = (f64::from(others) * mean_uncached) as u64;
             pending = pending.max(inflight.saturating_add(others_waiting.max(others_new)));
