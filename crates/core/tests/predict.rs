@@ -357,3 +357,67 @@ fn in_flight_prefill_counts_the_progress_made_since_it_started() {
     // Past its expected end nothing is left (its first token is due any moment).
     assert_eq!(queue_s(now + 2_500), 0.0);
 }
+
+#[test]
+fn another_routers_request_in_prefill_counts_until_the_worker_has_had_time_for_it() {
+    // Learn a pool rate of 8,000 tokens/s and a mean of 8,000 uncached tokens per request.
+    let r = router(&["a", "b"], |_| {});
+    let mut now = 1_000u64;
+    for i in 0..200u64 {
+        let d = r.route(&at(&prompt(20_000 + i, 8_000), now)).unwrap();
+        r.on_routed(&d).unwrap();
+        now += 1_010;
+        r.on_first_token_at(d.request_id, now).unwrap();
+        r.on_finished(d.request_id).unwrap();
+        now += 5;
+    }
+    // `a` and `b` were added in that order: ids 0 and 1.
+    let queue_s = |t: u64, w: &str| {
+        let d = r.preview(&at(&prompt(3, 160), t)).unwrap();
+        let id = usize::from(w != "a");
+        let k = d.candidates.iter().position(|c| c.worker_id.index() == id).unwrap();
+        d.candidate_scores(k)[2]
+    };
+    let scrape = |w: &str, waiting: u32, running: u32, t: u64| {
+        let rep =
+            LoadReport { waiting: Some(waiting), running: Some(running), ..Default::default() };
+        r.report_load_at(w, 0, &rep, t).unwrap();
+    };
+    // Both idle, 3 decoding requests of another router on `a`.
+    scrape("a", 0, 3, now);
+    scrape("b", 0, 0, now);
+    assert_eq!(queue_s(now, "a"), 0.0);
+    // 50 ms later `a` runs one more request, none waiting: another router's new request,
+    // in prefill (it is not waiting). One request at the mean: 1 s of work at the rate.
+    now += 50;
+    scrape("a", 0, 4, now);
+    scrape("b", 0, 0, now);
+    let q = queue_s(now, "a");
+    assert!((q - 1.0).abs() < 0.05, "{q}");
+    assert_eq!(queue_s(now, "b"), 0.0);
+    // Half a second later half of it is done; after a second nothing is left.
+    let q = queue_s(now + 500, "a");
+    assert!((q - 0.5).abs() < 0.05, "{q}");
+    assert_eq!(queue_s(now + 1_000, "a"), 0.0);
+    // Three more arrive at once: beyond the one in prefill they wait, and only one
+    // request's prefill is kept (what the waiting count does not show).
+    now += 600;
+    scrape("a", 0, 7, now);
+    let q = queue_s(now, "a");
+    assert!((q - 1.0).abs() < 0.05, "{q}");
+    // When they show up as waiting, the waiting bound prices them (3 at the mean).
+    scrape("a", 3, 5, now + 50);
+    let q = queue_s(now + 50, "a");
+    assert!((q - 3.0).abs() < 0.05, "{q}");
+    // Requests finishing (fewer active) add nothing.
+    scrape("a", 0, 2, now + 5_000);
+    assert_eq!(queue_s(now + 5_000, "a"), 0.0);
+    // Without the scrape's time, the clock starts at the next route that reads the load.
+    scrape("a", 0, 2, now + 5_000);
+    r.report_load("a", 0, &LoadReport { waiting: Some(0), running: Some(3), ..Default::default() })
+        .unwrap();
+    let q = queue_s(now + 6_000, "a");
+    assert!((q - 1.0).abs() < 0.05, "{q}");
+    let q = queue_s(now + 6_250, "a");
+    assert!((q - 0.75).abs() < 0.05, "{q}");
+}

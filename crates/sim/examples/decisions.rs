@@ -59,6 +59,8 @@ struct Tracer {
     predicted: HashMap<u64, (f64, f64, f64)>,
     /// Calibration bins by predicted queue_s: (count, sum predicted ttft, sum actual ttft).
     calib: Vec<(u64, f64, f64)>,
+    /// Per request (DECISIONS_REQS): the line written at routing, completed at first token.
+    reqs: Option<(HashMap<u64, String>, Vec<String>)>,
 }
 
 const BINS: [f64; 6] = [0.0, 0.25, 1.0, 3.0, 6.0, 12.0];
@@ -86,9 +88,50 @@ impl Policy for Tracer {
             let ti = names.iter().position(|n| n.ends_with("ttft_s"));
             let qi = names.iter().position(|n| n.ends_with("queue_s"));
             let pos = d.candidates.iter().position(|c| c.worker_id.index() == w);
-            if let (Some(ti), Some(qi), Some(pos)) = (ti, qi, pos) {
+            if let Some(pos) = pos {
                 let s = d.candidate_scores(pos);
-                self.predicted.insert(r.req.id, (view.now_s, s[ti], s[qi]));
+                // NaN: the policy predicts no TTFT (not in the calibration).
+                let (pt, pq) = (ti.map_or(f64::NAN, |i| s[i]), qi.map_or(f64::NAN, |i| s[i]));
+                self.predicted.insert(r.req.id, (view.now_s, pt, pq));
+                if let Some((open, _)) = &mut self.reqs {
+                    let ai = names.iter().position(|n| n.ends_with("active"));
+                    let truth: Vec<String> = view
+                        .workers
+                        .iter()
+                        .map(|v| format!("{}/{}/{}", v.waiting, v.running, v.waiting_prompt_tokens))
+                        .collect();
+                    let cands: Vec<String> = (0..d.candidates.len())
+                        .map(|i| {
+                            let c = &d.candidates[i];
+                            let s = d.candidate_scores(i);
+                            format!(
+                                "w{}:m{}:tm{}:q{:.2}:c{:.2}:a{}",
+                                c.worker_id.index(),
+                                c.matched_blocks,
+                                per[c.worker_id.index()],
+                                qi.map_or(f64::NAN, |i| s[i]),
+                                names
+                                    .iter()
+                                    .position(|n| n.ends_with("cost_s"))
+                                    .map_or(0.0, |q| s[q]),
+                                ai.map_or(0.0, |q| s[q])
+                            )
+                        })
+                        .collect();
+                    let (rep, _) = self.inner.last_decision().unwrap();
+                    open.insert(
+                        r.req.id,
+                        format!(
+                            "id={} t={:.3} rep={rep} w={w} predttft={:.3} predq={:.3} true=[{}] cands=[{}]",
+                            r.req.id,
+                            view.now_s,
+                            pt,
+                            pq,
+                            truth.join(" "),
+                            cands.join(" ")
+                        ),
+                    );
+                }
             }
         }
         let mut t = self.t.lock().unwrap();
@@ -185,7 +228,14 @@ impl Policy for Tracer {
         self.inner.on_events(worker, evs, reqs, now_s)
     }
     fn on_first_token(&mut self, w: usize, req: &SimRequest, now_s: f64) -> Result<()> {
-        if let Some((at, ttft, q)) = self.predicted.remove(&req.id) {
+        if let Some((open, done)) = &mut self.reqs {
+            if let (Some(line), Some((at, _, _))) =
+                (open.remove(&req.id), self.predicted.get(&req.id))
+            {
+                done.push(format!("actual={:.3} {line}", now_s - at));
+            }
+        }
+        if let Some((at, ttft, q)) = self.predicted.remove(&req.id).filter(|p| !p.1.is_nan()) {
             let b = BINS.iter().rposition(|&x| q >= x).unwrap_or(0);
             let c = &mut self.calib[b];
             c.0 += 1;
@@ -234,11 +284,17 @@ fn main() -> Result<()> {
                         dump: dump.clone(),
                         predicted: HashMap::new(),
                         calib: vec![(0, 0.0, 0.0); BINS.len()],
+                        reqs: std::env::var("DECISIONS_REQS")
+                            .ok()
+                            .map(|_| (HashMap::new(), Vec::new())),
                     };
                     let res = kvroute_sim::run(prepared, cfg, &mut tr)?;
                     if let (Some(p), Some(d)) = (dump_path, dump) {
                         std::fs::write(format!("{p}.{name}"), d.lock().unwrap().join("\n"))
                             .unwrap();
+                    }
+                    if let (Ok(p), Some((_, done))) = (std::env::var("DECISIONS_REQS"), &tr.reqs) {
+                        std::fs::write(format!("{p}.{name}"), done.join("\n")).unwrap();
                     }
                     let pw = format!(
                         "{:?}\n  stored k {:?}\n  removed k {:?}",

@@ -208,8 +208,9 @@ impl RouterPolicy {
                 kv_usage: Some(v.kv_usage.clamp(0.0, 1.0)),
                 loras: None,
             };
+            let now_ms = (view.now_s.max(0.0) * 1_000.0).round() as u64;
             for router in &self.routers {
-                router.report_load(name, 0, &report)?;
+                router.report_load_at(name, 0, &report, now_ms)?;
             }
         }
         Ok(())

@@ -51,6 +51,18 @@ pub(crate) struct WorkerState {
     pub(crate) prefill_since_ms: AtomicU64,
     /// The current prediction TTL, ms.
     pub(crate) pred_ttl_ms: AtomicU64,
+    /// Other routers' arrivals (rule 11, [`Self::note_others_arrivals`]): the other
+    /// routers' active requests at the last scrape (scraped waiting plus running minus
+    /// this router's requests there; u32::MAX: no scrape yet) ...
+    pub(crate) others_active_at_report: AtomicU32,
+    /// ... the prefill tokens of their requests that arrived since, not yet worked off
+    /// at `others_stamp_ms` ...
+    pub(crate) others_new_tokens: AtomicU64,
+    /// ... from when they are worked off (ms, the requests' clock; u64::MAX: from the next
+    /// route, the first time after the scrape that the router knows) ...
+    pub(crate) others_stamp_ms: AtomicU64,
+    /// ... and the latest time of a route that read this worker's load (ms).
+    pub(crate) clock_ms: AtomicU64,
     // Written by the chosen worker's route, read by lifecycle calls and reports.
     pub(crate) decisions: AtomicU64,
     pub(crate) hit_tokens: AtomicU64,
@@ -104,7 +116,78 @@ impl WorkerState {
             first_event_ts_bits: AtomicU64::new(f64::NAN.to_bits()),
             horizon_bits: AtomicU64::new(f64::NAN.to_bits()),
             prefill_since_ms: AtomicU64::new(u64::MAX),
+            others_active_at_report: AtomicU32::new(u32::MAX),
+            others_new_tokens: AtomicU64::new(0),
+            others_stamp_ms: AtomicU64::new(u64::MAX),
+            clock_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Rule 11 (session 6), at a scrape of `waiting` and `running`: the prefill another
+    /// router has *running* there, which no waiting count shows (vLLM counts a request
+    /// in prefill as running, with the decoding ones). Every request on a worker is this
+    /// router's or another's; the others' active count (scraped waiting plus running,
+    /// minus this router's requests there) rises between two scrapes only by their
+    /// arrivals (at least that many: one that also finished meanwhile hides one). A new
+    /// request is waiting or being prefilled (a prefill outlasts the scrape interval):
+    /// each is priced at `mean_uncached` (the router's mean uncached tokens per request),
+    /// added to what is left of the earlier ones, and worked off at `rate` from the
+    /// scrape's time on ([`Self::others_new_prefill`]). At most one request's worth
+    /// (`mean_uncached`) is kept: the others' requests that are not being prefilled yet
+    /// wait, and the scraped waiting count already prices those; what it cannot see is the
+    /// one in prefill. No parameter.
+    pub(crate) fn note_others_arrivals(
+        &self,
+        waiting: u32,
+        running: u32,
+        mean_uncached: f64,
+        rate: f64,
+        now_ms: Option<u64>,
+    ) {
+        let own = self.running.load(Ordering::Relaxed);
+        let others = waiting.saturating_add(running).saturating_sub(own);
+        let before = self.others_active_at_report.swap(others, Ordering::Relaxed);
+        if before == u32::MAX || others <= before {
+            return;
+        }
+        // Without the scrape's time, what is left is taken at the latest route and the
+        // clock restarts at the next one (the time between is not credited).
+        let now = now_ms.unwrap_or_else(|| self.clock_ms.load(Ordering::Relaxed));
+        let left = self.others_new_prefill(now, rate, false);
+        let add = (f64::from(others - before) * mean_uncached) as u64;
+        let cap = mean_uncached as u64;
+        self.others_new_tokens.store(left.saturating_add(add).min(cap), Ordering::Relaxed);
+        self.others_stamp_ms.store(now_ms.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Rule 11: what is left at `now_ms` of the other routers' new requests' prefill
+    /// ([`Self::note_others_arrivals`]), worked off at `rate` since the first route after
+    /// the scrape that saw them (`stamp`: this call is that route, and starts the clock).
+    pub(crate) fn others_new_prefill(&self, now_ms: u64, rate: f64, stamp: bool) -> u64 {
+        let tokens = self.others_new_tokens.load(Ordering::Relaxed);
+        if tokens == 0 {
+            return 0;
+        }
+        let mut since = self.others_stamp_ms.load(Ordering::Relaxed);
+        if since == u64::MAX {
+            // (`now_ms` 0: no clock, as in metrics.)
+            if !stamp || now_ms == 0 {
+                return tokens;
+            }
+            since = match self.others_stamp_ms.compare_exchange(
+                u64::MAX,
+                now_ms,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => now_ms,
+                Err(v) => v,
+            };
+        }
+        if !(rate.is_finite() && rate > 0.0) || now_ms <= since {
+            return tokens;
+        }
+        tokens.saturating_sub(((now_ms - since) as f64 / 1e3 * rate) as u64)
     }
 
     /// The worker's learned prefill rate, tokens/s, or `pool_rate` before its first
@@ -178,8 +261,16 @@ impl WorkerState {
             // from above) at the mean. With router replicas the first bound misses every
             // running prefill, and a replica's own in-flight work is a fraction of the
             // worker's; with one router this one is its own in-flight prefill.
-            pending =
-                pending.max(inflight.saturating_add((f64::from(others) * mean_uncached) as u64));
+            // Rule 11: the others' waiting requests are a lower bound of their work here;
+            // their requests that arrived since the previous scrape (running or waiting)
+            // are another, which also sees the prefill they have running.
+            // (A read first: routes in the same millisecond do not write the line.)
+            if now_ms > self.clock_ms.load(Ordering::Relaxed) {
+                self.clock_ms.fetch_max(now_ms, Ordering::Relaxed);
+            }
+            let others_new = self.others_new_prefill(now_ms, rate, true);
+            let others_waiting = (f64::from(others) * mean_uncached) as u64;
+            pending = pending.max(inflight.saturating_add(others_waiting.max(others_new)));
         }
         Load {
             waiting: if rep_w == u32::MAX { 0 } else { rep_w },
@@ -353,6 +444,30 @@ impl Router {
 
     /// Pushes a load report for a worker.
     pub fn report_load(&self, name: &str, dp_rank: u32, report: &LoadReport) -> Result<()> {
+        self.report_load_impl(name, dp_rank, report, None)
+    }
+
+    /// Pushes a load report for a worker, scraped at `now_ms` (the clock of the requests'
+    /// `now_ms`): the other routers' requests that arrived there since the previous scrape
+    /// are worked off from then on (see the `kvroute` preset in docs/simulation.md, rule
+    /// 11). [`report_load`](Self::report_load) starts that clock at the next route.
+    pub fn report_load_at(
+        &self,
+        name: &str,
+        dp_rank: u32,
+        report: &LoadReport,
+        now_ms: u64,
+    ) -> Result<()> {
+        self.report_load_impl(name, dp_rank, report, Some(now_ms))
+    }
+
+    fn report_load_impl(
+        &self,
+        name: &str,
+        dp_rank: u32,
+        report: &LoadReport,
+        now_ms: Option<u64>,
+    ) -> Result<()> {
         if let Some(u) = report.kv_usage {
             if !(0.0..=1.0).contains(&u) {
                 return Err(Error::invalid(format!("kv_usage {u} is outside 0..1")));
@@ -368,6 +483,15 @@ impl Router {
             w.since_report_routed.store(0, Ordering::Relaxed);
             w.since_report_prefill.store(0, Ordering::Relaxed);
             w.inflight_at_report.store(w.inflight_count.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        if let (Some(wt), Some(rn)) = (report.waiting, report.running) {
+            let mean = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
+            let pool = f64::from_bits(self.pool_rate_bits.load(Ordering::Relaxed));
+            let rate = super::predict::routing_rate(
+                f64::from_bits(w.rate_bits.load(Ordering::Relaxed)),
+                pool,
+            );
+            w.note_others_arrivals(wt, rn, mean, rate, now_ms);
         }
         if let Some(v) = report.waiting {
             w.rep_waiting.store(v.min(u32::MAX - 1), Ordering::Relaxed);
