@@ -33,6 +33,12 @@
 //!   (beyond `shared_blocks`) is priced two tie tolerances above that holder: latency
 //!   objectives are percentiles, a move that leaves the request on the same side of the
 //!   tail does not change them, and the recompute is certain.
+//! - a move out of the tail buys only the time above it (session 6, rule 11,
+//!   [`out_of_tail_move_pays`]): a candidate within the tail that would take the request
+//!   out of it, away from that holder, keeps its cost only when its compute charges
+//!   (`cost_s - ttft_s`) are below the holder's time above the tail plus the holder's own
+//!   charges; otherwise it is priced as above. The holder's TTFT below the tail is worth
+//!   nothing to a percentile objective either.
 //!
 //! The cheapest candidate wins; candidates within `tie_s` of it are near-ties (default:
 //! one step overhead, the granularity at which an engine finishes prefills) and go to the
