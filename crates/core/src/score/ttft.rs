@@ -34,7 +34,7 @@
 //!   objectives are percentiles, a move that leaves the request on the same side of the
 //!   tail does not change them, and the recompute is certain.
 //! - a move out of the tail buys only the time above it (session 6, rule 11,
-//!   [`out_of_tail_move_pays`]): a candidate within the tail that would take the request
+//!   `out_of_tail_move_pays`): a candidate within the tail that would take the request
 //!   out of it, away from that holder, keeps its cost only when its compute charges
 //!   (`cost_s - ttft_s`) are below the holder's time above the tail plus the holder's own
 //!   charges; otherwise it is priced as above. The holder's TTFT below the tail is worth
