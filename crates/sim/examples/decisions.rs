@@ -61,6 +61,34 @@ struct Tracer {
     calib: Vec<(u64, f64, f64)>,
     /// Per request (DECISIONS_REQS): the line written at routing, completed at first token.
     reqs: Option<(HashMap<u64, String>, Vec<String>)>,
+    /// Per worker, requests routed there without a first token yet.
+    in_flight: Vec<HashSet<u64>>,
+    /// First-token time of every request.
+    first_token: HashMap<u64, f64>,
+    /// Cost moves away from a history holder: what the holder would have delivered.
+    moves: Vec<MoveRec>,
+    /// The engine's prefill rate and step overhead (to price the holder's own prefill).
+    engine_rate: f64,
+}
+
+/// One cost move: the holder's prediction against what its queue actually did.
+#[derive(Clone, Debug)]
+struct MoveRec {
+    req: u64,
+    at: f64,
+    holder: usize,
+    /// Predicted (ttft_s, queue_s) at the holder, and the router's tail.
+    holder_pred: (f64, f64),
+    tail: f64,
+    /// Uncached tokens of the request at the holder (router's view) and at the chosen.
+    holder_uncached: f64,
+    chosen_uncached: f64,
+    /// Predicted ttft_s at the chosen worker.
+    chosen_pred: f64,
+    /// Requests in flight on the holder at the move.
+    ahead: Vec<u64>,
+    lost: u64,
+    prompt_tokens: usize,
 }
 
 const BINS: [f64; 6] = [0.0, 0.25, 1.0, 3.0, 6.0, 12.0];
@@ -78,6 +106,7 @@ impl Policy for Tracer {
     }
     fn route(&mut self, r: &Routed<'_>, view: &ClusterView<'_>) -> Result<usize> {
         let w = self.inner.route(r, view)?;
+        self.in_flight[w].insert(r.req.id);
         let keys = r.prompt_keys;
         let ever = prefix(keys, &self.ever);
         let per: Vec<u64> = self.cached.iter().map(|c| prefix(keys, c)).collect();
@@ -148,6 +177,7 @@ impl Policy for Tracer {
             let ci = names.iter().position(|n| n.ends_with("cost_s"));
             let pos = d.candidates.iter().position(|c| c.worker_id.index() == w).unwrap();
             let rmax = d.candidates.iter().map(|c| c.matched_blocks).max().unwrap_or(0);
+            let mut is_cost = false;
             let bucket = if d.candidates[pos].matched_blocks >= rmax {
                 &mut t.moves_unseen
             } else {
@@ -166,6 +196,7 @@ impl Policy for Tracer {
                 if guarded {
                     &mut t.moves_guard
                 } else {
+                    is_cost = true;
                     if chosen == 0 {
                         t.cost_to_cold.0 += 1;
                         t.cost_to_cold.1 += lost;
@@ -175,6 +206,35 @@ impl Policy for Tracer {
             };
             bucket.0 += 1;
             bucket.1 += lost;
+            let ti = names.iter().position(|n| n.ends_with("ttft_s"));
+            let qi = names.iter().position(|n| n.ends_with("queue_s"));
+            if let (true, Some(ti), Some(qi), Some(ci)) = (is_cost, ti, qi, ci) {
+                // The holder: the cheapest candidate among those with the longest match.
+                let hk = (0..d.candidates.len())
+                    .filter(|&k| d.candidates[k].matched_blocks == rmax)
+                    .min_by(|&a, &b| {
+                        d.candidate_scores(a)[ci].total_cmp(&d.candidate_scores(b)[ci])
+                    })
+                    .unwrap();
+                let hs = d.candidate_scores(hk);
+                let holder = d.candidates[hk].worker_id.index();
+                let bs = 16.0;
+                let pt = r.prompt_len as f64;
+                let unc = |m: u32| pt - (f64::from(m) * bs).min(pt - 1.0);
+                self.moves.push(MoveRec {
+                    req: r.req.id,
+                    at: view.now_s,
+                    holder,
+                    holder_pred: (hs[ti], hs[qi]),
+                    tail: 0.0,
+                    holder_uncached: unc(rmax),
+                    chosen_uncached: unc(d.candidates[pos].matched_blocks),
+                    chosen_pred: d.candidate_scores(pos)[ti],
+                    ahead: self.in_flight[holder].iter().copied().collect(),
+                    lost,
+                    prompt_tokens: r.prompt_len,
+                });
+            }
             if let Some(dump) = &self.dump {
                 let rows: Vec<String> = (0..d.candidates.len())
                     .map(|i| {
@@ -235,6 +295,8 @@ impl Policy for Tracer {
                 done.push(format!("actual={:.3} {line}", now_s - at));
             }
         }
+        self.in_flight[w].remove(&req.id);
+        self.first_token.insert(req.id, now_s);
         if let Some((at, ttft, q)) = self.predicted.remove(&req.id).filter(|p| !p.1.is_nan()) {
             let b = BINS.iter().rposition(|&x| q >= x).unwrap_or(0);
             let c = &mut self.calib[b];
@@ -245,6 +307,7 @@ impl Policy for Tracer {
         self.inner.on_first_token(w, req, now_s)
     }
     fn on_finished(&mut self, w: usize, req: &SimRequest, now_s: f64) -> Result<()> {
+        self.in_flight[w].remove(&req.id);
         self.inner.on_finished(w, req, now_s)
     }
 }
@@ -287,6 +350,10 @@ fn main() -> Result<()> {
                         reqs: std::env::var("DECISIONS_REQS")
                             .ok()
                             .map(|_| (HashMap::new(), Vec::new())),
+                        in_flight: vec![HashSet::new(); cfg.workers],
+                        first_token: HashMap::new(),
+                        moves: Vec::new(),
+                        engine_rate: cfg.engine.prefill_tokens_per_s,
                     };
                     let res = kvroute_sim::run(prepared, cfg, &mut tr)?;
                     if let (Some(p), Some(d)) = (dump_path, dump) {
@@ -323,7 +390,45 @@ fn main() -> Result<()> {
                             format!("q>={b}s: n {n} pred {:.2} actual {:.2}", p / n1, a / n1)
                         })
                         .collect();
-                    let pw = format!("{pw}\n  ttft calibration {}", calib.join(" | "));
+                    let mut pw = format!("{pw}\n  ttft calibration {}", calib.join(" | "));
+                    // Cost moves: the holder's predicted TTFT against what its queue did
+                    // (the last first token of the requests in flight there at the move,
+                    // plus the request's own uncached prefill at the engine's rate), and
+                    // the chosen worker's prediction against its observed TTFT.
+                    if !tr.moves.is_empty() {
+                        let (mut n, mut hp, mut ha, mut cp, mut ca) = (0.0, 0.0, 0.0, 0.0, 0.0);
+                        let mut lines = Vec::new();
+                        for m in &tr.moves {
+                            let clear = m
+                                .ahead
+                                .iter()
+                                .filter_map(|id| tr.first_token.get(id))
+                                .fold(m.at, |a, &b| a.max(b));
+                            let holder_actual =
+                                clear - m.at + m.holder_uncached / tr.engine_rate;
+                            let chosen_actual =
+                                tr.first_token.get(&m.req).map_or(f64::NAN, |&f| f - m.at);
+                            n += 1.0;
+                            hp += m.holder_pred.0;
+                            ha += holder_actual;
+                            cp += m.chosen_pred;
+                            ca += chosen_actual;
+                            lines.push(format!(
+                                "req {} t {:.1} lost {} prompt {} holder w{} pred {:.2} (q {:.2}) actual~ {:.2} ahead {} | chosen pred {:.2} actual {:.2} | uncached h {:.0} c {:.0}",
+                                m.req, m.at, m.lost, m.prompt_tokens, m.holder, m.holder_pred.0,
+                                m.holder_pred.1, holder_actual, m.ahead.len(), m.chosen_pred,
+                                chosen_actual, m.holder_uncached, m.chosen_uncached
+                            ));
+                            let _ = m.tail;
+                        }
+                        pw = format!(
+                            "{pw}\n  cost moves {n}: holder pred {:.2} actual~ {:.2} ; chosen pred {:.2} actual {:.2}",
+                            hp / n, ha / n, cp / n, ca / n
+                        );
+                        if let Ok(p) = std::env::var("DECISIONS_MOVES") {
+                            std::fs::write(format!("{p}.{name}"), lines.join("\n")).unwrap();
+                        }
+                    }
                     Ok((name.clone(), res, t, pw, format!("{m:?}")))
                 })
             })

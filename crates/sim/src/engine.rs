@@ -11,9 +11,11 @@
 //!    waiting queue and later recomputes from scratch, keeping its first-token time);
 //! 2. waiting requests are admitted first come first served while fewer than
 //!    `max_num_seqs` run, their uncached prompt tokens fit in what is left of
-//!    `max_num_batched_tokens` (a step's first prefill is always allowed, as vLLM requires
-//!    `max_num_batched_tokens >= max_model_len` without chunked prefill), and the pool can
-//!    allocate them (cached prefix blocks are shared). The queue stops at the first request
+//!    `max_num_batched_tokens` after the decodes (a step's first prefill is always
+//!    allowed, next to the decodes, as vLLM requires `max_num_batched_tokens >=
+//!    max_model_len` without chunked prefill and skips a prompt only when it exceeds the
+//!    budget left after the running requests), and the pool can allocate them (cached
+//!    prefix blocks are shared). The queue stops at the first request
 //!    that does not fit. A request that cannot fit into an empty worker is rejected.
 //! 3. the step lasts `step_overhead_s + uncached_prefill_tokens / prefill_tokens_per_s +
 //!    decodes * decode_s_per_seq + context_tokens_of_decodes * decode_s_per_ctx_token`.

@@ -293,7 +293,12 @@ impl<'a> Run<'a> {
             let pk = &keys[..(plen / bs).min(keys.len())];
             let hits = wk.pool.computed_prefix(pk, plen);
             let new = plen - hits * bs;
-            let scheduled = !step.prefills.is_empty() || !step.decodes.is_empty();
+            // A step's first prefill is always admitted, decodes or not: vLLM without
+            // chunked prefill requires `max_num_batched_tokens >= max_model_len`, so any
+            // prompt fits its budget next to the running requests' one token each (its
+            // scheduler skips only a prompt larger than the budget left). Only further
+            // prefills of the step are held to `max_num_batched_tokens`.
+            let scheduled = !step.prefills.is_empty();
             if scheduled && budget_used + new > eng.max_num_batched_tokens {
                 break;
             }

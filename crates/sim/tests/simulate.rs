@@ -220,3 +220,41 @@ fn router_replicas_are_deterministic_and_one_replica_is_the_single_router() {
     assert!(batches.iter().all(|&b| b == batches[0] && b > 0), "{batches:?}");
     assert!(RouterPolicy::named("kvroute", 4, &llama(16), 3).unwrap().with_replicas(0).is_err());
 }
+
+/// vLLM without chunked prefill requires `max_num_batched_tokens >= max_model_len`, and its
+/// scheduler skips a waiting prompt only when it exceeds the token budget left after the
+/// running requests' decode tokens: a prompt longer than the engine's 8,192-token step
+/// limit still starts in the next step next to the decodes, instead of waiting for every
+/// running request to finish.
+#[test]
+fn a_long_prompt_starts_next_to_running_decodes() {
+    use kvroute_sim::workload::{Segment, SimRequest, Workload};
+    use std::sync::Arc;
+    let req = |id: u64, arrival_s: f64, prompt: u32, output: u32| SimRequest {
+        id,
+        arrival_s,
+        prompt: Arc::from(vec![Segment { seed: 100 + id, len: prompt }]),
+        output: Segment { seed: 200 + id, len: output },
+        session: None,
+    };
+    // r0 decodes 2,000 tokens from t = 0 (about 15 s at ~7 ms a step); r1, a 20,000-token
+    // prompt (above the 8,192 step limit), arrives at t = 1 s.
+    let w = Workload {
+        name: "long-prompt".into(),
+        params: serde_json::Value::Null,
+        requests: vec![req(0, 0.0, 100, 2_000), req(1, 1.0, 20_000, 1)],
+    };
+    let p = Prepared::new(w, 16).unwrap();
+    let engine = llama(16);
+    let prefill = 20_000.0 / engine.prefill_tokens_per_s;
+    let step =
+        engine.step_overhead_s + engine.decode_s_per_seq + 2_200.0 * engine.decode_s_per_ctx_token;
+    let cfg = SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: 1, router_replicas: 1 };
+    let rep = compare(&p, &cfg, &names(&["round-robin"]), &|_| {}).unwrap();
+    let r = &rep.results[0];
+    assert_eq!(r.completed, 2);
+    // The larger TTFT is r1's: the rest of one decode step, then one step that prefills it
+    // next to r0's decode.
+    let ttft = r.ttft_p99_s.unwrap();
+    assert!(ttft >= prefill && ttft <= prefill + 2.0 * step + 1e-9, "{ttft} vs {prefill} + {step}");
+}

@@ -51,7 +51,7 @@ pub(crate) struct WorkerState {
     pub(crate) prefill_since_ms: AtomicU64,
     /// The current prediction TTL, ms.
     pub(crate) pred_ttl_ms: AtomicU64,
-    /// Other routers' arrivals (rule 11, [`Self::note_others_arrivals`]): the other
+    /// Other routers' arrivals (rule 12, [`Self::note_others_arrivals`]): the other
     /// routers' active requests at the last scrape (scraped waiting plus running minus
     /// this router's requests there; u32::MAX: no scrape yet) ...
     pub(crate) others_active_at_report: AtomicU32,
@@ -123,7 +123,7 @@ impl WorkerState {
         }
     }
 
-    /// Rule 11 (session 6), at a scrape of `waiting` and `running`: the prefill another
+    /// Rule 12 (session 6), at a scrape of `waiting` and `running`: the prefill another
     /// router has *running* there, which no waiting count shows (vLLM counts a request
     /// in prefill as running, with the decoding ones). Every request on a worker is this
     /// router's or another's; the others' active count (scraped waiting plus running,
@@ -160,7 +160,7 @@ impl WorkerState {
         self.others_stamp_ms.store(now_ms.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    /// Rule 11: what is left at `now_ms` of the other routers' new requests' prefill
+    /// Rule 12: what is left at `now_ms` of the other routers' new requests' prefill
     /// ([`Self::note_others_arrivals`]), worked off at `rate` since the first route after
     /// the scrape that saw them (`stamp`: this call is that route, and starts the clock).
     pub(crate) fn others_new_prefill(&self, now_ms: u64, rate: f64, stamp: bool) -> u64 {
@@ -261,7 +261,7 @@ impl WorkerState {
             // from above) at the mean. With router replicas the first bound misses every
             // running prefill, and a replica's own in-flight work is a fraction of the
             // worker's; with one router this one is its own in-flight prefill.
-            // Rule 11: the others' waiting requests are a lower bound of their work here;
+            // Rule 12: the others' waiting requests are a lower bound of their work here;
             // their requests that arrived since the previous scrape (running or waiting)
             // are another, which also sees the prefill they have running.
             // (A read first: routes in the same millisecond do not write the line.)

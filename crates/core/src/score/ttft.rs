@@ -33,6 +33,12 @@
 //!   (beyond `shared_blocks`) is priced two tie tolerances above that holder: latency
 //!   objectives are percentiles, a move that leaves the request on the same side of the
 //!   tail does not change them, and the recompute is certain.
+//! - a move out of the tail buys only the time above it (session 6, rule 11,
+//!   `out_of_tail_move_pays`): a candidate within the tail that would take the request
+//!   out of it, away from that holder, keeps its cost only when its compute charges
+//!   (`cost_s - ttft_s`) are below the holder's time above the tail plus the holder's own
+//!   charges; otherwise it is priced as above. The holder's TTFT below the tail is worth
+//!   nothing to a percentile objective either.
 //!
 //! The cheapest candidate wins; candidates within `tie_s` of it are near-ties (default:
 //! one step overhead, the granularity at which an engine finishes prefills) and go to the
@@ -281,7 +287,15 @@ impl TtftPolicy {
             }
             let floor = hold_cost + 2.0 * self.tie_s.unwrap_or(self.step_overhead_s);
             for (k, c) in cands.iter().enumerate() {
-                let out_of_tail = hold_ttft > req.tail_ttft_s && ttft[k] <= req.tail_ttft_s;
+                let out_of_tail = hold_ttft > req.tail_ttft_s
+                    && ttft[k] <= req.tail_ttft_s
+                    && out_of_tail_move_pays(
+                        req.tail_ttft_s,
+                        hold_ttft,
+                        hold_cost,
+                        ttft[k],
+                        cost[k],
+                    );
                 if c.matched_blocks.max(req.shared_blocks) < mmax && !out_of_tail {
                     cost[k] = cost[k].max(floor);
                 }
@@ -344,6 +358,26 @@ impl TtftPolicy {
         let r = if count > 1 { rng.below(count as u64) as usize } else { 0 };
         (0..n).filter(|&k| tied(k)).nth(r).unwrap_or(0)
     }
+}
+
+/// Rule 11 (session 6), a move out of the TTFT tail buys only the time above it: a
+/// candidate `k` within the tail (`ttft_k <= tail`) that would give up the private history
+/// of a holder predicted above the tail (`hold_ttft > tail`) is worth moving to only when
+/// its compute charges (`cost_k - ttft_k`: its own prefill's externality, the history
+/// given up, the turnover surcharge) are smaller than the holder's time above the tail
+/// plus the holder's own compute charges, `hold_cost - hold_ttft + (hold_ttft - tail)`.
+/// The part of the holder's TTFT below the tail is worth nothing to a percentile
+/// objective, as in rule 9 (history within the tail); the compute is certain. No
+/// parameter.
+#[inline]
+pub(crate) fn out_of_tail_move_pays(
+    tail: f64,
+    hold_ttft: f64,
+    hold_cost: f64,
+    ttft_k: f64,
+    cost_k: f64,
+) -> bool {
+    cost_k - ttft_k < hold_cost - tail.min(hold_ttft)
 }
 
 #[cfg(test)]
@@ -578,10 +612,16 @@ mod tests {
         let (k, rows) = run(&p, &req, &cands);
         assert_eq!(k, 0);
         assert!(close(rows[7], 1.11), "{:?}", &rows[6..8]);
-        // A tail of 1 s: the holder would put the request in the tail and w1 (0.21 s)
-        // takes it out: the cost decides.
-        req.tail_ttft_s = 1.0;
+        // A tail of 0.5 s: the holder would put the request 0.55 s into the tail and w1
+        // (0.21 s) takes it out, for compute charges (0.57 - 0.21 = 0.36 s) below the
+        // holder's time above the tail plus its own (1.09 - 0.5 = 0.59 s): it moves.
+        req.tail_ttft_s = 0.5;
         assert_eq!(run(&p, &req, &cands).0, 1);
+        // A tail of 1 s: w1 still takes the request out of the tail, but the holder is
+        // only 0.05 s above it, and the move's compute (0.36 s) buys only that: it stays
+        // (rule 11, `a_move_out_of_the_tail_buys_only_the_time_above_it`).
+        req.tail_ttft_s = 1.0;
+        assert_eq!(run(&p, &req, &cands).0, 0);
         // A tail of 0.2 s: in the tail on either worker, the move buys no latency the
         // percentile counts: it stays.
         req.tail_ttft_s = 0.2;
@@ -590,6 +630,36 @@ mod tests {
         req.tail_ttft_s = 2.0;
         req.shared_blocks = 100;
         assert_eq!(run(&p, &req, &cands).0, 1);
+    }
+
+    #[test]
+    fn a_move_out_of_the_tail_buys_only_the_time_above_it() {
+        // The rule alone: compute charges of the mover against the holder's time above the
+        // tail plus its own compute charges.
+        // Holder: TTFT 3 s, cost 3.1 s (0.1 s of own prefill); tail 2 s: 1 s above it.
+        // A mover within the tail (TTFT 0.5 s) with 0.8 s of charges: 0.8 < 1.1, pays.
+        assert!(out_of_tail_move_pays(2.0, 3.0, 3.1, 0.5, 1.3));
+        // With 1.2 s of charges (a longer history recomputed): 1.2 > 1.1, does not.
+        assert!(!out_of_tail_move_pays(2.0, 3.0, 3.1, 0.5, 1.7));
+        // A tail of 1 s: 2 s above it, 1.2 s of charges pays.
+        assert!(out_of_tail_move_pays(1.0, 3.0, 3.1, 0.5, 1.7));
+        // A tail above the holder's TTFT cannot make the holder look cheaper than it is.
+        assert!(!out_of_tail_move_pays(5.0, 3.0, 3.1, 0.5, 3.5));
+        // Through the picker: w0 holds a 1,600-token private history behind 30,000 queued
+        // tokens (TTFT 0.01 + 3 + 0.04 = 3.05 s, cost 3.09 s); w1 is idle and cold (TTFT
+        // 0.21 s, cost 0.21 + 0.2 + 0.16 = 0.57 s, charges 0.36 s).
+        let p = TtftPolicy::default();
+        let mut req = RequestInfo { prompt_tokens: 2_000, total_blocks: 125, ..Default::default() };
+        let cands = [cand(0, 100, 30_000, 1, 10_000.0), cand(1, 0, 0, 0, 10_000.0)];
+        // Tail 2 s: the holder is 1.05 s above it, more than the move's 0.36 s: moves.
+        req.tail_ttft_s = 2.0;
+        assert_eq!(run(&p, &req, &cands).0, 1);
+        // Tail 2.8 s: 0.25 s above it plus 0.04 s of own charges, less than 0.36 s: stays,
+        // priced two tie tolerances above the holder.
+        req.tail_ttft_s = 2.8;
+        let (k, rows) = run(&p, &req, &cands);
+        assert_eq!(k, 0);
+        assert!(close(rows[7], 3.11), "{:?}", &rows[6..8]);
     }
 
     #[test]
