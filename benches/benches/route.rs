@@ -10,9 +10,7 @@
 //! - `route_llm_d/<case>`: the `llm-d` preset (prefix 3, queue 2, kv-utilization 2).
 //! - `route_kvroute/<case>`: the `kvroute` preset (the default: precise mode, predicted
 //!   residency, popularity sketch, never-stale load, the `ttft` picker), measured after
-//!   256 earlier requests were routed and sent (see `common::prime_predictions`);
-//!   `route_kvroute/<case>_recycled` is the same route by a caller that hands each
-//!   decision back with `Router::recycle` (its buffers reused: no allocation per route).
+//!   256 earlier requests were routed and sent (see `common::prime_predictions`).
 //! - `baseline/hash_8192`: `BlockHasher::block_keys` alone on one prompt.
 //! - `baseline/match/<case>`: `PrefixIndex::find_matches` alone, on a standalone index
 //!   holding the same keys (built with `PrefixIndex::store` from the router's own keys).
@@ -190,10 +188,6 @@ fn bench_route(c: &mut Criterion) {
     for p in &probes {
         let req = Request { now_ms: Some(1_000), ..Request::new(&p.tokens) };
         g.bench_function(p.name, |b| b.iter(|| router.route(black_box(&req)).unwrap()));
-        // A caller that hands each decision back (`Router::recycle`): no allocation.
-        g.bench_function(format!("{}_recycled", p.name), |b| {
-            b.iter(|| router.recycle(black_box(router.route(black_box(&req)).unwrap())))
-        });
     }
     g.finish();
 }

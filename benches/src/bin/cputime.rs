@@ -10,8 +10,7 @@
 //!
 //! Run: `cargo run --profile bench -p kvroute-benches --bin cputime [route|events]`;
 //! `CPUTIME_ONLY=route_kvroute/shared_prefix_64` runs the route cases whose name contains
-//! it (and their router) only. Each route case is measured twice: `<case>` drops every
-//! decision, `<case>_recycled` hands it back with `Router::recycle`.
+//! it (and their router) only.
 
 #[allow(missing_docs)]
 #[path = "../../benches/common/mod.rs"]
@@ -88,12 +87,6 @@ fn routes() {
                 black_box(router.route(black_box(&req)).unwrap());
             });
             report(&format!("{group}/{}", p.name), plain);
-            // The same route by a caller that hands each decision back
-            // (`Router::recycle`): its buffers are reused, no allocation per route.
-            let recycled = measure(rounds(), N, || {
-                router.recycle(black_box(router.route(black_box(&req)).unwrap()));
-            });
-            report(&format!("{group}/{}_recycled", p.name), recycled);
         }
     }
     if !selected("baseline/hash_8192") {

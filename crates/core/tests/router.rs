@@ -247,7 +247,7 @@ fn session_affinity_sticks_until_the_ttl() {
                 ..Request::default()
             })
             .unwrap();
-        seen.insert(d.worker.name);
+        seen.insert(d.worker.name.clone());
     }
     assert_eq!(seen.len(), 4);
     // After the TTL without use, the key may move (seeded: over many keys, some do).
@@ -611,12 +611,12 @@ fn preview_changes_no_state_and_predicts_the_next_route() {
     assert_ne!(r.prometheus(), before, "a real route counts");
 }
 
-/// A decision handed back with `Router::recycle` only lends its buffers to the thread's
-/// next routes: they decide and explain exactly what they would have without it, whatever
-/// the recycled decision held (more or fewer keys, candidates and scores, a longer or
-/// shorter worker name, another router's).
+/// A dropped decision leaves its buffers to the thread's next routes: they decide and
+/// explain exactly what they would have without them, whatever the dropped decision held
+/// (more or fewer keys, candidates and scores, a longer or shorter worker name, another
+/// router's), and decisions dropped on other threads or kept alive change nothing either.
 #[test]
-fn recycled_decisions_change_no_later_decision() {
+fn dropped_decisions_change_no_later_decision() {
     let a = router(
         r#"{"block_size": 4, "workers": [{"name": "a-worker-with-a-rather-long-name"}, {"name": "b"}]}"#,
     );
@@ -626,23 +626,27 @@ fn recycled_decisions_change_no_later_decision() {
     // Some load and history on `b`, so that its candidates differ.
     let d = b.route(&Request { now_ms: Some(500), ..Request::new(&long) }).unwrap();
     b.on_routed(&d).unwrap();
+    // Dropped on another thread: its buffers stay there.
+    std::thread::spawn(move || drop(d)).join().unwrap();
     for t in [&short, &long, &tokens(3)] {
         let req = Request { now_ms: Some(1_000), ..Request::new(t) };
         let fresh = b.preview(&req).unwrap();
         for other in [&long, &short] {
             let o = a.route(&Request { now_ms: Some(1_000), ..Request::new(other) }).unwrap();
-            a.recycle(o);
+            drop(o);
             let again = b.preview(&req).unwrap();
-            assert_eq!(again, fresh, "{} tokens after recycling {}", t.len(), other.len());
+            assert_eq!(again, fresh, "{} tokens after dropping {}", t.len(), other.len());
             assert_eq!(again.keys, b.block_keys(t, None).unwrap());
             for i in 0..fresh.candidates.len() {
                 assert_eq!(again.candidate_scores(i), fresh.candidate_scores(i));
                 assert_eq!(again.candidate_worker(i), fresh.candidate_worker(i));
             }
-            // Recycling its own decision, twice in a row, and a route after it.
-            b.recycle(again);
-            b.recycle(b.preview(&req).unwrap());
+            // Its own decisions dropped, twice in a row, a clone kept alive, a route after.
+            let kept = again.clone();
+            drop(again);
+            drop(b.preview(&req).unwrap());
             assert_eq!(b.preview(&req).unwrap(), fresh);
+            assert_eq!(kept, fresh);
         }
     }
 }

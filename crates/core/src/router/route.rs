@@ -19,14 +19,42 @@ struct Scratch {
     spare: Spare,
 }
 
-/// The heap buffers of a decision handed back by [`Router::recycle`], for the next route
-/// on the thread to fill instead of allocating its own.
+/// The heap buffers of the last decision dropped on this thread (see `impl Drop for
+/// Decision`), for the thread's next route to fill instead of allocating its own.
 #[derive(Default)]
 struct Spare {
     keys: Vec<BlockKey>,
     candidates: Vec<CandidateScore>,
     scores: Vec<f64>,
-    worker: Option<WorkerKey>,
+    name: String,
+}
+
+/// Keeps a dropped decision's buffers for the thread's next route (one decision's worth
+/// per thread: what was kept before is freed). Never panics: in a thread's teardown, or
+/// when a decision is dropped during a route on the same thread, the buffers are freed.
+pub(super) fn keep_buffers(
+    keys: Vec<BlockKey>,
+    candidates: Vec<CandidateScore>,
+    scores: Vec<f64>,
+    name: String,
+) {
+    let _ = SCRATCH.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            let spare = &mut s.spare;
+            if keys.capacity() > 0 {
+                spare.keys = keys;
+            }
+            if candidates.capacity() > 0 {
+                spare.candidates = candidates;
+            }
+            if scores.capacity() > 0 {
+                spare.scores = scores;
+            }
+            if name.capacity() > 0 {
+                spare.name = name;
+            }
+        }
+    });
 }
 
 /// Attempts at the index read lock before a route blocks (see `Router::read_index`).
@@ -117,8 +145,8 @@ impl Router {
             let keep_keys = self.cfg.mode != Mode::Precise || predictions;
             if need_prefix || keep_keys {
                 if s.keys.capacity() == 0 {
-                    // The last decision took the scratch's keys: hash into a recycled
-                    // vector if there is one (`hash_into` clears it first).
+                    // The last decision took the scratch's keys: hash into a dropped
+                    // decision's vector if there is one (`hash_into` clears it first).
                     std::mem::swap(&mut s.keys, &mut s.spare.keys);
                 }
                 self.hash_into(req.tokens, req.lora, req.extras, &mut s.keys);
@@ -222,9 +250,9 @@ impl Router {
                 .ok_or_else(|| Error::Internal("chosen worker vanished".into()))?;
             // The explanation: one Copy entry per kept candidate and one flat score matrix,
             // so a decision costs two allocations however many workers there are (none
-            // when the caller recycles its decisions, see `Router::recycle`).
+            // when the thread's last decision was dropped: it left its buffers behind).
             let (kept, totals, rows) = (s.score.kept(), s.score.totals(), s.score.n_rows());
-            // (Into a recycled vector if the caller handed one back: no allocation.)
+            // (Into a dropped decision's vector if there is one: no allocation.)
             let mut candidates = std::mem::take(&mut s.spare.candidates);
             candidates.clear();
             candidates.extend(kept.iter().zip(totals).map(|(&ci, &total)| {
@@ -267,16 +295,13 @@ impl Router {
                 }
             }
             let matched = s.cands[decision.index].matched_blocks;
-            // The chosen worker's key, written over a recycled one's buffer if there is one.
-            let worker = match s.spare.worker.take() {
-                Some(mut k) => {
-                    // Exhaustive: a new field of `WorkerKey` must be copied here too.
-                    let WorkerKey { name, dp_rank } = &chosen.key;
-                    k.name.clone_from(name);
-                    k.dp_rank = *dp_rank;
-                    k
-                }
-                None => chosen.key.clone(),
+            // The chosen worker's key, its name written into a dropped decision's buffer
+            // if there is one. (Exhaustive: a new field of `WorkerKey` must be set here.)
+            let worker = {
+                let WorkerKey { name, dp_rank } = &chosen.key;
+                let mut buf = std::mem::take(&mut s.spare.name);
+                buf.clone_from(name);
+                WorkerKey { name: buf, dp_rank: *dp_rank }
             };
             if commit {
                 chosen.decisions.fetch_add(1, Ordering::Relaxed);
@@ -297,42 +322,14 @@ impl Router {
                 prompt_tokens: info.prompt_tokens,
                 routed_ms: now,
                 candidates,
-                // Moved, not copied: the next route hashes into a recycled vector (see
-                // `Router::recycle`) or a fresh one (one allocation, no copy of the keys).
+                // Moved, not copied: the next route hashes into the vector of a decision
+                // dropped since, or a fresh one (one allocation, no copy of the keys).
                 keys: if keep_keys { std::mem::take(&mut s.keys) } else { Vec::new() },
                 names: reg.names.clone(),
                 score_names: self.score_names.clone(),
                 scores,
             })
         })
-    }
-
-    /// Hands a decision's heap buffers (its keys, candidates, scores and worker name) back
-    /// to the calling thread, for its next [`route`](Self::route) or
-    /// [`preview`](Self::preview) to fill instead of allocating new ones. Optional: a
-    /// caller that routes in a loop calls it once it is done with a decision (after
-    /// [`on_routed`](Self::on_routed), which only borrows it) and saves four allocations
-    /// and frees a route. A decision recycled on another thread than the next route's
-    /// is simply dropped there; one decision's buffers are kept per thread.
-    pub fn recycle(&self, decision: Decision) {
-        let Decision { worker, candidates, keys, scores, .. } = decision;
-        // `try_with`/`try_borrow_mut`: never a panic, in a thread's teardown or if a
-        // caller recycles from inside a route (the buffers are dropped then).
-        let _ = SCRATCH.try_with(|s| {
-            if let Ok(mut s) = s.try_borrow_mut() {
-                let spare = &mut s.spare;
-                if keys.capacity() > 0 {
-                    spare.keys = keys;
-                }
-                if candidates.capacity() > 0 {
-                    spare.candidates = candidates;
-                }
-                if scores.capacity() > 0 {
-                    spare.scores = scores;
-                }
-                spare.worker = Some(worker);
-            }
-        });
     }
 
     /// The index read lock for the request path. Event batches hold the write lock for at
