@@ -41,6 +41,19 @@ fn report(name: &str, mut per_call_ns: Vec<f64>) {
     );
 }
 
+/// `rounds` rounds of `n` calls of `f`: the mean CPU time per call (ns) of each round.
+fn measure(rounds: usize, n: usize, mut f: impl FnMut()) -> Vec<f64> {
+    (0..rounds)
+        .map(|_| {
+            let t = cpu_ns();
+            for _ in 0..n {
+                f();
+            }
+            (cpu_ns() - t) as f64 / n as f64
+        })
+        .collect()
+}
+
 /// Whether a case runs: all of them, or those whose name contains `CPUTIME_ONLY` (to
 /// profile one case alone with `perf record`).
 fn selected(name: &str) -> bool {
@@ -72,16 +85,10 @@ fn routes() {
             }
             let req = Request { now_ms: Some(1_000), ..Request::new(&p.tokens) };
             const N: usize = 400;
-            let rounds = (0..rounds())
-                .map(|_| {
-                    let t = cpu_ns();
-                    for _ in 0..N {
-                        black_box(router.route(black_box(&req)).unwrap());
-                    }
-                    (cpu_ns() - t) as f64 / N as f64
-                })
-                .collect();
-            report(&format!("{group}/{}", p.name), rounds);
+            let plain = measure(rounds(), N, || {
+                black_box(router.route(black_box(&req)).unwrap());
+            });
+            report(&format!("{group}/{}", p.name), plain);
         }
     }
     if !selected("baseline/hash_8192") {
@@ -91,15 +98,9 @@ fn routes() {
     let t = tokens(&[(PROBE, PROMPT_BLOCKS)]);
     let extras = kvroute::hash::RequestExtras::default();
     let mut keys = Vec::new();
-    let rounds = (0..ROUNDS)
-        .map(|_| {
-            let s = cpu_ns();
-            for _ in 0..1000 {
-                router.hasher().block_keys(black_box(&t), &extras, &mut keys);
-            }
-            (cpu_ns() - s) as f64 / 1000.0
-        })
-        .collect();
+    let rounds = measure(ROUNDS, 1000, || {
+        router.hasher().block_keys(black_box(&t), &extras, &mut keys);
+    });
     report("baseline/hash_8192", rounds);
 }
 

@@ -37,7 +37,7 @@ fn a_session_ttl_that_overflows_milliseconds_is_refused_naming_the_field() {
         now_ms: Some(now),
         ..kvroute::router::Request::new(&t)
     };
-    let first = r.route(&req(1_000)).unwrap().worker;
+    let first = r.route(&req(1_000)).unwrap().worker.clone();
     for now in [2_000, u64::MAX / 2, u64::MAX - 1] {
         assert_eq!(r.route(&req(now)).unwrap().worker, first, "at {now}");
     }

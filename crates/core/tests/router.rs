@@ -247,7 +247,7 @@ fn session_affinity_sticks_until_the_ttl() {
                 ..Request::default()
             })
             .unwrap();
-        seen.insert(d.worker.name);
+        seen.insert(d.worker.name.clone());
     }
     assert_eq!(seen.len(), 4);
     // After the TTL without use, the key may move (seeded: over many keys, some do).
@@ -609,4 +609,44 @@ fn preview_changes_no_state_and_predicts_the_next_route() {
     assert_eq!(real.request_id, p1.request_id);
     assert_eq!(real.worker, p1.worker);
     assert_ne!(r.prometheus(), before, "a real route counts");
+}
+
+/// A dropped decision leaves its buffers to the thread's next routes: they decide and
+/// explain exactly what they would have without them, whatever the dropped decision held
+/// (more or fewer keys, candidates and scores, a longer or shorter worker name, another
+/// router's), and decisions dropped on other threads or kept alive change nothing either.
+#[test]
+fn dropped_decisions_change_no_later_decision() {
+    let a = router(
+        r#"{"block_size": 4, "workers": [{"name": "a-worker-with-a-rather-long-name"}, {"name": "b"}]}"#,
+    );
+    let b =
+        router(r#"{"block_size": 4, "workers": [{"name": "x"}, {"name": "y"}, {"name": "z"}]}"#);
+    let (long, short) = (tokens(400), tokens(9));
+    // Some load and history on `b`, so that its candidates differ.
+    let d = b.route(&Request { now_ms: Some(500), ..Request::new(&long) }).unwrap();
+    b.on_routed(&d).unwrap();
+    // Dropped on another thread: its buffers stay there.
+    std::thread::spawn(move || drop(d)).join().unwrap();
+    for t in [&short, &long, &tokens(3)] {
+        let req = Request { now_ms: Some(1_000), ..Request::new(t) };
+        let fresh = b.preview(&req).unwrap();
+        for other in [&long, &short] {
+            let o = a.route(&Request { now_ms: Some(1_000), ..Request::new(other) }).unwrap();
+            drop(o);
+            let again = b.preview(&req).unwrap();
+            assert_eq!(again, fresh, "{} tokens after dropping {}", t.len(), other.len());
+            assert_eq!(again.keys, b.block_keys(t, None).unwrap());
+            for i in 0..fresh.candidates.len() {
+                assert_eq!(again.candidate_scores(i), fresh.candidate_scores(i));
+                assert_eq!(again.candidate_worker(i), fresh.candidate_worker(i));
+            }
+            // Its own decisions dropped, twice in a row, a clone kept alive, a route after.
+            let kept = again.clone();
+            drop(again);
+            drop(b.preview(&req).unwrap());
+            assert_eq!(b.preview(&req).unwrap(), fresh);
+            assert_eq!(kept, fresh);
+        }
+    }
 }

@@ -70,7 +70,7 @@ fn route(r: &Router, tokens: &[u32]) -> (String, u32, Vec<(String, u32)>) {
     let mut cands: Vec<(String, u32)> =
         d.explain().into_iter().map(|c| (c.worker.name, c.matched_blocks)).collect();
     cands.sort();
-    (d.worker.name, d.matched_blocks, cands)
+    (d.worker.name.clone(), d.matched_blocks, cands)
 }
 
 fn prompts() -> Vec<Vec<u32>> {

@@ -90,6 +90,22 @@ pub struct Decision {
     pub(crate) scores: Vec<f64>,
 }
 
+/// A dropped decision leaves its heap buffers (keys, candidates, scores, worker name) to
+/// the thread's next [`Router::route`](super::Router::route) or
+/// [`Router::preview`](super::Router::preview), which fills them instead of allocating:
+/// a caller that routes and drops in a loop allocates nothing per route. One decision's
+/// buffers are kept per thread.
+impl Drop for Decision {
+    fn drop(&mut self) {
+        super::route::keep_buffers(
+            std::mem::take(&mut self.keys),
+            std::mem::take(&mut self.candidates),
+            std::mem::take(&mut self.scores),
+            std::mem::take(&mut self.worker.name),
+        );
+    }
+}
+
 impl Decision {
     /// The names of the per-candidate scores (the profile's scorers, or the cost policy's
     /// rows), in the order of [`candidate_scores`](Self::candidate_scores).

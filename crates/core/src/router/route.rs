@@ -6,7 +6,7 @@ use crate::hash::RequestExtras;
 use crate::index::{MatchOptions, Matches, PrefixIndex};
 use crate::rng::{splitmix64, SplitMix64};
 use crate::score::{Candidate, LoraSet, RequestInfo, ScoreContext, ScoreScratch};
-use crate::types::BlockKey;
+use crate::types::{BlockKey, WorkerKey};
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 
@@ -16,6 +16,45 @@ struct Scratch {
     matches: Matches,
     cands: Vec<Candidate>,
     score: ScoreScratch,
+    spare: Spare,
+}
+
+/// The heap buffers of the last decision dropped on this thread (see `impl Drop for
+/// Decision`), for the thread's next route to fill instead of allocating its own.
+#[derive(Default)]
+struct Spare {
+    keys: Vec<BlockKey>,
+    candidates: Vec<CandidateScore>,
+    scores: Vec<f64>,
+    name: String,
+}
+
+/// Keeps a dropped decision's buffers for the thread's next route (one decision's worth
+/// per thread: what was kept before is freed). Never panics: in a thread's teardown, or
+/// when a decision is dropped during a route on the same thread, the buffers are freed.
+pub(super) fn keep_buffers(
+    keys: Vec<BlockKey>,
+    candidates: Vec<CandidateScore>,
+    scores: Vec<f64>,
+    name: String,
+) {
+    let _ = SCRATCH.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            let spare = &mut s.spare;
+            if keys.capacity() > 0 {
+                spare.keys = keys;
+            }
+            if candidates.capacity() > 0 {
+                spare.candidates = candidates;
+            }
+            if scores.capacity() > 0 {
+                spare.scores = scores;
+            }
+            if name.capacity() > 0 {
+                spare.name = name;
+            }
+        }
+    });
 }
 
 /// Attempts at the index read lock before a route blocks (see `Router::read_index`).
@@ -29,12 +68,19 @@ thread_local! {
 fn transpose<const R: usize>(by_row: &[&[f64]; 8], n: usize, out: &mut Vec<f64>) {
     let rows: [&[f64]; R] = std::array::from_fn(|j| &by_row[j][..n]);
     let start = out.len();
-    out.resize(start + n * R, 0.0);
-    for (k, cell) in out[start..].chunks_exact_mut(R).enumerate() {
+    // Written straight into the spare capacity: a `resize` first zero-filled the whole
+    // matrix (3 kB for 64 candidates and six rows), every route, only to overwrite it.
+    out.reserve(n * R);
+    let cells = &mut out.spare_capacity_mut()[..n * R];
+    for (k, cell) in cells.chunks_exact_mut(R).enumerate() {
         for (c, r) in cell.iter_mut().zip(&rows) {
-            *c = r[k];
+            c.write(r[k]);
         }
     }
+    // SAFETY: the `n * R` cells after `start` are within the capacity reserved above and
+    // were all written by the loop (`chunks_exact_mut(R)` over `n * R` cells: `n` chunks
+    // of `R`, each cell of each chunk written once).
+    unsafe { out.set_len(start + n * R) };
 }
 
 impl Router {
@@ -98,6 +144,11 @@ impl Router {
             let predictions = self.predictions_on();
             let keep_keys = self.cfg.mode != Mode::Precise || predictions;
             if need_prefix || keep_keys {
+                if s.keys.capacity() == 0 {
+                    // The last decision took the scratch's keys: hash into a dropped
+                    // decision's vector if there is one (`hash_into` clears it first).
+                    std::mem::swap(&mut s.keys, &mut s.spare.keys);
+                }
                 self.hash_into(req.tokens, req.lora, req.extras, &mut s.keys);
             } else {
                 s.keys.clear();
@@ -198,25 +249,27 @@ impl Router {
                 .as_ref()
                 .ok_or_else(|| Error::Internal("chosen worker vanished".into()))?;
             // The explanation: one Copy entry per kept candidate and one flat score matrix,
-            // so a decision costs two allocations however many workers there are.
+            // so a decision costs two allocations however many workers there are (none
+            // when the thread's last decision was dropped: it left its buffers behind).
             let (kept, totals, rows) = (s.score.kept(), s.score.totals(), s.score.n_rows());
-            let candidates: Vec<CandidateScore> = kept
-                .iter()
-                .zip(totals)
-                .map(|(&ci, &total)| {
-                    let c = &s.cands[ci];
-                    CandidateScore {
-                        worker_id: c.worker,
-                        matched_blocks: c.matched_blocks,
-                        matched_by_tier: c.matched_by_tier,
-                        total,
-                    }
-                })
-                .collect();
+            // (Into a dropped decision's vector if there is one: no allocation.)
+            let mut candidates = std::mem::take(&mut s.spare.candidates);
+            candidates.clear();
+            candidates.extend(kept.iter().zip(totals).map(|(&ci, &total)| {
+                let c = &s.cands[ci];
+                CandidateScore {
+                    worker_id: c.worker,
+                    matched_blocks: c.matched_blocks,
+                    matched_by_tier: c.matched_by_tier,
+                    total,
+                }
+            }));
             // The rows are scorer-major, the decision's matrix candidate-major.
             // (Written in order, row slices taken once: a strided write per scorer cost
             // more than the whole copy.)
-            let mut scores = Vec::with_capacity(kept.len() * rows);
+            let mut scores = std::mem::take(&mut s.spare.scores);
+            scores.clear();
+            scores.reserve(kept.len() * rows);
             let by_row: [&[f64]; 8] = std::array::from_fn(|j| s.score.row(j));
             // A fixed row count per call (the policies have 1 to 8 rows): the inner loop
             // unrolls and the bounds checks go, where a loop over `rows` cost about 10
@@ -242,6 +295,14 @@ impl Router {
                 }
             }
             let matched = s.cands[decision.index].matched_blocks;
+            // The chosen worker's key, its name written into a dropped decision's buffer
+            // if there is one. (Exhaustive: a new field of `WorkerKey` must be set here.)
+            let worker = {
+                let WorkerKey { name, dp_rank } = &chosen.key;
+                let mut buf = std::mem::take(&mut s.spare.name);
+                buf.clone_from(name);
+                WorkerKey { name: buf, dp_rank: *dp_rank }
+            };
             if commit {
                 chosen.decisions.fetch_add(1, Ordering::Relaxed);
                 chosen.last_routed_ms.store(now, Ordering::Relaxed);
@@ -254,15 +315,15 @@ impl Router {
             }
             Ok(Decision {
                 request_id,
-                worker: chosen.key.clone(),
+                worker,
                 worker_id: chosen.id,
                 matched_blocks: matched,
                 total_blocks,
                 prompt_tokens: info.prompt_tokens,
                 routed_ms: now,
                 candidates,
-                // Moved, not copied: the next route hashes into a fresh vector of the
-                // right size (one allocation either way, no copy of the keys).
+                // Moved, not copied: the next route hashes into the vector of a decision
+                // dropped since, or a fresh one (one allocation, no copy of the keys).
                 keys: if keep_keys { std::mem::take(&mut s.keys) } else { Vec::new() },
                 names: reg.names.clone(),
                 score_names: self.score_names.clone(),

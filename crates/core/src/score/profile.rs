@@ -631,7 +631,8 @@ impl Profile {
     ) -> Result<Pick> {
         let ScoreScratch { kept, filtered, rows, n_rows, totals } = scratch;
         kept.clear();
-        rows.clear();
+        // `rows` is cleared by the bodies that need zeros (see `Body::Ttft`); with
+        // `n_rows` 0 none of it is visible through `ScoreScratch::row`.
         totals.clear();
         *n_rows = 0;
         if cands.is_empty() {
@@ -662,6 +663,7 @@ impl Profile {
         let pos = match &self.body {
             Body::Weighted { scorers, picker } => {
                 *n_rows = scorers.len();
+                rows.clear();
                 rows.resize(scorers.len() * n, 0.0);
                 let ctx = ScoreContext { seed: rng.next_u64(), ..*ctx };
                 for (j, (s, w)) in scorers.iter().enumerate() {
@@ -673,12 +675,16 @@ impl Profile {
             }
             Body::Cost(p) => {
                 *n_rows = CostPolicy::ROWS.len();
+                rows.clear();
                 rows.resize(CostPolicy::ROWS.len() * n, 0.0);
                 p.evaluate(req, view, rows, totals);
                 pick_softmax(totals, p.temperature, rng)
             }
             Body::Ttft(p) => {
                 *n_rows = TtftPolicy::ROWS.len();
+                // No zero fill (3 kB for 64 candidates, every route): `evaluate` writes
+                // every cell of its six rows, so only the cells new to the buffer are
+                // zeroed here, and only when the candidate count grows.
                 rows.resize(TtftPolicy::ROWS.len() * n, 0.0);
                 p.evaluate(req, view, rows, totals, rng)
             }
