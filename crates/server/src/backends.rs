@@ -145,6 +145,15 @@ async fn probe_loop(state: Arc<State>, b: Arc<Backend>) {
     }
 }
 
+/// Milliseconds since the Unix epoch: the clock the router uses for a route without an
+/// explicit `now_ms`.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 async fn scrape_loop(state: Arc<State>, b: Arc<Backend>) {
     let every = Duration::from_millis(state.cfg.scrape_interval_ms);
     let mut tick = tokio::time::interval(every);
@@ -158,9 +167,15 @@ async fn scrape_loop(state: Arc<State>, b: Arc<Backend>) {
             Ok((status, _)) => Err(format!("status {status}")),
             Err(e) => Err(e),
         };
-        match report
-            .and_then(|r| state.router.report_load(&b.name, 0, &r).map_err(|e| e.to_string()))
-        {
+        // With the scrape's time (the routes' clock: the router's wall clock, as the
+        // proxy routes without an explicit `now_ms`), the other router replicas' requests
+        // that arrived since the previous scrape are worked off from when the engine
+        // reported them, not from this replica's next route (the `kvroute` preset's rule
+        // 12, docs/simulation.md).
+        let at = wall_ms();
+        match report.and_then(|r| {
+            state.router.report_load_at(&b.name, 0, &r, at).map_err(|e| e.to_string())
+        }) {
             Ok(()) => b.load_stale.store(false, Ordering::Relaxed),
             Err(e) => {
                 // Stale, not zero: the router keeps the last figures; the gauge says so.
