@@ -456,6 +456,18 @@ type LoadReport struct {
 
 // ReportLoad pushes a load report for a worker.
 func (r *Router) ReportLoad(name string, dpRank uint32, rep LoadReport) error {
+	return r.reportLoad(name, dpRank, rep, nil)
+}
+
+// ReportLoadAt pushes a load report for a worker scraped at nowMs (milliseconds on the
+// routes' clock: the wall clock, or the nowMs given to RouteAt). With several router replicas in
+// front of one fleet, the prefill the other replicas started on the worker since the
+// previous report is worked off from that time (ReportLoad: from the next route).
+func (r *Router) ReportLoadAt(name string, dpRank uint32, rep LoadReport, nowMs uint64) error {
+	return r.reportLoad(name, dpRank, rep, &nowMs)
+}
+
+func (r *Router) reportLoad(name string, dpRank uint32, rep LoadReport, nowMs *uint64) error {
 	var c C.kvroute_load_report
 	c.waiting, c.running, c.kv_usage = -1, -1, C.double(math.NaN())
 	if rep.Waiting != nil {
@@ -481,6 +493,9 @@ func (r *Router) ReportLoad(name string, dpRank uint32, rep LoadReport) error {
 		c.loras, c.loras_len = arr, C.size_t(n)
 	}
 	return r.workerCall(name, func(p *C.kvroute_router, nm *C.char) C.kvroute_result {
+		if nowMs != nil {
+			return C.kvroute_router_report_load_at(p, nm, C.uint32_t(dpRank), &c, C.uint64_t(*nowMs))
+		}
 		return C.kvroute_router_report_load(p, nm, C.uint32_t(dpRank), &c)
 	})
 }

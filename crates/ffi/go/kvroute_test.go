@@ -553,3 +553,70 @@ func TestKvroutePresetAndPredictionMetrics(t *testing.T) {
 		t.Fatalf("prometheus: %v", err)
 	}
 }
+
+// The kvroute preset (the default) reads a rise of the other router replicas' active
+// requests on a worker between two scrapes as one request of theirs in prefill there,
+// worked off from the scrape's time (ReportLoadAt) or, with ReportLoad, from the next
+// route.
+func TestReportLoadAtWorksOffOtherRoutersPrefillFromTheScrape(t *testing.T) {
+	queue := func(timed bool) float64 {
+		r, err := New(`{"hash_algo": "sha256", "workers": [{"name": "a"}, {"name": "b"}]}`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		d, err := r.RouteAt(iota(1000), RouteOptions{}, 1_000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range []func() error{
+			func() error { return r.OnRouted(d) },
+			func() error { return r.OnFirstToken(d.RequestID) },
+			func() error { return r.OnFinished(d.RequestID) },
+		} {
+			if err := f(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		zero, one := uint32(0), uint32(1)
+		for i, run := range []*uint32{&zero, &one} {
+			rep := LoadReport{Waiting: &zero, Running: run}
+			if timed {
+				err = r.ReportLoadAt(d.Worker, 0, rep, uint64(2_000+50*i))
+			} else {
+				err = r.ReportLoad(d.Worker, 0, rep)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		// A minute later: long enough for any prefill of one request.
+		later, err := r.RouteAt(iota(1000)[500:], RouteOptions{}, 62_050)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range later.Candidates {
+			if c.Worker != d.Worker {
+				continue
+			}
+			for _, s := range c.Scores {
+				if s.Name == "queue_s" {
+					return s.Value
+				}
+			}
+		}
+		t.Fatalf("no queue_s for %s in %+v", d.Worker, later.Candidates)
+		return 0
+	}
+	if q := queue(false); !(q > 0) {
+		t.Fatalf("ReportLoad: queue_s %v, want > 0 until the next route starts the clock", q)
+	}
+	if q := queue(true); q != 0 {
+		t.Fatalf("ReportLoadAt: queue_s %v, want 0 a minute after the scrape", q)
+	}
+	r, _ := New(`{"workers": [{"name": "a"}]}`)
+	defer r.Close()
+	if err := r.ReportLoadAt("zzz", 0, LoadReport{}, 1); !errors.Is(err, ErrUnknownWorker) {
+		t.Fatal(err)
+	}
+}

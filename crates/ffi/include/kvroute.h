@@ -493,7 +493,9 @@ kvroute_result kvroute_router_drain_worker(const struct kvroute_router *router,
                                            bool draining);
 
 /**
- * Pushes a load report for a worker. Thread-safe.
+ * Pushes a load report for a worker. Thread-safe. (The `kvroute` preset starts the clock
+ * of what other router replicas started there since the previous report at the next
+ * route; [`kvroute_router_report_load_at`] gives it the scrape's time.)
  *
  * # Safety
  * `router` live; `name` NUL-terminated; `report` valid, and its `loras` NULL or valid for
@@ -503,6 +505,23 @@ kvroute_result kvroute_router_report_load(const struct kvroute_router *router,
                                           const char *name,
                                           uint32_t dp_rank,
                                           const struct kvroute_load_report *report);
+
+/**
+ * [`kvroute_router_report_load`] for a report scraped at `now_ms` (milliseconds on the
+ * clock of the routes: the wall clock of [`kvroute_router_route`], or the `now_ms` given
+ * to [`kvroute_router_route_at`]). With several router replicas in front of one fleet,
+ * the prefill the other replicas started on the worker since the previous report is
+ * worked off from that time (the `kvroute` preset's rule 12, docs/simulation.md).
+ * Thread-safe.
+ *
+ * # Safety
+ * As [`kvroute_router_report_load`].
+ */
+kvroute_result kvroute_router_report_load_at(const struct kvroute_router *router,
+                                             const char *name,
+                                             uint32_t dp_rank,
+                                             const struct kvroute_load_report *report,
+                                             uint64_t now_ms);
 
 /**
  * The router's block keys for `tokens` (full blocks only), with an optional LoRA name

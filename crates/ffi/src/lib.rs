@@ -715,7 +715,9 @@ pub unsafe extern "C" fn kvroute_router_drain_worker(
     })
 }
 
-/// Pushes a load report for a worker. Thread-safe.
+/// Pushes a load report for a worker. Thread-safe. (The `kvroute` preset starts the clock
+/// of what other router replicas started there since the previous report at the next
+/// route; [`kvroute_router_report_load_at`] gives it the scrape's time.)
 ///
 /// # Safety
 /// `router` live; `name` NUL-terminated; `report` valid, and its `loras` NULL or valid for
@@ -728,36 +730,78 @@ pub unsafe extern "C" fn kvroute_router_report_load(
     report: *const kvroute_load_report,
 ) -> kvroute_result {
     guard("kvroute_router_report_load", || {
-        // SAFETY (all blocks below): forwarded contract.
-        let r = unsafe { try_ref(router, "router") }?;
-        let name = unsafe { try_str(name, "name") }?;
-        let rep = unsafe { try_ref(report, "report") }?;
-        let count = |v: i64, field: &str| -> Result<Option<u32>, FfiError> {
-            if v < 0 {
-                return Ok(None);
-            }
-            u32::try_from(v)
-                .map(Some)
-                .map_err(|_| Error::invalid(format!("{field} {v} is too large")).into())
-        };
-        let loras = if rep.loras.is_null() {
-            None
-        } else {
-            let ptrs = unsafe { try_slice(rep.loras, rep.loras_len, "report.loras") }?;
-            let mut names = Vec::with_capacity(ptrs.len());
-            for &p in ptrs {
-                names.push(unsafe { try_str(p, "report.loras[i]") }?.to_string());
-            }
-            Some(names)
-        };
-        let load = LoadReport {
-            waiting: count(rep.waiting, "waiting")?,
-            running: count(rep.running, "running")?,
-            kv_usage: (!rep.kv_usage.is_nan()).then_some(rep.kv_usage),
-            loras,
-        };
-        Ok(r.inner.report_load(name, dp_rank, &load)?)
+        // SAFETY: forwarded contract.
+        unsafe { report_load(router, name, dp_rank, report, None) }
     })
+}
+
+/// [`kvroute_router_report_load`] for a report scraped at `now_ms` (milliseconds on the
+/// clock of the routes: the wall clock of [`kvroute_router_route`], or the `now_ms` given
+/// to [`kvroute_router_route_at`]). With several router replicas in front of one fleet,
+/// the prefill the other replicas started on the worker since the previous report is
+/// worked off from that time (the `kvroute` preset's rule 12, docs/simulation.md).
+/// Thread-safe.
+///
+/// # Safety
+/// As [`kvroute_router_report_load`].
+#[no_mangle]
+pub unsafe extern "C" fn kvroute_router_report_load_at(
+    router: *const kvroute_router,
+    name: *const c_char,
+    dp_rank: u32,
+    report: *const kvroute_load_report,
+    now_ms: u64,
+) -> kvroute_result {
+    guard("kvroute_router_report_load_at", || {
+        // SAFETY: forwarded contract.
+        unsafe { report_load(router, name, dp_rank, report, Some(now_ms)) }
+    })
+}
+
+/// Both load-report calls: checks and converts the report, then pushes it.
+///
+/// # Safety
+/// As [`kvroute_router_report_load`].
+unsafe fn report_load(
+    router: *const kvroute_router,
+    name: *const c_char,
+    dp_rank: u32,
+    report: *const kvroute_load_report,
+    now_ms: Option<u64>,
+) -> Result<(), FfiError> {
+    // SAFETY (all blocks below): forwarded contract.
+    let r = unsafe { try_ref(router, "router") }?;
+    let name = unsafe { try_str(name, "name") }?;
+    let rep = unsafe { try_ref(report, "report") }?;
+    let count = |v: i64, field: &str| -> Result<Option<u32>, FfiError> {
+        if v < 0 {
+            return Ok(None);
+        }
+        u32::try_from(v)
+            .map(Some)
+            .map_err(|_| Error::invalid(format!("{field} {v} is too large")).into())
+    };
+    let loras = if rep.loras.is_null() {
+        None
+    } else {
+        let ptrs = unsafe { try_slice(rep.loras, rep.loras_len, "report.loras") }?;
+        let mut names = Vec::with_capacity(ptrs.len());
+        for &p in ptrs {
+            names.push(unsafe { try_str(p, "report.loras[i]") }?.to_string());
+        }
+        Some(names)
+    };
+    let load = LoadReport {
+        waiting: count(rep.waiting, "waiting")?,
+        running: count(rep.running, "running")?,
+        kv_usage: (!rep.kv_usage.is_nan()).then_some(rep.kv_usage),
+        loras,
+    };
+    match now_ms {
+        Some(t) => r.inner.report_load_at(name, dp_rank, &load, t)?,
+        None => r.inner.report_load(name, dp_rank, &load)?,
+    }
+    Ok(())
 }
 
 /// The router's block keys for `tokens` (full blocks only), with an optional LoRA name

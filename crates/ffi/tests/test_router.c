@@ -499,6 +499,18 @@ static void test_workers_and_load(void) {
   CHECK_RC(kvroute_router_report_load(r, "a", 0, &nul), KVROUTE_RESULT_NULL_POINTER);
   CHECK_RC(kvroute_router_report_load(r, "zzz", 0, &rep), KVROUTE_RESULT_UNKNOWN_WORKER);
   CHECK_RC(kvroute_router_report_load(r, "a", 0, NULL), KVROUTE_RESULT_NULL_POINTER);
+  /* The same with the scrape's time: same checks, same result codes. */
+  CHECK_RC(kvroute_router_report_load_at(r, "a", 0, &rep, 1000), KVROUTE_RESULT_OK);
+  CHECK_RC(kvroute_router_report_load_at(r, "b", 0, &none, 1050), KVROUTE_RESULT_OK);
+  CHECK_RC(kvroute_router_report_load_at(r, "a", 0, &bad, 1100), KVROUTE_RESULT_INVALID_INPUT);
+  CHECK_RC(kvroute_router_report_load_at(r, "a", 0, &huge, 1100),
+           KVROUTE_RESULT_INVALID_INPUT);
+  CHECK_RC(kvroute_router_report_load_at(r, "a", 0, &nul, 1100), KVROUTE_RESULT_NULL_POINTER);
+  CHECK_RC(kvroute_router_report_load_at(r, "zzz", 0, &rep, 1100),
+           KVROUTE_RESULT_UNKNOWN_WORKER);
+  CHECK_RC(kvroute_router_report_load_at(r, "a", 0, NULL, 1100), KVROUTE_RESULT_NULL_POINTER);
+  CHECK_RC(kvroute_router_report_load_at(NULL, "a", 0, &rep, 1100),
+           KVROUTE_RESULT_NULL_POINTER);
 
   /* Removal: the worker's cache entries go with it. */
   CHECK_RC(kvroute_router_remove_worker(r, first.worker, 0), KVROUTE_RESULT_OK);

@@ -192,8 +192,11 @@ impl PyRouter {
 
     /// Pushes a load report for a worker (for example scraped from vLLM's `/metrics`):
     /// `waiting` and `running` request counts, `kv_usage` in 0..1, loaded `loras`.
-    /// Fields left as None keep their previous value.
-    #[pyo3(signature = (worker, *, waiting = None, running = None, kv_usage = None, loras = None, dp_rank = 0))]
+    /// Fields left as None keep their previous value. `now_ms`: when it was scraped, on
+    /// the routes' clock (the wall clock, or the `now_ms` given to `route`); with several
+    /// router replicas, the prefill the others started there since the previous report is
+    /// worked off from then (without it, from the next route).
+    #[pyo3(signature = (worker, *, waiting = None, running = None, kv_usage = None, loras = None, dp_rank = 0, now_ms = None))]
     #[allow(clippy::too_many_arguments)]
     fn report_load(
         &self,
@@ -204,9 +207,13 @@ impl PyRouter {
         kv_usage: Option<f64>,
         loras: Option<Vec<String>>,
         dp_rank: u32,
+        now_ms: Option<u64>,
     ) -> PyResult<()> {
         let report = LoadReport { waiting, running, kv_usage, loras };
-        self.inner.report_load(worker, dp_rank, &report).or_raise(py)
+        match now_ms {
+            Some(t) => self.inner.report_load_at(worker, dp_rank, &report, t).or_raise(py),
+            None => self.inner.report_load(worker, dp_rank, &report).or_raise(py),
+        }
     }
 
     /// The registered workers as `(name, dp_rank)` tuples, ordered by id.

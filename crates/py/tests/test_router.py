@@ -70,6 +70,29 @@ def test_report_load_health_and_drain():
     assert ("pod-c", 2) in r.workers()
 
 
+def test_a_timed_load_report_works_off_other_routers_prefill_from_the_scrape():
+    # The kvroute preset (the default) reads a rise of the other router replicas' active
+    # requests on a worker between two scrapes as one request of theirs in prefill there,
+    # worked off from the scrape's time (`now_ms`) or, without it, from the next route.
+    def queue_s(timed):
+        r = two_pods()
+        d = r.route(list(range(1000)), now_ms=1_000)
+        r.on_routed(d)
+        r.on_first_token(d.request_id)
+        r.on_finished(d.request_id)
+        at = {"now_ms": 2_000} if timed else {}
+        r.report_load(d.worker, waiting=0, running=0, **at)
+        at = {"now_ms": 2_050} if timed else {}
+        r.report_load(d.worker, waiting=0, running=1, **at)
+        # A minute later: long enough for any prefill of one request.
+        later = r.route(list(range(5000, 6000)), now_ms=62_050)
+        (c,) = [c for c in later.candidates if c.worker == d.worker]
+        return c.scores["queue_s"]
+
+    assert queue_s(timed=False) > 0.0
+    assert queue_s(timed=True) == 0.0
+
+
 def test_snapshot_restore_roundtrip(kv_events):
     r = two_pods(profile="prefix")
     for _, payload, _ in recorded_batches(kv_events)[:1]:

@@ -177,8 +177,10 @@ class Router:
         kv_usage: Optional[float] = None,
         loras: Optional[Sequence[str]] = None,
         dp_rank: int = 0,
+        now_ms: Optional[int] = None,
     ) -> None:
-        """Pushes a load report for a worker (``kv_usage`` in 0..1)."""
+        """Pushes a load report for a worker (``kv_usage`` in 0..1), scraped at ``now_ms``
+        (the routes' clock) if given."""
     def workers(self) -> List[Tuple[str, int]]:
         """The registered workers as (name, dp_rank)."""
     def inflight_requests(self) -> int:
