@@ -71,6 +71,28 @@ impl Drop for Proc {
     }
 }
 
+/// `kvroute serve` arguments for the default (`kvroute`) preset with its two times in
+/// seconds scaled like engines emulated at `time_scale` (replicas that run `1/time_scale`
+/// times faster than real ones take that much less per step and prefill that much faster):
+/// the step overhead (also the near-tie tolerance) and the prefill rate assumed before one
+/// is learned. Unscaled, the 10 ms step overhead is longer than an emulated prefill's
+/// wall time at small scales, every candidate is a near-tie and the prefix decides nothing.
+/// Writes the configuration to a file in the temporary directory and returns `--config
+/// FILE`.
+pub fn scaled_default_preset(time_scale: f64) -> Result<Vec<String>, String> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("kvroute-e2e-{}-{n}.json", std::process::id()));
+    let params = serde_json::json!({
+        "step_overhead_s": 0.01 * time_scale,
+        "prefill_tokens_per_s": 10_000.0 / time_scale,
+    });
+    let profile = serde_json::json!({"picker": {"name": "ttft", "params": params}});
+    let config = serde_json::json!({"router": {"profile": profile}});
+    std::fs::write(&path, config.to_string()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(vec!["--config".into(), path.to_string_lossy().into_owned()])
+}
+
 /// The small test tokenizer in testdata/tokenize (a BPE with `vocab` ids) that kvroute serve
 /// loads for precise mode; workload token ids are mapped into its vocabulary.
 pub fn test_tokenizer() -> (String, u32) {

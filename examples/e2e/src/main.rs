@@ -9,7 +9,7 @@
 //! ```
 
 use clap::Parser;
-use kvroute_e2e::{kvroute_bin, run, ClusterSpec, Fault};
+use kvroute_e2e::{kvroute_bin, run, scaled_default_preset, ClusterSpec, Fault};
 use kvroute_sim::SimulateSpec;
 
 /// The reference experiment end to end: emulated vLLM replicas, kvroute serve, hit rates
@@ -123,11 +123,14 @@ async fn main_async(args: Args) -> Result<(), String> {
             .split(',')
             .filter(|p| !p.is_empty())
             .map(|p| {
-                let extra =
-                    if p == "default" { vec![] } else { vec!["--profile".into(), p.to_string()] };
-                (format!("kvroute serve --profile {p}"), p.to_string(), Some(extra))
+                let extra = if p == "default" {
+                    scaled_default_preset(base.time_scale)?
+                } else {
+                    vec!["--profile".into(), p.to_string()]
+                };
+                Ok((format!("kvroute serve --profile {p}"), p.to_string(), Some(extra)))
             })
-            .collect()
+            .collect::<Result<_, String>>()?
     };
     for (label, name, serve) in runs {
         let (s, router_metrics) =
