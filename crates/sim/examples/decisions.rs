@@ -323,7 +323,12 @@ fn main() -> Result<()> {
         a.get(4).map_or("kvroute,llm-d", String::as_str).split(',').map(String::from).collect();
     let replicas: usize = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(1);
     let dump_path = std::env::var("DECISIONS_DUMP").ok();
-    let (prepared, cfg) = spec.prepare(&workload)?;
+    let (prepared, mut cfg) = spec.prepare(&workload)?;
+    // DECISIONS_SEED=N: another seed for the routers' random streams (near-ties), to see
+    // how much of a difference between two variants is the noise of a few decisions.
+    if let Some(seed) = std::env::var("DECISIONS_SEED").ok().and_then(|s| s.parse().ok()) {
+        cfg.seed = seed;
+    }
     let oracle = kvroute_sim::run_oracle(&prepared, &cfg)?;
     println!("oracle hit {:.2}%", 100.0 * oracle.hit_rate);
     let results: Vec<_> = std::thread::scope(|s| {
