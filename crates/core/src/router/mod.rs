@@ -71,6 +71,9 @@ pub struct Router {
     inflight: Mutex<HashMap<u64, Inflight>>,
     /// The next request id; also numbers the decisions for their random streams.
     next_request: AtomicU64,
+    /// The time of the latest route (ms, the requests' clock): what a load report without
+    /// a time is taken at (the `kvroute` preset's rule 12).
+    latest_route_ms: AtomicU64,
     pub(crate) metrics: metrics::Counters,
     /// Serializes event batches with each other and with snapshots (see `apply_ops`).
     pub(crate) apply_lock: Mutex<()>,
@@ -137,6 +140,7 @@ impl Router {
             sessions,
             inflight: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(0),
+            latest_route_ms: AtomicU64::new(0),
             metrics: metrics::Counters::default(),
             apply_lock: Mutex::new(()),
             streams: Mutex::new(Default::default()),

@@ -137,6 +137,10 @@ impl Router {
     fn route_impl(&self, req: &Request, commit: bool) -> Result<Decision> {
         self.check_tokens(req.tokens)?;
         let now = req.now_ms.unwrap_or_else(wall_ms);
+        // (A read first: routes in the same millisecond do not write the line.)
+        if commit && now > self.latest_route_ms.load(Ordering::Relaxed) {
+            self.latest_route_ms.fetch_max(now, Ordering::Relaxed);
+        }
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             let s = &mut *s;

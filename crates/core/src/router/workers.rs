@@ -59,10 +59,8 @@ pub(crate) struct WorkerState {
     /// at `others_stamp_ms` ...
     pub(crate) others_new_tokens: AtomicU64,
     /// ... from when they are worked off (ms, the requests' clock; u64::MAX: from the next
-    /// route, the first time after the scrape that the router knows) ...
+    /// route, the first time after the scrape that the router knows).
     pub(crate) others_stamp_ms: AtomicU64,
-    /// ... and the latest time of a route that read this worker's load (ms).
-    pub(crate) clock_ms: AtomicU64,
     // Written by the chosen worker's route, read by lifecycle calls and reports.
     pub(crate) decisions: AtomicU64,
     pub(crate) hit_tokens: AtomicU64,
@@ -119,7 +117,6 @@ impl WorkerState {
             others_active_at_report: AtomicU32::new(u32::MAX),
             others_new_tokens: AtomicU64::new(0),
             others_stamp_ms: AtomicU64::new(u64::MAX),
-            clock_ms: AtomicU64::new(0),
         }
     }
 
@@ -135,7 +132,8 @@ impl WorkerState {
     /// scrape's time on ([`Self::others_new_prefill`]). At most one request's worth
     /// (`mean_uncached`) is kept: the others' requests that are not being prefilled yet
     /// wait, and the scraped waiting count already prices those; what it cannot see is the
-    /// one in prefill. No parameter.
+    /// one in prefill. No parameter. `latest_route_ms`: the router's latest route, the
+    /// time taken for a report without one (`now_ms` `None`).
     pub(crate) fn note_others_arrivals(
         &self,
         waiting: u32,
@@ -143,6 +141,7 @@ impl WorkerState {
         mean_uncached: f64,
         rate: f64,
         now_ms: Option<u64>,
+        latest_route_ms: u64,
     ) {
         let own = self.running.load(Ordering::Relaxed);
         let others = waiting.saturating_add(running).saturating_sub(own);
@@ -152,7 +151,7 @@ impl WorkerState {
         }
         // Without the scrape's time, what is left is taken at the latest route and the
         // clock restarts at the next one (the time between is not credited).
-        let now = now_ms.unwrap_or_else(|| self.clock_ms.load(Ordering::Relaxed));
+        let now = now_ms.unwrap_or(latest_route_ms);
         let left = self.others_new_prefill(now, rate, false);
         let add = (f64::from(others - before) * mean_uncached) as u64;
         let cap = mean_uncached as u64;
@@ -264,10 +263,6 @@ impl WorkerState {
             // Rule 12: the others' waiting requests are a lower bound of their work here;
             // their requests that arrived since the previous scrape (running or waiting)
             // are another, which also sees the prefill they have running.
-            // (A read first: routes in the same millisecond do not write the line.)
-            if now_ms > self.clock_ms.load(Ordering::Relaxed) {
-                self.clock_ms.fetch_max(now_ms, Ordering::Relaxed);
-            }
             let others_new = self.others_new_prefill(now_ms, rate, true);
             let others_waiting = (f64::from(others) * mean_uncached) as u64;
             pending = pending.max(inflight.saturating_add(others_waiting.max(others_new)));
@@ -491,7 +486,8 @@ impl Router {
                 f64::from_bits(w.rate_bits.load(Ordering::Relaxed)),
                 pool,
             );
-            w.note_others_arrivals(wt, rn, mean, rate, now_ms);
+            let latest = self.latest_route_ms.load(Ordering::Relaxed);
+            w.note_others_arrivals(wt, rn, mean, rate, now_ms, latest);
         }
         if let Some(v) = report.waiting {
             w.rep_waiting.store(v.min(u32::MAX - 1), Ordering::Relaxed);
