@@ -77,19 +77,32 @@ impl Drop for Proc {
 /// the step overhead (also the near-tie tolerance) and the prefill rate assumed before one
 /// is learned. Unscaled, the 10 ms step overhead is longer than an emulated prefill's
 /// wall time at small scales, every candidate is a near-tie and the prefix decides nothing.
-/// Writes the configuration to a file in the temporary directory and returns `--config
-/// FILE`.
+/// Writes the configuration to a file in the temporary directory named after the scale
+/// (`kvroute-e2e-preset-<scale bits>.json`: every run at one scale reuses one file, none is
+/// left per call or per process; written to a private name and renamed, so concurrent runs
+/// never read a partial file) and returns `--config FILE`.
 pub fn scaled_default_preset(time_scale: f64) -> Result<Vec<String>, String> {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("kvroute-e2e-{}-{n}.json", std::process::id()));
+    if !(time_scale.is_finite() && time_scale > 0.0) {
+        return Err(format!("time scale must be a positive number, got {time_scale}"));
+    }
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("kvroute-e2e-preset-{:016x}.json", time_scale.to_bits()));
     let params = serde_json::json!({
         "step_overhead_s": 0.01 * time_scale,
         "prefill_tokens_per_s": 10_000.0 / time_scale,
     });
     let profile = serde_json::json!({"picker": {"name": "ttft", "params": params}});
-    let config = serde_json::json!({"router": {"profile": profile}});
-    std::fs::write(&path, config.to_string()).map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = serde_json::json!({"router": {"profile": profile}}).to_string();
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(config.as_str()) {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("kvroute-e2e-preset-{}-{n}.tmp", std::process::id()));
+        let written = std::fs::write(&tmp, &config).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("{}: {e}", path.display()));
+        }
+    }
     Ok(vec!["--config".into(), path.to_string_lossy().into_owned()])
 }
 
