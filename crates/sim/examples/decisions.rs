@@ -21,11 +21,11 @@
 //! were computed meanwhile). Moves are split by what the router believed (its own matched
 //! blocks, events plus predictions) and by the guard row of its decision.
 
+mod common;
+
 use hashbrown::{HashMap, HashSet};
 use kvroute::Result;
-use kvroute_sim::{
-    CacheEvent, ClusterView, Policy, Routed, RouterPolicy, SimRequest, SimulateSpec,
-};
+use kvroute_sim::{CacheEvent, ClusterView, Policy, Routed, RouterPolicy, SimRequest};
 use std::sync::{Arc, Mutex};
 
 #[derive(Default, Clone, Debug)]
@@ -314,11 +314,7 @@ impl Policy for Tracer {
 
 fn main() -> Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    let workload = a.first().cloned().unwrap_or_else(|| "chat".into());
-    let mut spec = SimulateSpec { workloads: vec![workload.clone()], ..Default::default() };
-    spec.workers = a.get(1).and_then(|s| s.parse().ok()).filter(|&n| n > 0);
-    spec.capacity_blocks = a.get(2).and_then(|s| s.parse().ok()).filter(|&n| n > 0);
-    spec.requests = a.get(3).and_then(|s| s.parse().ok()).filter(|&n| n > 0);
+    let (workload, spec) = common::spec_from_args(&a);
     let policies: Vec<String> =
         a.get(4).map_or("kvroute,llm-d", String::as_str).split(',').map(String::from).collect();
     let replicas: usize = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(1);

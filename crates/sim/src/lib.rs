@@ -27,6 +27,6 @@ pub mod workload;
 pub use engine::{CacheEvent, EngineConfig};
 pub use policy::{ClusterView, Policy, Routed, WorkerView};
 pub use router_policy::RouterPolicy;
-pub use sim::{run, run_oracle, Prepared, RunResult, SimConfig};
+pub use sim::{run, run_oracle, run_shared_lru, Prepared, RunResult, SimConfig};
 pub use spec::{reports_json, simulate, SimulateSpec};
 pub use workload::{SimRequest, Workload};

@@ -548,21 +548,47 @@ pub fn run_oracle(p: &Prepared, cfg: &SimConfig) -> Result<RunResult> {
         .sum();
     let cap = u32::try_from(total_blocks + 2)
         .map_err(|_| Error::config("workload too large for an unbounded oracle cache"))?;
+    run_one_cache(p, cfg, cap.max(2), "oracle")
+}
+
+/// The bound of capacity: one LRU cache as large as the whole cluster (`workers x
+/// num_gpu_blocks`, one null block in all), no time effects, every request to it. What a
+/// router could reach if placement cost nothing (no moves, no second copies, one eviction
+/// order for every worker's blocks); the oracle's hit rate minus this one is lost to
+/// capacity by any LRU placement. Reported as policy `shared-lru`.
+pub fn run_shared_lru(p: &Prepared, cfg: &SimConfig) -> Result<RunResult> {
+    // Each worker's count includes vLLM's null block: one null block for the shared cache.
+    let blocks = (cfg.engine.num_gpu_blocks.saturating_sub(1))
+        .checked_mul(u32::try_from(cfg.workers).unwrap_or(u32::MAX))
+        .and_then(|n| n.checked_add(1))
+        .ok_or_else(|| Error::config("workers x num_gpu_blocks overflows u32"))?;
+    run_one_cache(p, cfg, blocks.max(2), "shared-lru")
+}
+
+/// Every request of `p` to one instant worker of `num_gpu_blocks` blocks, reported as
+/// `name`, with the cluster-wide figures (traffic shares) that one cache cannot have set
+/// to their balanced values.
+fn run_one_cache(
+    p: &Prepared,
+    cfg: &SimConfig,
+    num_gpu_blocks: u32,
+    name: &'static str,
+) -> Result<RunResult> {
     let mut engine = cfg.engine.clone();
     engine.instant = true;
-    engine.num_gpu_blocks = cap.max(2);
+    engine.num_gpu_blocks = num_gpu_blocks;
     let ocfg =
         SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: cfg.seed, router_replicas: 1 };
-    struct One;
+    struct One(&'static str);
     impl Policy for One {
         fn name(&self) -> String {
-            "oracle".into()
+            self.0.into()
         }
         fn route(&mut self, _r: &Routed<'_>, _v: &ClusterView<'_>) -> Result<usize> {
             Ok(0)
         }
     }
-    let mut res = run(p, &ocfg, &mut One)?;
+    let mut res = run(p, &ocfg, &mut One(name))?;
     // One cache stands for the whole cluster: traffic shares are not meaningful.
     res.top_worker_share = 1.0 / cfg.workers as f64;
     res.load_imbalance = 1.0;

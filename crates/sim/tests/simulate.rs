@@ -258,3 +258,45 @@ fn a_long_prompt_starts_next_to_running_decodes() {
     let ttft = r.ttft_p99_s.unwrap();
     assert!(ttft >= prefill && ttft <= prefill + 2.0 * step + 1e-9, "{ttft} vs {prefill} + {step}");
 }
+
+#[test]
+fn a_shared_lru_as_large_as_the_cluster_bounds_the_hit_rate_by_capacity() {
+    let w = workload::shared_prefix(&SharedPrefixParams {
+        groups: 8,
+        users_per_group: 3,
+        questions_per_user: 2,
+        system_tokens: 2_000,
+        question_tokens: 300,
+        output_tokens: 50,
+        rate: 0.5,
+        seed: 9,
+    });
+    let p = Prepared::new(w, 16).unwrap();
+    let cfg = SimConfig {
+        workers: 4,
+        engine: llama(16),
+        event_delay_s: 0.05,
+        seed: 9,
+        router_replicas: 1,
+    };
+    // Ample capacity: nothing is evicted, so the shared cache is the oracle.
+    let oracle = kvroute_sim::run_oracle(&p, &cfg).unwrap();
+    let ample = kvroute_sim::run_shared_lru(&p, &cfg).unwrap();
+    assert_eq!(ample.evictions, 0);
+    assert_eq!(ample.hit_rate, oracle.hit_rate);
+    assert_eq!(ample.policy, "shared-lru");
+    // Four workers of 60 blocks (one of them vLLM's null block each): one cache of
+    // 4 x 59 + 1 = 237 blocks, less than two groups' 125-block system prompts and their
+    // questions, so the eight groups evict each other.
+    let mut tight = cfg.clone();
+    tight.engine.num_gpu_blocks = 60;
+    let shared = kvroute_sim::run_shared_lru(&p, &tight).unwrap();
+    assert!(shared.evictions > 0);
+    assert!(shared.hit_rate < oracle.hit_rate - 0.1, "{} vs {}", shared.hit_rate, oracle.hit_rate);
+    // The same cache stated as one worker of 237 blocks.
+    let mut one = tight.clone();
+    one.workers = 1;
+    one.engine.num_gpu_blocks = 237;
+    let same = kvroute_sim::run_shared_lru(&p, &one).unwrap();
+    assert_eq!((same.hit_rate, same.evictions), (shared.hit_rate, shared.evictions));
+}
