@@ -78,9 +78,9 @@ impl Drop for Proc {
 /// is learned. Unscaled, the 10 ms step overhead is longer than an emulated prefill's
 /// wall time at small scales, every candidate is a near-tie and the prefix decides nothing.
 /// Writes the configuration to a file in the temporary directory named after the scale
-/// (`kvroute-e2e-preset-<scale bits>.json`: every run at one scale reuses one file, none is
-/// left per call or per process; written to a private name and renamed, so concurrent runs
-/// never read a partial file) and returns `--config FILE`.
+/// (`kvroute-e2e-preset-<scale bits>.json`: every run at one scale rewrites one file, none
+/// is left per call or per process; written to a private name and renamed over it, so
+/// concurrent runs never read a partial file) and returns `--config FILE`.
 pub fn scaled_default_preset(time_scale: f64) -> Result<Vec<String>, String> {
     if !(time_scale.is_finite() && time_scale > 0.0) {
         return Err(format!("time scale must be a positive number, got {time_scale}"));
@@ -93,15 +93,14 @@ pub fn scaled_default_preset(time_scale: f64) -> Result<Vec<String>, String> {
     });
     let profile = serde_json::json!({"picker": {"name": "ttft", "params": params}});
     let config = serde_json::json!({"router": {"profile": profile}}).to_string();
-    if std::fs::read_to_string(&path).ok().as_deref() != Some(config.as_str()) {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = dir.join(format!("kvroute-e2e-preset-{}-{n}.tmp", std::process::id()));
-        let written = std::fs::write(&tmp, &config).and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(format!("{}: {e}", path.display()));
-        }
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("kvroute-e2e-preset-{}-{n}.tmp", std::process::id()));
+    let written = std::fs::write(&tmp, &config).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        // (Best effort: the write or the rename already failed, which is the error to report.)
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("{}: {e}", path.display()));
     }
     Ok(vec!["--config".into(), path.to_string_lossy().into_owned()])
 }
@@ -781,4 +780,29 @@ pub async fn run(
         summary.add_router_metrics(m, &names);
     }
     Ok((summary, router_metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scaled_default_preset;
+
+    /// One file per scale, rewritten in place (no file per call), holding the scaled
+    /// picker parameters; a scale that is not a positive number is refused.
+    #[test]
+    fn scaled_preset_is_one_file_per_scale_with_the_scaled_times() {
+        let a = scaled_default_preset(0.25).unwrap();
+        let b = scaled_default_preset(0.25).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a[0], "--config");
+        let text = std::fs::read_to_string(&a[1]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let params = &v["router"]["profile"]["picker"]["params"];
+        assert_eq!(v["router"]["profile"]["picker"]["name"], "ttft");
+        assert_eq!(params["step_overhead_s"].as_f64(), Some(0.01 * 0.25));
+        assert_eq!(params["prefill_tokens_per_s"].as_f64(), Some(10_000.0 / 0.25));
+        assert_ne!(scaled_default_preset(0.5).unwrap()[1], a[1]);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(scaled_default_preset(bad).is_err(), "{bad}");
+        }
+    }
 }
