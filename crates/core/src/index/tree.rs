@@ -643,7 +643,7 @@ impl PrefixIndex {
         // (new keys) they are what `attach_new` touches next, and their misses then
         // overlap the wait for the first key's lookup instead of following it.
         for &k in keys.iter().take(AHEAD) {
-            self.table.prefetch_insert(k);
+            self.table.prefetch_absent(k);
         }
         // The cursor is the key after which the next key attaches (None = root), with a
         // hint of its location.
@@ -777,7 +777,7 @@ impl PrefixIndex {
         // Room for the whole run before any key is written (a rebuild reads the nodes).
         self.reserve_keys(run.len());
         for &k in run.iter().take(AHEAD) {
-            self.table.prefetch_insert(k);
+            self.table.prefetch_absent(k);
         }
         'chunks: for chunk in run.chunks(WARM) {
             let keys = &mut self.nodes[target as usize].keys;
@@ -789,7 +789,7 @@ impl PrefixIndex {
                 // Past the run's end, the keys that follow it (`next`, a hint).
                 let at = got + AHEAD;
                 if let Some(&ahead) = run.get(at).or_else(|| next.get(at - run.len())) {
-                    self.table.prefetch_insert(ahead);
+                    self.table.prefetch_absent(ahead);
                 }
                 let nodes = &self.nodes;
                 // A key already present ends the run (it is a repeat within `run` when
