@@ -3,12 +3,21 @@
 # 3), one process per run, and prints the table of medians. Not part of CI.
 #   bash benches/peers/run.sh            # all four indexes, 3 runs each
 #   RUNS=1 bash benches/peers/run.sh kvroute kv-index
+#   WARM_GB=20 bash benches/peers/run.sh # first touch WARM_GB GiB of memory once (see below)
+# On a freshly booted VM the first touch of guest memory the host has not backed yet is
+# slow (0.42 GB/s measured on a KVM guest, 14 GB/s afterwards), and every index's fill
+# grows into new memory: WARM_GB touches that much once, in 1 GiB pieces, before the runs,
+# so that fill measures the index and not the hypervisor (docs/benchmarks.md, "Session 9").
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 runs="${RUNS:-3}"
 indexes=("$@")
 [ ${#indexes[@]} -gt 0 ] || indexes=(kvroute kv-index smg-radix-tree dynamo-kv-router)
 cargo build --release --quiet --manifest-path "$here/Cargo.toml"
+if [ -n "${WARM_GB:-}" ]; then
+  python3 -c "import sys
+for _ in range(int(sys.argv[1])): x = b'\\x01' * (1 << 30); del x" "$WARM_GB"
+fi
 bin="$here/target/release/kvroute-peers"
 out="$(mktemp -d)"
 for r in $(seq 1 "$runs"); do
