@@ -276,29 +276,37 @@ impl KeyTable {
         }
     }
 
-    /// Starts loading the home group of `key` (its one line: control word and
-    /// locations) into the cache.
+    /// Starts loading the first `N` groups of `key`'s probe sequence into the cache (each
+    /// one line: control word and locations). The three prefetches below are this with
+    /// the depth their operation reads.
     #[inline]
-    pub(super) fn prefetch(&self, key: u64) {
-        if self.groups.is_empty() {
-            return;
-        }
-        prefetch_line(&self.groups[self.home(mix(key))]);
-    }
-
-    /// Starts loading `key`'s first two groups (enough to insert a new key: at the loads
-    /// the table runs at, about three probes in ten go on to a second group, which would
-    /// otherwise be a miss of its own after the first; and the location written is in
-    /// the same line as the tags).
-    #[inline]
-    pub(super) fn prefetch_insert(&self, key: u64) {
+    fn prefetch_probe<const N: usize>(&self, key: u64) {
         if self.groups.is_empty() {
             return;
         }
         let h = mix(key);
-        let g = self.home(h);
+        let mut g = self.home(h);
         prefetch_line(&self.groups[g]);
-        prefetch_line(&self.groups[self.next(g, tag_of(h))]);
+        for _ in 1..N {
+            g = self.next(g, tag_of(h));
+            prefetch_line(&self.groups[g]);
+        }
+    }
+
+    /// Starts loading the home group of `key`: what a lookup or removal of a present key
+    /// reads.
+    #[inline]
+    pub(super) fn prefetch(&self, key: u64) {
+        self.prefetch_probe::<1>(key);
+    }
+
+    /// Starts loading `key`'s first two groups: what [`insert_new`](Self::insert_new)
+    /// (the rebuild) reads. It stops at the first group with a free slot: at the loads
+    /// the table runs at, about three probes in ten go on to a second group, which would
+    /// otherwise be a miss of its own after the first.
+    #[inline]
+    pub(super) fn prefetch_insert(&self, key: u64) {
+        self.prefetch_probe::<2>(key);
     }
 
     /// Starts loading the first [`ABSENT_GROUPS`] groups of `key`'s probe sequence: what
@@ -309,17 +317,7 @@ impl KeyTable {
     /// those later groups while only two were prefetched (see `docs/benchmarks.md`).
     #[inline]
     pub(super) fn prefetch_absent(&self, key: u64) {
-        if self.groups.is_empty() {
-            return;
-        }
-        let h = mix(key);
-        let tag = tag_of(h);
-        let mut g = self.home(h);
-        prefetch_line(&self.groups[g]);
-        for _ in 1..ABSENT_GROUPS {
-            g = self.next(g, tag);
-            prefetch_line(&self.groups[g]);
-        }
+        self.prefetch_probe::<ABSENT_GROUPS>(key);
     }
 
     /// The slot of group `i` (whose control word is `t`) that holds `key`, if any.
