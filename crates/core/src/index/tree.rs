@@ -681,7 +681,10 @@ impl PrefixIndex {
                 // Attach the keys from here up to the first one already in the index:
                 // `attach_new` stops there, so each new key costs one table operation.
                 let start = i;
-                let (run_len, last) = self.attach_new(cursor, &keys[start..], next, w, t);
+                // (The first `AHEAD` keys' groups were prefetched above.)
+                let prefetched = AHEAD.saturating_sub(start);
+                let (run_len, last) =
+                    self.attach_new(cursor, &keys[start..], prefetched, next, w, t);
                 let run = &keys[start..start + run_len];
                 i = start + run_len;
                 report.new_blocks += run_len as u32;
@@ -738,12 +741,15 @@ impl PrefixIndex {
     /// the index (the first key must not be). Returns how many were attached: fewer than
     /// `run.len()` when a key exists already or `run` repeats a key (inconsistent input;
     /// the repeat would close a cycle), and the location of the last key attached.
-    /// `cursor` is the key to attach after and a hint of its location; `next`, the keys
-    /// the caller stores after `run`, whose groups are prefetched as `run` ends.
+    /// `cursor` is the key to attach after and a hint of its location; `prefetched`, how many
+    /// leading keys of `run` the caller has already prefetched (with
+    /// [`KeyTable::prefetch_absent`]); `next`, the keys the caller stores after `run`,
+    /// whose groups are prefetched as `run` ends.
     fn attach_new(
         &mut self,
         cursor: Option<(u64, Loc)>,
         run: &[u64],
+        prefetched: usize,
         next: &[u64],
         w: u32,
         t: usize,
@@ -774,9 +780,11 @@ impl PrefixIndex {
         // one chunk too many.
         let mut got = 0;
         let mut written = 0;
-        // Room for the whole run before any key is written (a rebuild reads the nodes).
+        // Room for the whole run before any key is written (a rebuild reads the nodes; the
+        // lines the caller prefetched were then the old table's).
+        let prefetched = if self.table.room() < run.len() { 0 } else { prefetched };
         self.reserve_keys(run.len());
-        for &k in run.iter().take(AHEAD) {
+        for &k in run.iter().take(AHEAD).skip(prefetched) {
             self.table.prefetch_absent(k);
         }
         'chunks: for chunk in run.chunks(WARM) {
