@@ -59,6 +59,10 @@ struct Opts {
     /// round-robin; each sees every worker's events but only its own routings.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     router_replicas: u32,
+    /// The `kvroute` policy's tail: the percentile of observed times to first token (a
+    /// fraction in (0, 1]) that its history rules protect (default 0.99).
+    #[arg(long, value_name = "Q")]
+    tail_quantile: Option<f64>,
     /// Write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -84,6 +88,7 @@ impl Opts {
             seed: self.seed,
             event_delay: self.event_delay,
             router_replicas: self.router_replicas as usize,
+            tail_quantile: self.tail_quantile,
         }
     }
 }

@@ -19,6 +19,9 @@ fn bad_flags_exit_2_with_a_clear_message() {
         &["simulate", "--workload", "trace:/nonexistent/trace.jsonl"],
         &["simulate", "--router-replicas", "0"],
         &["simulate", "--router-replicas", "two"],
+        &["simulate", "--tail-quantile", "0"],
+        &["simulate", "--tail-quantile", "1.5"],
+        &["simulate", "--tail-quantile", "p99"],
     ] {
         let out = kvroute().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -27,6 +30,8 @@ fn bad_flags_exit_2_with_a_clear_message() {
     }
     let out = kvroute().args(["simulate", "--policies", "random,telepathy"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("telepathy"));
+    let out = kvroute().args(["simulate", "--tail-quantile", "1.5"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tail_quantile must be in (0, 1]"));
 }
 
 #[test]
@@ -122,9 +127,28 @@ fn kvroute_is_a_default_policy_and_router_replicas_is_a_flag() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(v["config"]["cluster"]["router_replicas"], 2);
+    assert!(v["config"]["cluster"]["tail_quantile"].is_null(), "the preset's own by default");
     let policies: Vec<&str> =
         v["results"].as_array().unwrap().iter().map(|r| r["policy"].as_str().unwrap()).collect();
     assert_eq!(policies[0], "kvroute", "{policies:?}");
     assert!(policies.contains(&"session-affinity") && policies.contains(&"oracle"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn tail_quantile_is_a_flag_that_reaches_the_kvroute_policy() {
+    let dir = std::env::temp_dir().join(format!("kvroute-sim-tail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("r.json");
+    let out = kvroute()
+        .args(["simulate", "--workload", "seed", "--policies", "kvroute,llm-d"])
+        .args(["--tail-quantile", "0.9", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["config"]["cluster"]["tail_quantile"], 0.9);
+    assert_eq!(v["results"].as_array().unwrap().len(), 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -46,6 +46,47 @@ fn the_default_profile_is_kvroute() {
 }
 
 #[test]
+fn the_ttft_tail_is_the_configured_percentile_of_observed_first_tokens() {
+    // 128 requests whose first tokens come 1..=128 ms after routing (in a scrambled
+    // order): the tail is the nearest-rank percentile of those times, computed naively.
+    let run = |tweak: &dyn Fn(&mut RouterConfig)| {
+        let r = router(&["a", "b"], tweak);
+        assert_eq!(r.metrics().tail_ttft_s, 0.0, "nothing observed yet");
+        let mut now = 10_000u64;
+        for i in 0..128u64 {
+            let d = r.route(&at(&prompt(500 + i, 64), now)).unwrap();
+            r.on_routed(&d).unwrap();
+            let elapsed = 1 + (i * 37) % 128;
+            r.on_first_token_at(d.request_id, now + elapsed).unwrap();
+            r.on_finished(d.request_id).unwrap();
+            now += 1_000;
+        }
+        r
+    };
+    let nearest_rank = |q: f64| (128.0 * q).ceil() / 1e3;
+    let r = run(&|_| {});
+    let tail = r.metrics().tail_ttft_s;
+    assert!((tail - nearest_rank(0.99)).abs() < 1e-6, "default p99: {tail}");
+    assert!(r.prometheus().contains(&format!("kvroute_ttft_tail_seconds {tail}")));
+    let r = run(&|c| {
+        c.profile = serde_json::from_str(
+            r#"{"picker": {"name": "ttft", "params": {"tail_quantile": 0.5}}}"#,
+        )
+        .unwrap();
+    });
+    let tail = r.metrics().tail_ttft_s;
+    assert!((tail - nearest_rank(0.5)).abs() < 1e-6, "configured p50: {tail}");
+    // Out of range: a configuration error that names the field, and no router.
+    for bad in ["0", "1.5", "-0.1"] {
+        let json = format!(
+            r#"{{"profile": {{"picker": {{"name": "ttft", "params": {{"tail_quantile": {bad}}}}}}}}}"#
+        );
+        let err = RouterConfig::from_json(&json).unwrap_err().to_string();
+        assert!(err.contains("tail_quantile"), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn a_prediction_is_visible_confirmed_and_expires() {
     let r = router(&["a", "b", "c"], |_| {});
     let p = prompt(7, 160); // 10 blocks

@@ -325,6 +325,8 @@ fn main() -> Result<()> {
     if let Some(seed) = std::env::var("DECISIONS_SEED").ok().and_then(|s| s.parse().ok()) {
         cfg.seed = seed;
     }
+    // DECISIONS_TAIL_Q=0.9: the kvroute profile's tail_quantile (default 0.99).
+    let tail_q: Option<f64> = std::env::var("DECISIONS_TAIL_Q").ok().and_then(|s| s.parse().ok());
     let oracle = kvroute_sim::run_oracle(&prepared, &cfg)?;
     println!("oracle hit {:.2}%", 100.0 * oracle.hit_rate);
     let results: Vec<_> = std::thread::scope(|s| {
@@ -334,6 +336,7 @@ fn main() -> Result<()> {
                 let (prepared, cfg, dump_path) = (&prepared, &cfg, &dump_path);
                 s.spawn(move || -> Result<_> {
                     let inner = RouterPolicy::named(name, cfg.workers, &cfg.engine, cfg.seed)?
+                        .with_tail_quantile(tail_q)?
                         .with_replicas(replicas)?;
                     let t = Arc::new(Mutex::new(Totals::default()));
                     let dump = dump_path.as_ref().map(|_| Arc::new(Mutex::new(Vec::new())));

@@ -113,13 +113,16 @@ pub fn is_builtin(name: &str) -> bool {
 
 /// A built-in policy by name (see the module table), for `workers` workers of `engine`,
 /// behind `replicas` router replicas ([`RouterPolicy::with_replicas`]); `seed` fixes its
-/// random choices. Errors with [`Error::Config`] on an unknown name.
+/// random choices; `tail_quantile` overrides the `kvroute` profile's
+/// ([`RouterPolicy::with_tail_quantile`]). Errors with [`Error::Config`] on an unknown
+/// name or an out-of-range quantile.
 pub fn builtin(
     name: &str,
     workers: usize,
     seed: u64,
     engine: &EngineConfig,
     replicas: usize,
+    tail_quantile: Option<f64>,
 ) -> Result<Box<dyn Policy>> {
     if !is_builtin(name) {
         return Err(Error::config(format!(
@@ -128,5 +131,9 @@ pub fn builtin(
         )));
     }
     debug_assert!(ROUTER_POLICIES.iter().any(|(n, _, _)| *n == name));
-    Ok(Box::new(RouterPolicy::named(name, workers, engine, seed)?.with_replicas(replicas)?))
+    Ok(Box::new(
+        RouterPolicy::named(name, workers, engine, seed)?
+            .with_tail_quantile(tail_quantile)?
+            .with_replicas(replicas)?,
+    ))
 }

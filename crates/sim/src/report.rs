@@ -45,7 +45,14 @@ pub fn compare(
                 progress(p.workload.requests.len() as u64);
                 return r;
             }
-            let mut pol = builtin(name, cfg.workers, cfg.seed, &cfg.engine, cfg.router_replicas)?;
+            let mut pol = builtin(
+                name,
+                cfg.workers,
+                cfg.seed,
+                &cfg.engine,
+                cfg.router_replicas,
+                cfg.tail_quantile,
+            )?;
             run_with_progress(p, cfg, pol.as_mut(), progress)
         })
         .collect::<Result<Vec<_>>>()?;

@@ -34,7 +34,7 @@ use kvroute::rng::splitmix64;
 use kvroute::router::{
     Decision, LoadReport, Mode, ProfileSpec, Request, Router, RouterConfig, WorkerConfig,
 };
-use kvroute::score::Profile;
+use kvroute::score::{PickerConfig, Profile, ProfileConfig};
 use kvroute::{Error, Result};
 
 /// llm-d's metrics scrape interval, seconds (GIE `--refresh-metrics-interval`, 50 ms).
@@ -148,6 +148,24 @@ impl RouterPolicy {
             .ok_or_else(|| Error::config(format!("{name:?} is not a router policy")))?;
         let salt = name.bytes().fold(0x7265_7574_6572u64, |h, b| splitmix64(h ^ u64::from(b)));
         Self::new(name, mode, preset, workers, engine, splitmix64(seed ^ salt))
+    }
+
+    /// Sets the `kvroute` profile's `tail_quantile` (the percentile of observed times to
+    /// first token its history rules protect; `None` keeps the preset's 0.99). Other
+    /// policies have no tail and are unchanged. Call before [`Self::with_replicas`].
+    pub fn with_tail_quantile(mut self, q: Option<f64>) -> Result<Self> {
+        let Some(q) = q else { return Ok(self) };
+        if self.cfg.profile != ProfileSpec::Preset("kvroute".into()) {
+            return Ok(self);
+        }
+        let mut profile = ProfileConfig::preset("kvroute")?;
+        let mut picker = PickerConfig::new("ttft");
+        picker.params = Some(serde_json::json!({ "tail_quantile": q }));
+        profile.picker = Some(picker);
+        self.cfg.profile = ProfileSpec::Config(profile);
+        self.cfg.validate()?;
+        self.routers = vec![Router::new(self.cfg.clone())?];
+        Ok(self)
     }
 
     /// Sets how often the workers' load figures are pushed to the router: `Some(0.0)`

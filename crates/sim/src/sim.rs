@@ -24,6 +24,8 @@ pub struct SimConfig {
     /// Router replicas each policy runs behind (requests spread round-robin; 1 = one
     /// router).
     pub router_replicas: usize,
+    /// The `kvroute` policy's `tail_quantile` (`None`: the preset's 0.99).
+    pub tail_quantile: Option<f64>,
 }
 
 /// A workload with the simulator's block keys computed once for all runs.
@@ -577,8 +579,14 @@ fn run_one_cache(
     let mut engine = cfg.engine.clone();
     engine.instant = true;
     engine.num_gpu_blocks = num_gpu_blocks;
-    let ocfg =
-        SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: cfg.seed, router_replicas: 1 };
+    let ocfg = SimConfig {
+        workers: 1,
+        engine,
+        event_delay_s: 0.0,
+        seed: cfg.seed,
+        router_replicas: 1,
+        tail_quantile: None,
+    };
     struct One(&'static str);
     impl Policy for One {
         fn name(&self) -> String {

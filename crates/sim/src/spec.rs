@@ -45,6 +45,8 @@ pub struct SimulateSpec {
     pub event_delay: f64,
     /// Independent router replicas in front of the workers (requests round-robin).
     pub router_replicas: usize,
+    /// The `kvroute` policy's `tail_quantile` (`None`: the preset's 0.99).
+    pub tail_quantile: Option<f64>,
 }
 
 impl Default for SimulateSpec {
@@ -62,6 +64,7 @@ impl Default for SimulateSpec {
             seed: 0,
             event_delay: 0.05,
             router_replicas: 1,
+            tail_quantile: None,
         }
     }
 }
@@ -94,6 +97,9 @@ impl SimulateSpec {
         }
         if !(1..=64).contains(&self.router_replicas) {
             return Err(Error::config("router_replicas must be between 1 and 64"));
+        }
+        if self.tail_quantile.is_some_and(|q| !(q > 0.0 && q <= 1.0)) {
+            return Err(Error::config("tail_quantile must be in (0, 1], for example 0.99"));
         }
         if self.workloads.is_empty() {
             return Err(Error::config("no workload given"));
@@ -166,6 +172,7 @@ impl SimulateSpec {
             event_delay_s: self.event_delay,
             seed: self.seed,
             router_replicas: self.router_replicas,
+            tail_quantile: self.tail_quantile,
         })
     }
 

@@ -33,7 +33,14 @@ fn one_unbounded_worker_reproduces_the_trace_ceiling() {
     engine.instant = true;
     // Unbounded: more blocks than the whole trace needs.
     engine.num_gpu_blocks = 2_000_000;
-    let cfg = SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: 1, router_replicas: 1 };
+    let cfg = SimConfig {
+        workers: 1,
+        engine,
+        event_delay_s: 0.0,
+        seed: 1,
+        router_replicas: 1,
+        tail_quantile: None,
+    };
     let rep = compare(&p, &cfg, &names(&["random", "oracle"]), &|_| {}).unwrap();
     for r in &rep.results {
         // README: 288,500 blocks, 182,790 distinct: every block but each id's first
@@ -55,8 +62,14 @@ fn one_unbounded_worker_reproduces_the_trace_ceiling() {
 fn seed_run(policies: &[&str], seed: u64) -> kvroute_sim::report::Report {
     let w = workload::seed_experiment(&SeedParams { seed, ..SeedParams::default() });
     let p = Prepared::new(w, 16).unwrap();
-    let cfg =
-        SimConfig { workers: 5, engine: llama(16), event_delay_s: 0.05, seed, router_replicas: 1 };
+    let cfg = SimConfig {
+        workers: 5,
+        engine: llama(16),
+        event_delay_s: 0.05,
+        seed,
+        router_replicas: 1,
+        tail_quantile: None,
+    };
     compare(&p, &cfg, &names(policies), &|_| {}).unwrap()
 }
 
@@ -112,6 +125,7 @@ fn precise_prefix_beats_random_on_shared_prefix() {
         event_delay_s: 0.05,
         seed: 0,
         router_replicas: 1,
+        tail_quantile: None,
     };
     let rep = compare(&p, &cfg, &names(&["random", "prefix-precise", "oracle"]), &|_| {}).unwrap();
     let (rnd, pre, orc) = (&rep.results[0], &rep.results[1], &rep.results[2]);
@@ -143,6 +157,7 @@ fn router_prefix_precise_reaches_the_oracle_and_follows_every_event() {
         event_delay_s: 0.05,
         seed: 5,
         router_replicas: 1,
+        tail_quantile: None,
     };
     let oracle = kvroute_sim::run_oracle(&p, &cfg).unwrap();
     let mut pol =
@@ -191,6 +206,7 @@ fn router_replicas_are_deterministic_and_one_replica_is_the_single_router() {
         event_delay_s: 0.05,
         seed: 3,
         router_replicas: replicas,
+        tail_quantile: None,
     };
     let run = |replicas: usize| {
         compare(&p, &with(replicas), &names(&["kvroute", "llm-d"]), &|_| {}).unwrap().results
@@ -221,6 +237,49 @@ fn router_replicas_are_deterministic_and_one_replica_is_the_single_router() {
     assert!(RouterPolicy::named("kvroute", 4, &llama(16), 3).unwrap().with_replicas(0).is_err());
 }
 
+#[test]
+fn the_tail_quantile_reaches_every_kvroute_replica_and_only_kvroute() {
+    let w = workload::chat(&workload::ChatParams {
+        conversations: 60,
+        turns: 3,
+        ..workload::ChatParams::default()
+    });
+    let p = Prepared::new(w, 16).unwrap();
+    let cfg = SimConfig {
+        workers: 4,
+        engine: llama(16),
+        event_delay_s: 0.05,
+        seed: 3,
+        router_replicas: 2,
+        tail_quantile: None,
+    };
+    // Each replica's exported tail is its configured percentile of what it observed: the
+    // median (0.5) lies below the maximum (1.0) of the same replica's times.
+    let tails = |q: Option<f64>| {
+        let mut pol = RouterPolicy::named("kvroute", 4, &llama(16), 3)
+            .unwrap()
+            .with_tail_quantile(q)
+            .unwrap()
+            .with_replicas(2)
+            .unwrap();
+        kvroute_sim::sim::run(&p, &cfg, &mut pol).unwrap();
+        pol.routers().iter().map(|r| r.metrics().tail_ttft_s).collect::<Vec<_>>()
+    };
+    let (median, max) = (tails(Some(0.5)), tails(Some(1.0)));
+    for (m, x) in median.iter().zip(&max) {
+        assert!(*m > 0.0 && m < x, "median {median:?}, max {max:?}");
+    }
+    // Out of range is refused; a policy without the tail ignores it.
+    assert!(RouterPolicy::named("kvroute", 4, &llama(16), 3)
+        .unwrap()
+        .with_tail_quantile(Some(1.5))
+        .is_err());
+    assert!(RouterPolicy::named("llm-d", 4, &llama(16), 3)
+        .unwrap()
+        .with_tail_quantile(Some(1.5))
+        .is_ok());
+}
+
 /// vLLM without chunked prefill requires `max_num_batched_tokens >= max_model_len`, and its
 /// scheduler skips a waiting prompt only when it exceeds the token budget left after the
 /// running requests' decode tokens: a prompt longer than the engine's 8,192-token step
@@ -249,7 +308,14 @@ fn a_long_prompt_starts_next_to_running_decodes() {
     let prefill = 20_000.0 / engine.prefill_tokens_per_s;
     let step =
         engine.step_overhead_s + engine.decode_s_per_seq + 2_200.0 * engine.decode_s_per_ctx_token;
-    let cfg = SimConfig { workers: 1, engine, event_delay_s: 0.0, seed: 1, router_replicas: 1 };
+    let cfg = SimConfig {
+        workers: 1,
+        engine,
+        event_delay_s: 0.0,
+        seed: 1,
+        router_replicas: 1,
+        tail_quantile: None,
+    };
     let rep = compare(&p, &cfg, &names(&["round-robin"]), &|_| {}).unwrap();
     let r = &rep.results[0];
     assert_eq!(r.completed, 2);
@@ -278,6 +344,7 @@ fn a_shared_lru_as_large_as_the_cluster_bounds_the_hit_rate_by_capacity() {
         event_delay_s: 0.05,
         seed: 9,
         router_replicas: 1,
+        tail_quantile: None,
     };
     // Ample capacity: nothing is evicted, so the shared cache is the oracle.
     let oracle = kvroute_sim::run_oracle(&p, &cfg).unwrap();

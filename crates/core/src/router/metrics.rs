@@ -129,6 +129,11 @@ pub struct RouterMetrics {
     pub prediction_errors: u64,
     /// Requests in flight.
     pub inflight_requests: u64,
+    /// The tail of the recently observed times to first token that the `kvroute`
+    /// profile's history rules protect (its `tail_quantile`, p99 by default, of the last
+    /// 1,024 routing-to-first-token times), seconds; 0 until 64 have been observed.
+    #[serde(default)]
+    pub tail_ttft_s: f64,
     /// Predicted residency (precise mode): predictions made, confirmed, expired, dropped.
     pub predictions: PredictionCounters,
     /// Predictions held now.
@@ -198,6 +203,7 @@ impl Router {
             store_errors: c.store_errors.load(Ordering::Relaxed),
             prediction_errors: c.prediction_errors.load(Ordering::Relaxed),
             inflight_requests: self.inflight_requests() as u64,
+            tail_ttft_s: self.tail.value_s(),
             predictions: overlay.0,
             predictions_held: overlay.1,
             index: stats,
@@ -255,6 +261,12 @@ impl Router {
             "gauge",
             "Requests routed and not finished.",
             &one(m.inflight_requests),
+        );
+        family(
+            "ttft_tail_seconds",
+            "gauge",
+            "Tail (tail_quantile, p99 by default) of the last 1,024 observed times to first token.",
+            &[(String::new(), m.tail_ttft_s)],
         );
         family(
             "index_blocks",

@@ -131,6 +131,7 @@ impl Router {
         }
         let score_names = profile.row_names().into_iter().map(String::from).collect();
         let prior = profile.ttft().copied().unwrap_or_default().prefill_tokens_per_s;
+        let tail_quantile = profile.ttft().copied().unwrap_or_default().tail_quantile;
         let router = Router {
             hasher,
             profile,
@@ -149,7 +150,7 @@ impl Router {
             pool_learn: Mutex::new(predict::Learner::new()),
             pool_rate_bits: AtomicU64::new(prior.to_bits()),
             popular: popular::Popularity::default(),
-            tail: tail::Tail::default(),
+            tail: tail::Tail::new(tail_quantile),
             cfg,
         };
         for w in router.cfg.workers.clone() {

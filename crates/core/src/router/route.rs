@@ -237,7 +237,7 @@ impl Router {
                 now_ms: now,
                 shared_blocks,
                 shared_share,
-                tail_ttft_s: self.tail.p90_s(),
+                tail_ttft_s: self.tail.value_s(),
             };
             let request_id = if commit {
                 self.next_request.fetch_add(1, Ordering::Relaxed)
