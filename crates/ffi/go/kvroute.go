@@ -638,17 +638,21 @@ type PredictionCounters struct {
 
 // Metrics is a snapshot of the router's counters (the main fields of MetricsJSON).
 type Metrics struct {
-	Routes             uint64             `json:"routes"`
-	PromptTokens       uint64             `json:"prompt_tokens"`
-	PredictedHitTokens uint64             `json:"predicted_hit_tokens"`
-	EventBatches       uint64             `json:"event_batches"`
-	EventErrors        uint64             `json:"event_errors"`
-	HashMismatches     uint64             `json:"hash_mismatches"`
-	InflightRequests   uint64             `json:"inflight_requests"`
-	Predictions        PredictionCounters `json:"predictions"`
-	PredictionsHeld    uint64             `json:"predictions_held"`
-	Index              IndexStats         `json:"index"`
-	Workers            []WorkerMetrics    `json:"workers"`
+	Routes             uint64 `json:"routes"`
+	PromptTokens       uint64 `json:"prompt_tokens"`
+	PredictedHitTokens uint64 `json:"predicted_hit_tokens"`
+	EventBatches       uint64 `json:"event_batches"`
+	EventErrors        uint64 `json:"event_errors"`
+	HashMismatches     uint64 `json:"hash_mismatches"`
+	InflightRequests   uint64 `json:"inflight_requests"`
+	// TailTTFTS is the tail of the recently observed times to first token that the
+	// kvroute preset protects (its tail_quantile, p99 by default), seconds; 0 until 64
+	// have been observed.
+	TailTTFTS       float64            `json:"tail_ttft_s"`
+	Predictions     PredictionCounters `json:"predictions"`
+	PredictionsHeld uint64             `json:"predictions_held"`
+	Index           IndexStats         `json:"index"`
+	Workers         []WorkerMetrics    `json:"workers"`
 }
 
 // Metrics returns the router's counters and gauges.

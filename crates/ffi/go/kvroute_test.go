@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // The vLLM test vectors, relative to this package's directory.
@@ -618,5 +619,46 @@ func TestReportLoadAtWorksOffOtherRoutersPrefillFromTheScrape(t *testing.T) {
 	defer r.Close()
 	if err := r.ReportLoadAt("zzz", 0, LoadReport{}, 1); !errors.Is(err, ErrUnknownWorker) {
 		t.Fatal(err)
+	}
+}
+
+// The router's TTFT tail (the p99 of the first-token times it observed) is exported.
+func TestTTFTTailMetric(t *testing.T) {
+	r, err := New(`{"workers": [{"name": "a"}, {"name": "b"}]}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	m, err := r.Metrics()
+	if err != nil || m.TailTTFTS != 0 {
+		t.Fatalf("tail before any observation: %v %v", m, err)
+	}
+	tokens := make([]uint32, 64)
+	for i := 0; i < 64; i++ {
+		for j := range tokens {
+			tokens[j] = uint32(1000 + 64*i + j)
+		}
+		d, err := r.Route(tokens, RouteOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.OnRouted(d); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Millisecond)
+		if err := r.OnFirstToken(d.RequestID); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.OnFinished(d.RequestID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err = r.Metrics()
+	if err != nil || m.TailTTFTS < 0.001 || m.TailTTFTS >= 10 {
+		t.Fatalf("tail after 64 first tokens of 2 ms or more: %v %v", m.TailTTFTS, err)
+	}
+	prom, err := r.Prometheus()
+	if err != nil || !strings.Contains(prom, "kvroute_ttft_tail_seconds ") {
+		t.Fatalf("prometheus: %v", err)
 	}
 }

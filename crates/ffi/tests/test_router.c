@@ -5,6 +5,7 @@
  *
  * Usage: test_router VECTORS_FILE   (the file extract_vectors.py writes)
  */
+#define _POSIX_C_SOURCE 200809L /* nanosleep */
 #include "kvroute.h"
 
 #include <math.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static int g_checks = 0;
 static int g_failures = 0;
@@ -124,6 +126,14 @@ static long long json_number(const char *json, const char *key) {
   snprintf(pat, sizeof pat, "\"%s\":", key);
   const char *p = strstr(json, pat);
   return p ? strtoll(p + strlen(pat), NULL, 10) : -1;
+}
+
+/* The floating-point number after "key": in a JSON text, or NAN. */
+static double json_double(const char *json, const char *key) {
+  char pat[128];
+  snprintf(pat, sizeof pat, "\"%s\":", key);
+  const char *p = strstr(json, pat);
+  return p ? strtod(p + strlen(pat), NULL) : NAN;
 }
 
 static long long holder_blocks(const kvroute_router *r) {
@@ -821,6 +831,38 @@ static void test_kvroute_preset_and_predictions(void) {
   kvroute_router_free(r);
 }
 
+static void test_ttft_tail_metric(void) {
+  /* 64 requests whose first token comes at least 2 ms (wall clock) after routing: the
+   * router's TTFT tail (p99 of what it observed) is exported, in seconds. */
+  kvroute_router *r = new_router("{\"workers\": [{\"name\": \"a\"}, {\"name\": \"b\"}]}");
+  char *json = NULL;
+  CHECK_RC(kvroute_router_metrics_json(r, &json), KVROUTE_RESULT_OK);
+  CHECK(json && json_double(json, "tail_ttft_s") == 0.0); /* nothing observed yet */
+  kvroute_string_free(json);
+  uint32_t t[64];
+  for (uint32_t i = 0; i < 64; i++) {
+    for (uint32_t j = 0; j < 64; j++) t[j] = 1000 + 64 * i + j;
+    kvroute_decision_info info;
+    kvroute_decision *d = NULL;
+    CHECK_RC(kvroute_router_route(r, t, 64, NULL, NULL, NULL, &info, &d), KVROUTE_RESULT_OK);
+    CHECK_RC(kvroute_router_on_routed(r, d), KVROUTE_RESULT_OK);
+    struct timespec ts = {0, 2 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    CHECK_RC(kvroute_router_on_first_token(r, info.request_id), KVROUTE_RESULT_OK);
+    CHECK_RC(kvroute_router_on_finished(r, info.request_id), KVROUTE_RESULT_OK);
+    kvroute_decision_free(d);
+  }
+  CHECK_RC(kvroute_router_metrics_json(r, &json), KVROUTE_RESULT_OK);
+  double tail = json ? json_double(json, "tail_ttft_s") : NAN;
+  CHECK(tail >= 0.001 && tail < 10.0);
+  kvroute_string_free(json);
+  char *prom = NULL;
+  CHECK_RC(kvroute_router_prometheus(r, &prom), KVROUTE_RESULT_OK);
+  CHECK(prom && strstr(prom, "kvroute_ttft_tail_seconds "));
+  kvroute_string_free(prom);
+  kvroute_router_free(r);
+}
+
 int main(int argc, char **argv) {
   if (argc != 2 || load_vectors(argv[1]) != 0) {
     fprintf(stderr, "usage: %s VECTORS_FILE (from extract_vectors.py)\n", argv[0]);
@@ -837,6 +879,7 @@ int main(int argc, char **argv) {
   test_restore_positions();
   test_every_result_code();
   test_kvroute_preset_and_predictions();
+  test_ttft_tail_metric();
   free_vectors();
   printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
   return g_failures == 0 ? 0 : 1;

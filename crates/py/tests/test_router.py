@@ -149,3 +149,20 @@ def test_kvroute_preset_and_prediction_metrics():
     assert all(w["prediction_ttl_s"] == 2.0 for w in m["workers"])
     assert "kvroute_predictions_made_total 10" in r.prometheus()
     assert kvroute.Router({"profile": "kvroute"}).metrics()["predictions"]["made"] == 0
+
+
+def test_ttft_tail_metric():
+    # The router's TTFT tail (the p99 of the first-token times it observed) is exported.
+    import time
+
+    r = kvroute.Router({"workers": [{"name": "a"}, {"name": "b"}]})
+    assert r.metrics()["tail_ttft_s"] == 0.0
+    for i in range(64):
+        d = r.route(list(range(1000 + 64 * i, 1064 + 64 * i)))
+        r.on_routed(d)
+        time.sleep(0.002)
+        r.on_first_token(d.request_id)
+        r.on_finished(d.request_id)
+    tail = r.metrics()["tail_ttft_s"]
+    assert 0.001 <= tail < 10.0
+    assert "kvroute_ttft_tail_seconds " in r.prometheus()
