@@ -350,11 +350,14 @@ impl PrefixIndex {
     /// Makes room in the key table for `n` more keys. The table is rebuilt (larger) by
     /// walking the nodes, whose keys are read in order, rather than by rehashing its
     /// entries, which needs one random read of a node's key per entry. Every key written
-    /// in a node must be in the table when this is called.
-    pub(super) fn reserve_keys(&mut self, n: usize) {
-        if self.table.room() < n {
+    /// in a node must be in the table when this is called. Returns whether the table was
+    /// rebuilt (lines prefetched before then were the old table's).
+    pub(super) fn reserve_keys(&mut self, n: usize) -> bool {
+        let rebuild = self.table.room() < n;
+        if rebuild {
             self.rebuild_table(self.table.len() + n);
         }
+        rebuild
     }
 
     /// Rebuilds the key table with room for `n` keys from the nodes.
@@ -782,8 +785,7 @@ impl PrefixIndex {
         let mut written = 0;
         // Room for the whole run before any key is written (a rebuild reads the nodes; the
         // lines the caller prefetched were then the old table's).
-        let prefetched = if self.table.room() < run.len() { 0 } else { prefetched };
-        self.reserve_keys(run.len());
+        let prefetched = if self.reserve_keys(run.len()) { 0 } else { prefetched };
         for &k in run.iter().take(AHEAD).skip(prefetched) {
             self.table.prefetch_absent(k);
         }

@@ -130,8 +130,7 @@ impl Router {
             cfg.capacity.num_gpu_blocks(cfg.block_size)?;
         }
         let score_names = profile.row_names().into_iter().map(String::from).collect();
-        let prior = profile.ttft().copied().unwrap_or_default().prefill_tokens_per_s;
-        let tail_quantile = profile.ttft().copied().unwrap_or_default().tail_quantile;
+        let ttft = profile.ttft().copied().unwrap_or_default();
         let router = Router {
             hasher,
             profile,
@@ -148,9 +147,9 @@ impl Router {
             overlay: RwLock::new(predict::Overlay::default()),
             mean_uncached: AtomicU64::new(0f64.to_bits()),
             pool_learn: Mutex::new(predict::Learner::new()),
-            pool_rate_bits: AtomicU64::new(prior.to_bits()),
+            pool_rate_bits: AtomicU64::new(ttft.prefill_tokens_per_s.to_bits()),
             popular: popular::Popularity::default(),
-            tail: tail::Tail::new(tail_quantile),
+            tail: tail::Tail::new(ttft.tail_quantile),
             cfg,
         };
         for w in router.cfg.workers.clone() {

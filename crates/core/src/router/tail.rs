@@ -38,10 +38,9 @@ struct Ring {
 }
 
 impl Tail {
-    /// A tail at percentile `q` (a fraction, clamped into `(0, 1]`; validated by
-    /// `TtftPolicy::validate` before it gets here).
+    /// A tail at percentile `q`, a fraction in `(0, 1]` (`TtftPolicy::validate` checks it;
+    /// any other value still selects a rank within the window, clamped).
     pub(crate) fn new(q: f64) -> Self {
-        let q = if q.is_finite() { q.clamp(f64::MIN_POSITIVE, 1.0) } else { 1.0 };
         Tail { q, ring: Default::default(), bits: AtomicU64::new(0) }
     }
 

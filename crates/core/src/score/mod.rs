@@ -96,8 +96,9 @@ pub struct RequestInfo<'a> {
     /// needs `ceil(s x N)` holders for none of them to draw more than 1/N of it.
     pub shared_share: f64,
     /// The tail (the `ttft` picker's `tail_quantile`, p99 by default) of the router's
-    /// recently observed times to first token, seconds (0: not known). The `ttft` picker keeps a request on the holder of its
-    /// private history while the predicted TTFT there is within it.
+    /// recently observed times to first token, seconds (0: not known). The `ttft` picker
+    /// keeps a request on the holder of its private history while the predicted TTFT there
+    /// is within it.
     pub tail_ttft_s: f64,
 }
 

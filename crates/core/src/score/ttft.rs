@@ -29,9 +29,9 @@
 //! - history within the tail (session 5): while the cheapest holder of the longest match
 //!   predicts a TTFT within the router's recent TTFT tail (`RequestInfo::tail_ttft_s`, the
 //!   `tail_quantile` of its observed routing-to-first-token times: p99 by default, p90
-//!   before session 10), or while the candidate itself
-//!   would not bring the request within it, a candidate that would give up private blocks
-//!   (beyond `shared_blocks`) is priced two tie tolerances above that holder: latency
+//!   before session 10), or while the candidate itself would not bring the request
+//!   within it, a candidate that would give up private blocks (beyond `shared_blocks`)
+//!   is priced two tie tolerances above that holder: latency
 //!   objectives are percentiles, a move that leaves the request on the same side of the
 //!   tail does not change them, and the recompute is certain.
 //! - a move out of the tail buys only the time above it (session 6, rule 11,
@@ -291,11 +291,10 @@ impl TtftPolicy {
         }
         // History within the tail: while the holder of the longest match can give the
         // request its first token within the router's recent TTFT tail (`tail_quantile`),
-        // or while a
-        // candidate would not bring it within the tail either, a move away from a private
-        // history buys no latency that a percentile objective counts and recomputes that
-        // history for certain: such a candidate is priced above the cheapest holder (by
-        // two tie tolerances, so never a near-tie).
+        // or while a candidate would not bring it within the tail either, a move away from
+        // a private history buys no latency that a percentile objective counts and
+        // recomputes that history for certain: such a candidate is priced above the
+        // cheapest holder (by two tie tolerances, so never a near-tie).
         if req.tail_ttft_s > 0.0 && mmax > req.shared_blocks {
             let (mut hold_ttft, mut hold_cost) = (f64::INFINITY, f64::INFINITY);
             for (k, c) in cands.iter().enumerate() {
