@@ -6,6 +6,19 @@ fn kvroute() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kvroute"))
 }
 
+/// Runs `kvroute simulate ARGS --json FILE` in a fresh temporary directory (named after
+/// `tag`), checks that it exits 0, and returns its output and the parsed JSON.
+fn simulate_json(tag: &str, args: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let dir = std::env::temp_dir().join(format!("kvroute-sim-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("r.json");
+    let out = kvroute().arg("simulate").args(args).arg("--json").arg(&json).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    (out, v)
+}
+
 #[test]
 fn bad_flags_exit_2_with_a_clear_message() {
     for args in [
@@ -88,20 +101,19 @@ fn json_and_svg_outputs_are_written() {
 
 #[test]
 fn chat_workload_runs_end_to_end() {
-    let dir = std::env::temp_dir().join(format!("kvroute-sim-chat-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("chat.json");
-    let out = kvroute()
-        .args(["simulate", "--workload", "chat", "--requests", "600"])
-        .args(["--policies", "random,session-affinity,oracle", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let (out, v) = simulate_json(
+        "chat",
+        &[
+            "--workload",
+            "chat",
+            "--requests",
+            "600",
+            "--policies",
+            "random,session-affinity,oracle",
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("workload chat : 600 requests, 8 workers"), "{stdout}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["workload"], "chat");
     let hit = |i: usize| v["results"][i]["hit_rate"].as_f64().unwrap();
     let (rnd, aff, oracle) = (hit(0), hit(1), hit(2));
@@ -111,44 +123,25 @@ fn chat_workload_runs_end_to_end() {
     assert!(aff > rnd + 0.2, "{aff} vs {rnd}");
     assert!(aff <= oracle + 1e-12 && rnd <= oracle + 1e-12);
     assert_eq!(v["results"][1]["completed"], 600);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn kvroute_is_a_default_policy_and_router_replicas_is_a_flag() {
-    let dir = std::env::temp_dir().join(format!("kvroute-sim-rep-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("r.json");
-    let out = kvroute()
-        .args(["simulate", "--workload", "seed", "--router-replicas", "2", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (_, v) = simulate_json("rep", &["--workload", "seed", "--router-replicas", "2"]);
     assert_eq!(v["config"]["cluster"]["router_replicas"], 2);
     assert!(v["config"]["cluster"]["tail_quantile"].is_null(), "the preset's own by default");
     let policies: Vec<&str> =
         v["results"].as_array().unwrap().iter().map(|r| r["policy"].as_str().unwrap()).collect();
     assert_eq!(policies[0], "kvroute", "{policies:?}");
     assert!(policies.contains(&"session-affinity") && policies.contains(&"oracle"));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn tail_quantile_is_a_flag_that_reaches_the_kvroute_policy() {
-    let dir = std::env::temp_dir().join(format!("kvroute-sim-tail-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("r.json");
-    let out = kvroute()
-        .args(["simulate", "--workload", "seed", "--policies", "kvroute,llm-d"])
-        .args(["--tail-quantile", "0.9", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (_, v) = simulate_json(
+        "tail",
+        &["--workload", "seed", "--policies", "kvroute,llm-d", "--tail-quantile", "0.9"],
+    );
     assert_eq!(v["config"]["cluster"]["tail_quantile"], 0.9);
     assert_eq!(v["results"].as_array().unwrap().len(), 2);
-    std::fs::remove_dir_all(&dir).unwrap();
 }

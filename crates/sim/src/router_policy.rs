@@ -163,7 +163,7 @@ impl RouterPolicy {
         picker.params = Some(serde_json::json!({ "tail_quantile": q }));
         profile.picker = Some(picker);
         self.cfg.profile = ProfileSpec::Config(profile);
-        self.cfg.validate()?;
+        // `Router::new` validates the configuration (the quantile's range).
         self.routers = vec![Router::new(self.cfg.clone())?];
         Ok(self)
     }

@@ -7,6 +7,7 @@ use crate::report::{compare, Report, ORACLE};
 use crate::trace::read_mooncake;
 use crate::workload::{self, ChatParams, SeedParams, SharedPrefixParams, TraceOptions};
 use crate::{EngineConfig, Prepared, SimConfig, Workload};
+use kvroute::score::{TtftParams, TtftPolicy};
 use kvroute::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -98,8 +99,11 @@ impl SimulateSpec {
         if !(1..=64).contains(&self.router_replicas) {
             return Err(Error::config("router_replicas must be between 1 and 64"));
         }
-        if self.tail_quantile.is_some_and(|q| !(q > 0.0 && q <= 1.0)) {
-            return Err(Error::config("tail_quantile must be in (0, 1], for example 0.99"));
+        if let Some(q) = self.tail_quantile {
+            // The picker's own range check, with a message in this spec's terms.
+            let params = TtftParams { tail_quantile: Some(q), ..TtftParams::default() };
+            TtftPolicy::from_params(&params)
+                .map_err(|_| Error::config("tail_quantile must be in (0, 1], for example 0.99"))?;
         }
         if self.workloads.is_empty() {
             return Err(Error::config("no workload given"));

@@ -192,15 +192,15 @@ fn router_prefix_precise_reaches_the_oracle_and_follows_every_event() {
     assert_eq!(m.predicted_hit_tokens as f64, (pre.hit_rate * prompt_tokens).round());
 }
 
-#[test]
-fn router_replicas_are_deterministic_and_one_replica_is_the_single_router() {
+/// A short chat workload (60 conversations of 3 turns) and a 4-worker cluster behind
+/// `replicas` routers, seed 3.
+fn small_chat(replicas: usize) -> (Prepared, SimConfig) {
     let w = workload::chat(&workload::ChatParams {
         conversations: 60,
         turns: 3,
         ..workload::ChatParams::default()
     });
-    let p = Prepared::new(w, 16).unwrap();
-    let with = |replicas: usize| SimConfig {
+    let cfg = SimConfig {
         workers: 4,
         engine: llama(16),
         event_delay_s: 0.05,
@@ -208,6 +208,13 @@ fn router_replicas_are_deterministic_and_one_replica_is_the_single_router() {
         router_replicas: replicas,
         tail_quantile: None,
     };
+    (Prepared::new(w, 16).unwrap(), cfg)
+}
+
+#[test]
+fn router_replicas_are_deterministic_and_one_replica_is_the_single_router() {
+    let p = small_chat(1).0;
+    let with = |replicas: usize| small_chat(replicas).1;
     let run = |replicas: usize| {
         compare(&p, &with(replicas), &names(&["kvroute", "llm-d"]), &|_| {}).unwrap().results
     };
@@ -239,20 +246,7 @@ fn router_replicas_are_deterministic_and_one_replica_is_the_single_router() {
 
 #[test]
 fn the_tail_quantile_reaches_every_kvroute_replica_and_only_kvroute() {
-    let w = workload::chat(&workload::ChatParams {
-        conversations: 60,
-        turns: 3,
-        ..workload::ChatParams::default()
-    });
-    let p = Prepared::new(w, 16).unwrap();
-    let cfg = SimConfig {
-        workers: 4,
-        engine: llama(16),
-        event_delay_s: 0.05,
-        seed: 3,
-        router_replicas: 2,
-        tail_quantile: None,
-    };
+    let (p, cfg) = small_chat(2);
     // Each replica's exported tail is its configured percentile of what it observed: the
     // median (0.5) lies below the maximum (1.0) of the same replica's times.
     let tails = |q: Option<f64>| {
